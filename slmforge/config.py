@@ -1,0 +1,245 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden by ``key=value``.
+
+Precedence is defaults < preset < YAML recipe < CLI overrides. Unknown keys fail at parse time and
+name the nearest valid keys. Every run writes its resolved config as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class AttnConfig:
+    num_heads: int = 4
+    num_kv_heads: int = 2  # GQA: num_heads must be a multiple; 1 = MQA, num_heads = MHA
+    head_dim: int = 0  # 0 = d_model // num_heads
+    rope_theta: float = 10000.0
+    window: int = 0  # sliding-window size in tokens; 0 = full causal attention
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    num_layers: int = 4
+    ffn_hidden: int = 0  # 0 = 8/3 * d_model rounded up to a multiple of 32 (Llama's SwiGLU sizing)
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm", ...).
+    layers: str = "attn"
+    ffn: str = "dense"
+    init_std: float = 0.02
+    attn: AttnConfig = field(default_factory=AttnConfig)
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-int(8 * self.d_model / 3) // 32) * 32
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn.head_dim or self.d_model // self.attn.num_heads
+
+    def layer_kinds(self) -> list[str]:
+        pattern = [p.strip() for p in self.layers.split(",") if p.strip()]
+        return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
+
+@dataclass
+class DataConfig:
+    # "procedural" builds the embedded corpus (no teacher, no internet); "files" reads `paths`.
+    source: str = "procedural"
+    paths: list[str] = field(default_factory=list)  # text/JSONL/Parquet files or globs (source=files)
+    val_paths: list[str] = field(default_factory=list)  # held-out files; empty = split by val_fraction
+    val_fraction: float = 0.02
+    text_field: str = "text"  # JSONL/Parquet column holding the text
+    num_train_docs: int = 20000  # procedural corpus size per split
+    num_val_docs: int = 500
+    num_test_docs: int = 500
+    families: list[str] = field(default_factory=lambda: ["arithmetic", "narrative", "facts", "sorting"])
+    seq_len: int = 256
+    packing: str = "window"  # "window": fixed-length windows of the token stream; "documents": packed docs
+    num_workers: int = 2  # processes for tokenization
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 300
+    lr_peak: float = 3e-3
+    lr_min_ratio: float = 0.1  # final lr = lr_peak * lr_min_ratio
+    warmup_steps: int = 30
+    schedule: str = "wsd"  # "wsd" or "cosine"
+    decay_fraction: float = 0.2  # WSD: fraction of steps spent decaying
+    decay_shape: str = "sqrt"  # WSD decay: "linear", "sqrt" (1 - sqrt), "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
+    device: str = "auto"
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    preset: str = ""  # model preset applied before the recipe's own model keys
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample_prompts: list[str] = field(default_factory=lambda: ["Question: Tom has 3 apples"])
+    sample_tokens: int = 64
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# Model presets. Parameter counts are exact and checked against the instantiated model in tests;
+# `slmforge plan --preset NAME` prints them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, d_model=128, num_layers=4, max_seq_len=256,
+                 attn=dict(num_heads=4, num_kv_heads=2)),
+    "10m": dict(vocab_size=8192, d_model=256, num_layers=10, max_seq_len=1024,
+                attn=dict(num_heads=4, num_kv_heads=2)),
+    "50m": dict(vocab_size=32768, d_model=512, num_layers=12, max_seq_len=2048,
+                attn=dict(num_heads=8, num_kv_heads=4)),
+    "100m": dict(vocab_size=32768, d_model=768, num_layers=12, max_seq_len=2048, ffn_hidden=2048,
+                 attn=dict(num_heads=12, num_kv_heads=4)),
+    "300m": dict(vocab_size=32768, d_model=1024, num_layers=24, max_seq_len=2048, ffn_hidden=2816,
+                 attn=dict(num_heads=16, num_kv_heads=8)),
+    "1b": dict(vocab_size=32768, d_model=2048, num_layers=16, max_seq_len=4096, ffn_hidden=7168,
+               attn=dict(num_heads=32, num_kv_heads=8, rope_theta=500000.0)),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    from slmforge.registry import lookup
+
+    return merge(ModelConfig(), lookup(PRESETS, name, "preset"), where=f"preset {name}")
+
+
+# ---------------------------------------------------------------- merging dicts and overrides
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or CLI value to the annotated field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(float(value)) if tp is int else tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def merge(obj, updates: dict[str, Any], where: str = "config"):
+    """Return a copy of dataclass ``obj`` with nested ``updates`` applied; unknown keys raise."""
+    hints = _type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    changes = {}
+    for key, value in (updates or {}).items():
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=3)
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            raise ValueError(f"{where}: unknown key {key!r}{hint}; valid keys: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}.{key}: expected a mapping, got {value!r}")
+            changes[key] = merge(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["model.d_model=64", "train.lr_peak=1e-3"]`` -> nested dict (values still strings/YAML)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < preset < YAML recipe < overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    over = parse_overrides(overrides or [])
+    preset_name = over.get("preset", raw.get("preset", ""))
+    cfg = RunConfig()
+    if preset_name:
+        cfg = dataclasses.replace(cfg, preset=str(preset_name), model=preset(str(preset_name)))
+    cfg = merge(cfg, raw, where=str(path) if path else "config")
+    return merge(cfg, over, where="override")
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict[str, Any]):
+    return merge(cls(), data, where=cls.__name__)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
