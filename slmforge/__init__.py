@@ -1,0 +1,35 @@
+"""slmforge: build small language models (at most 1B parameters) from scratch, end to end.
+
+Each stage is a Python function and a CLI subcommand of the same name.
+"""
+
+from slmforge.config import RunConfig, load_config
+
+__version__ = "0.1.0"
+
+
+def plan(cfg):
+    from slmforge.plan import plan as _plan
+
+    return _plan(cfg)
+
+
+def train(cfg, resume: bool = False):
+    from slmforge.train.loop import train as _train
+
+    return _train(cfg, resume=resume)
+
+
+def train_tokenizer(texts, vocab_size: int, path=None):
+    from slmforge.data.tokenizer import train_tokenizer as _train_tokenizer
+
+    return _train_tokenizer(texts, vocab_size, path)
+
+
+def run(cfg):
+    from slmforge.pipeline import run as _run
+
+    return _run(cfg)
+
+
+__all__ = ["RunConfig", "load_config", "plan", "train", "train_tokenizer", "run", "__version__"]

@@ -71,6 +71,8 @@ class DataConfig:
     seq_len: int = 256
     packing: str = "window"  # "window": fixed-length windows of the token stream; "documents": packed docs
     num_workers: int = 2  # processes for tokenization
+    tokenizer: str = ""  # tokenizer.json; "" = <run_dir>/tokenizer.json (trained by `slmforge run`)
+    shards_dir: str = ""  # holds train/ and validation/ token shards; "" = <run_dir>/shards
     seed: int = 1234
 
 

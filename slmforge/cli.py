@@ -1,0 +1,179 @@
+"""Command line: one subcommand per stage. Handlers only parse, merge the config and call the API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from slmforge.config import dump_yaml, load_config, merge, parse_overrides
+
+
+def _config_args(p: argparse.ArgumentParser, recipe_positional: bool = False) -> None:
+    if recipe_positional:
+        p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (e.g. recipes/tiny_cpu.yaml)")
+    else:
+        p.add_argument("--config", dest="recipe", default=None, help="recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100 model.d_model=64")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and planned counts, then exit")
+
+
+def _load(args):
+    return load_config(args.recipe, args.overrides)
+
+
+def _dry_run(cfg) -> None:
+    from slmforge.plan import count_params, flops_per_token
+
+    pc = count_params(cfg.model)
+    t = cfg.train
+    tokens = t.max_steps * t.batch_size * t.grad_accum * cfg.data.seq_len
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)["train"] * tokens
+    print(dump_yaml(cfg))
+    print(f"# parameters: {pc.total:,} total, {pc.non_embedding:,} non-embedding")
+    print(f"# tokens: {tokens:,}; training FLOPs: {flops:.3e}")
+
+
+def cmd_plan(args) -> None:
+    from slmforge.plan import PlanConfig, format_plan, format_presets, plan
+
+    if args.presets:
+        print(format_presets())
+        return
+    print(format_plan(plan(merge(PlanConfig(), parse_overrides(args.overrides), where="plan"))))
+
+
+def cmd_synth(args) -> None:
+    from slmforge.data.documents import write_jsonl
+    from slmforge.data.synth.procedural import build_corpus
+
+    d = _load(args).data
+    corpus = build_corpus(d.families, d.num_train_docs, d.num_val_docs, d.num_test_docs, d.seed)
+    for split, docs in corpus.items():
+        path = f"{args.out}/{split}.jsonl"
+        print(f"{split}: {write_jsonl(path, docs)} documents -> {path}")
+
+
+def cmd_tokenizer(args) -> None:
+    from slmforge.data.documents import read_documents
+    from slmforge.data.tokenizer import train_tokenizer
+
+    texts = (d.text for d in read_documents(args.inputs, text_field=args.text_field, text_split=args.text_split))
+    tok = train_tokenizer(texts, args.vocab_size, args.out)
+    print(f"trained {tok.vocab_size} tokens -> {args.out}")
+
+
+def cmd_tokenize(args) -> None:
+    from slmforge.data.documents import ReadStats, read_documents
+    from slmforge.data.shards import tokenize_to_shards
+
+    stats = ReadStats()
+    texts = (d.text for d in read_documents(args.inputs, args.text_field, args.text_split, stats=stats))
+    meta = tokenize_to_shards(texts, args.tokenizer, args.out, num_workers=args.workers)
+    print(f"{meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents -> {args.out} "
+          f"({stats.num_empty_skipped} empty documents skipped)")
+
+
+def cmd_train(args) -> None:
+    from slmforge.train.loop import train
+
+    cfg = _load(args)
+    if args.dry_run:
+        return _dry_run(cfg)
+    print(train(cfg, resume=args.resume))
+
+
+def cmd_run(args) -> None:
+    from slmforge.pipeline import run
+
+    cfg = _load(args)
+    if args.dry_run:
+        return _dry_run(cfg)
+    run(cfg)
+
+
+def cmd_generate(args) -> None:
+    from slmforge.serve.generate import stream_text
+    from slmforge.train.checkpoint import load_for_inference
+
+    model, tok, _ = load_for_inference(args.checkpoint)
+    for piece in stream_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                             args.top_p, stop=args.stop, seed=args.seed):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    from slmforge.serve.chat import chat
+    from slmforge.train.checkpoint import load_for_inference
+
+    model, tok, _ = load_for_inference(args.checkpoint)
+    chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slmforge", description="Build small language models end to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="compute-optimal size, FLOPs, time and memory for a budget")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. gpu_hours=100 gpu=h100 num_gpus=8")
+    p.add_argument("--presets", action="store_true", help="list the model presets with exact parameter counts")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")
+    _config_args(p, recipe_positional=True)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("train", help="train on existing token shards (data.shards_dir)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("synth", help="write the procedural corpus (no teacher needed) as JSONL splits")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(fn=cmd_synth)
+
+    for name, fn, what in (("tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer"),
+                           ("tokenize", cmd_tokenize, "write token shards")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or globs")
+        p.add_argument("--out", required=True, help="tokenizer.json path" if name == "tokenizer" else "shard folder")
+        p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
+        p.add_argument("--text-split", default="file", choices=["file", "blank_line", "line"],
+                       help="how plain-text files split into documents")
+        if name == "tokenizer":
+            p.add_argument("--vocab-size", type=int, default=8192)
+        else:
+            p.add_argument("--tokenizer", required=True, help="tokenizer.json")
+            p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
+        p.set_defaults(fn=fn)
+
+    for name, fn in (("generate", cmd_generate), ("chat", cmd_chat)):
+        p = sub.add_parser(name, help=f"{name} with a trained model (run folder or checkpoint folder)")
+        p.add_argument("checkpoint")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--temperature", type=float, default=0.7)
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+            p.add_argument("--top-k", type=int, default=50)
+            p.add_argument("--top-p", type=float, default=0.95)
+            p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+            p.add_argument("--seed", type=int, default=None)
+        else:
+            p.add_argument("--system", default="", help="system prompt")
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ValueError as exc:
+        print(f"slmforge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Documents, and streaming readers and writers for plain text, JSON Lines and Parquet.
+
+A ``Document`` is the unit every data stage passes along: an id, the text and a free-form ``meta`` dict.
+``read_documents`` streams documents from files or globs one at a time (a JSONL file is read line by line
+and a Parquet file in record batches, so a big corpus never sits in memory); the writers stream back out,
+atomically. A data-engine stage is a ``Step``: ``run(docs, rank, world_size)`` over an iterator of documents.
+
+Supported inputs, chosen by suffix:
+  .txt .md              plain UTF-8 text; ``text_split`` = "file" (one document per file), "blank_line"
+                        (documents separated by one or more blank lines) or "line" (one per line)
+  .jsonl .json .jsonl.gz .json.gz
+                        one JSON object per line, text under ``text_field``; an "id" key becomes the id, a
+                        "meta" object and any other keys become ``meta``; blank lines are ignored
+  .parquet              column ``text_field``; optional "id" and "meta" (JSON string) columns, other columns
+                        go into ``meta``
+
+An empty file yields no documents; it still counts in ``ReadStats.num_files``. Documents whose text is empty
+or only whitespace are skipped and counted in ``ReadStats.num_empty_skipped``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Protocol
+
+from slmforge.runs import atomic_path
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+TEXT_SPLITS = ("file", "blank_line", "line")
+
+
+@dataclass(slots=True)
+class Document:
+    id: str
+    text: str
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class ReadStats:
+    num_files: int = 0
+    num_docs: int = 0  # documents yielded
+    num_empty_skipped: int = 0  # documents with empty or whitespace-only text, not yielded
+    num_bytes: int = 0  # UTF-8 bytes of the yielded documents' text
+
+
+class Step(Protocol):
+    """A data-engine stage. Each of ``world_size`` workers calls ``run`` with its own ``rank``."""
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]: ...
+
+
+def shard_of(docs: Iterable[Document], rank: int, world_size: int) -> Iterator[Document]:
+    """Every ``world_size``-th document starting at ``rank``: the workers' shards are disjoint and cover all."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    for i, doc in enumerate(docs):
+        if i % world_size == rank:
+            yield doc
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _suffix(path: Path) -> str | None:
+    """The supported suffix ``path`` ends with (longest first, so .jsonl.gz beats .gz), or None."""
+    name = path.name.lower()
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def _stem(path: Path) -> str:
+    suffix = _suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def expand_paths(patterns: str | Path | list[str | Path]) -> list[Path]:
+    """Expand files, directories and globs into a sorted, de-duplicated list of files.
+
+    Each pattern's matches are sorted, so the order is deterministic. A directory or a glob expands to the
+    supported files it matches (so ``data/*`` skips a LICENSE); a file named exactly is kept whatever its
+    suffix, and reading it then says what was expected. A pattern that matches nothing raises a ValueError.
+    """
+    if isinstance(patterns, (str, Path)):
+        patterns = [patterns]
+    paths: list[Path] = []
+    for pattern in map(str, patterns):
+        if Path(pattern).is_dir():
+            matches = [p for p in Path(pattern).rglob("*") if p.is_file() and _suffix(p)]
+        elif any(c in pattern for c in "*?["):
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file() and _suffix(Path(p))]
+        else:
+            matches = [Path(pattern)] if Path(pattern).is_file() else []
+        if not matches:
+            raise ValueError(f"no files match {pattern!r} (expected a file, a directory or a glob; "
+                             f"supported suffixes: {', '.join(SUFFIXES)})")
+        paths += sorted(matches)
+    return list(dict.fromkeys(paths))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _lines(path: Path, f: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, decoded line) from a binary stream, naming the byte of any bad UTF-8."""
+    offset = 0
+    for line_no, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
+                             f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text") from None
+        offset += len(raw)
+        # A byte-order mark is legal UTF-8 but is not part of the text.
+        yield line_no, (line.lstrip("\ufeff") if line_no == 1 else line)
+
+
+def _read_text(path: Path, text_split: str) -> Iterator[tuple[str | None, str, dict]]:
+    with path.open("rb") as f:
+        if text_split == "line":
+            for _, line in _lines(path, f):
+                yield None, line.rstrip("\r\n"), {}
+        elif text_split == "blank_line":
+            para: list[str] = []
+            for _, line in _lines(path, f):
+                if line.strip():
+                    para.append(line.rstrip("\r\n"))
+                elif para:
+                    yield None, "\n".join(para), {}
+                    para = []
+            if para:
+                yield None, "\n".join(para), {}
+        else:
+            text = "".join(line for _, line in _lines(path, f))
+            # An empty file holds no document; a whitespace-only one holds an empty document.
+            if text:
+                yield None, text, {}
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str | None, str, dict]]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line_no, line in _lines(path, f):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                                 f"expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield _from_record(record, text_field, where)
+
+
+def _from_record(record: dict, text_field: str, where: str) -> tuple[str | None, str, dict]:
+    """Split a JSON object or Parquet row into (id, text, meta), checking the text field."""
+    if text_field not in record:
+        raise ValueError(f"{where}: missing text field {text_field!r}; available keys: "
+                         f"{', '.join(map(repr, record)) or '(none)'}")
+    text = record.pop(text_field)
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    doc_id = record.pop("id", None)
+    meta = record.pop("meta", None)
+    meta = dict(meta) if isinstance(meta, dict) else ({} if meta is None else {"meta": meta})
+    meta.update(record)
+    return (None if doc_id is None else str(doc_id)), text, meta
+
+
+def _read_parquet(path: Path, text_field: str, batch_size: int = 1024) -> Iterator[tuple[str | None, str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
+    columns = pf.schema_arrow.names
+    if text_field not in columns:
+        raise ValueError(f"{path}: no column {text_field!r}; columns: {', '.join(map(repr, columns))}")
+    row = 0
+    for batch in pf.iter_batches(batch_size=batch_size):
+        for record in batch.to_pylist():
+            row += 1
+            if isinstance(record.get("meta"), str):
+                # write_parquet stores meta as a JSON string; another tool's plain string stays as it is.
+                try:
+                    record["meta"] = json.loads(record["meta"])
+                except json.JSONDecodeError:
+                    pass
+            yield _from_record(record, text_field, f"{path} row {row}")
+
+
+def read_documents(
+    patterns: str | Path | list[str | Path],
+    text_field: str = "text",
+    text_split: str = "file",
+    stats: ReadStats | None = None,
+) -> Iterator[Document]:
+    """Stream documents from files, directories or globs (see the module docstring for formats).
+
+    Ids come from the record's "id" when present, else ``f"{file_stem}:{index}"`` with the 0-based index of
+    the record in its file (skipped empty records keep their index, so ids do not shift). Pass a
+    ``ReadStats`` to have it filled in as the iterator advances.
+    """
+    if text_split not in TEXT_SPLITS:
+        raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, got {text_split!r}")
+    stats = stats if stats is not None else ReadStats()
+    for path in expand_paths(patterns):
+        suffix = _suffix(path)
+        if suffix in TEXT_SUFFIXES:
+            records = _read_text(path, text_split)
+        elif suffix in JSONL_SUFFIXES:
+            records = _read_jsonl(path, text_field)
+        elif suffix in PARQUET_SUFFIXES:
+            records = _read_parquet(path, text_field)
+        else:
+            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+        stats.num_files += 1
+        stem = _stem(path)
+        for index, (doc_id, text, meta) in enumerate(records):
+            if not text.strip():
+                stats.num_empty_skipped += 1
+                continue
+            stats.num_docs += 1
+            stats.num_bytes += len(text.encode("utf-8"))
+            yield Document(doc_id if doc_id is not None else f"{stem}:{index}", text, meta)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_jsonl(path: str | Path, docs: Iterable[Document], text_field: str = "text") -> int:
+    """Write ``{"id", text_field, "meta"}`` per line (gzip when the name ends in .gz); return the count.
+
+    Atomic: if ``docs`` raises midway, an existing file at ``path`` is left as it was.
+    """
+    path = Path(path)
+    count = 0
+    with atomic_path(path) as tmp:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(tmp, "wt", encoding="utf-8") as f:
+            for doc in docs:
+                record = {"id": doc.id, text_field: doc.text, "meta": doc.meta}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    return count
+
+
+def write_parquet(path: str | Path, docs: Iterable[Document], text_field: str = "text",
+                  batch_size: int = 10000) -> int:
+    """Write columns id, ``text_field`` and meta (a JSON string) in row groups of ``batch_size``; return the count.
+
+    Meta is stored as JSON text rather than a struct column because documents' meta keys differ. Atomic, as
+    ``write_jsonl``.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), (text_field, pa.string()), ("meta", pa.string())])
+    count = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        buffer: list[Document] = []
+
+        def flush() -> None:
+            columns = [[d.id for d in buffer], [d.text for d in buffer],
+                       [json.dumps(d.meta, ensure_ascii=False) for d in buffer]]
+            writer.write_table(pa.Table.from_arrays([pa.array(c, pa.string()) for c in columns], schema=schema))
+            buffer.clear()
+
+        for doc in docs:
+            buffer.append(doc)
+            count += 1
+            if len(buffer) >= batch_size:
+                flush()
+        if buffer:
+            flush()
+    return count
+
+
+def write_documents(path: str | Path, docs: Iterable[Document], text_field: str = "text") -> int:
+    """Write ``docs`` as JSONL or Parquet, chosen by the suffix of ``path``; return the count."""
+    suffix = _suffix(Path(path))
+    if suffix in JSONL_SUFFIXES:
+        return write_jsonl(path, docs, text_field)
+    if suffix in PARQUET_SUFFIXES:
+        return write_parquet(path, docs, text_field)
+    raise ValueError(f"{path}: cannot write this file type; expected a name ending in "
+                     f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")

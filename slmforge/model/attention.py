@@ -1,0 +1,93 @@
+"""Causal self-attention with grouped-query heads (MHA / GQA / MQA), RoPE and an optional sliding window.
+
+GQA: Ainslie et al. 2023 (arXiv 2305.13245). The fast path is ``F.scaled_dot_product_attention``;
+``attention_ref`` is the plain-softmax reference the tests compare it with.
+Shapes: B batch, T new tokens, S keys (cached + new), H query heads, K kv heads, D head dim, C d_model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.cache import KVCache
+from slmforge.model.layers import apply_rope, init_linear, rope_tables
+
+
+def causal_mask(t: int, s: int, window: int, device) -> torch.Tensor:
+    """Boolean (T, S) mask, True = may attend. Query i sits at absolute position s - t + i."""
+    q_pos = torch.arange(s - t, s, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def attention_ref(q, k, v, mask) -> torch.Tensor:
+    """Plain softmax attention. q: (B, H, T, D); k, v: (B, K, S, D); mask: (T, S) bool."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    acc = torch.promote_types(q.dtype, torch.float32)  # at least fp32; float64 stays float64
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.attn
+        if a.num_heads % a.num_kv_heads:
+            raise ValueError(f"attn.num_heads={a.num_heads} must be a multiple of attn.num_kv_heads={a.num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, cfg.head_dim
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        self.window, self.theta = a.window, a.rope_theta
+        # One fused projection for q, k and v: a single larger matmul beats three small ones.
+        self.wqkv = nn.Linear(cfg.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.num_heads * self.head_dim, cfg.d_model, bias=False)
+        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, self.theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        init_linear(self.wqkv, std)
+        init_linear(self.wo, out_std)
+        cos, sin = rope_tables(self.head_dim, self.cos.shape[0], self.theta, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
+        return KVCache(batch_size, self.num_kv_heads, max_len, self.head_dim, device, dtype)
+
+    def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if start + t > self.cos.shape[0]:  # decoding past max_seq_len: extend the tables
+            cos, sin = rope_tables(self.head_dim, 2 * (start + t), self.theta, device=self.cos.device)
+            self.cos, self.sin = cos, sin
+        return self.cos[start : start + t], self.sin[start : start + t]
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.wqkv(x).view(b, t, h + 2 * kvh, d).transpose(1, 2)  # (B, H+2K, T, D)
+        q, k, v = qkv.split([h, kvh, kvh], dim=1)
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rope(start, t)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        s = k.shape[2]
+        if t == s and not self.window:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kvh)
+        elif t == 1 and not (self.window and s > self.window):
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=h != kvh)  # one query sees all keys
+        else:
+            mask = causal_mask(t, s, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
+        return self.wo(y.transpose(1, 2).reshape(b, t, h * d))

@@ -1,0 +1,47 @@
+"""The residual block ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``, and the choice of parts.
+
+Token mixers and FFNs are picked per layer by name from the two dicts below, so grep finds every
+option. Add your own with ``MIXERS["mine"] = Mine``: a mixer takes a ModelConfig and has
+``forward(x, cache=None) -> y`` on (B, T, C) and ``init_cache(batch_size, max_len, device, dtype)``;
+an FFN has ``forward(x) -> (y, aux_loss)``. Both have ``reset_parameters(std, out_std)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.attention import Attention
+from slmforge.model.ffn import SwiGLU
+from slmforge.model.layers import RMSNorm
+from slmforge.registry import lookup
+
+MIXERS: dict[str, type[nn.Module]] = {"attn": Attention}
+FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mixer: str):
+        super().__init__()
+        self.kind = mixer
+        self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = lookup(MIXERS, mixer, "token mixer (model.layers)")(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = lookup(FFNS, cfg.ffn, "FFN (model.ffn)")(cfg)
+
+    def reset_parameters(self, cfg: ModelConfig) -> None:
+        # Residual-output projections are scaled down by depth so the residual stream's variance
+        # stays O(1) at init (GPT-2, arXiv 2005.14165 sec. 2.3).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.mixer_norm.weight.data.fill_(1.0)
+        self.ffn_norm.weight.data.fill_(1.0)
+        self.mixer.reset_parameters(cfg.init_std, out_std)
+        self.ffn.reset_parameters(cfg.init_std, out_std)
+
+    def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+        y, aux = self.ffn(self.ffn_norm(x))
+        return x + y, aux

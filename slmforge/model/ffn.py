@@ -1,0 +1,30 @@
+"""Feed-forward networks. Each returns ``(y, aux_loss)`` so that MoE can add a balance loss.
+
+SwiGLU: Shazeer 2020 (arXiv 2002.05202). Shapes: B batch, T time, C d_model, F hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.layers import init_linear
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hidden = cfg.ffn_dim
+        # w1 (gate) and w3 (up) fused into one matmul; rows [0, F) are w1, [F, 2F) are w3.
+        self.w13 = nn.Linear(cfg.d_model, 2 * self.hidden, bias=False)
+        self.w2 = nn.Linear(self.hidden, cfg.d_model, bias=False)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        init_linear(self.w13, std)
+        init_linear(self.w2, out_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
+        return self.w2(F.silu(gate) * up), 0.0

@@ -1,0 +1,66 @@
+"""The language model: token embedding, a stack of residual blocks, final norm, output head.
+
+A Llama-style decoder (Touvron et al. 2023, arXiv 2302.13971) whose per-layer token mixer and FFN
+come from ``block.MIXERS`` / ``block.FFNS``. Shapes: B batch, T time, C d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.block import Block
+from slmforge.model.layers import RMSNorm
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds())
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        if self.tok_emb.weight.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.init_std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, mean=0.0, std=self.cfg.init_std)
+        self.norm.weight.fill_(1.0)
+        for block in self.blocks:
+            block.reset_parameters(self.cfg)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+        device = device or self.tok_emb.weight.device
+        dtype = dtype or self.tok_emb.weight.dtype
+        return [b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks]
+
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens: (B, T) -> logits (B, T, V) and, given targets (B, T), the mean next-token loss.
+
+        With ``cache`` (from ``init_cache``) the tokens continue the cached sequence.
+        Targets equal to -100 are ignored. The loss includes the FFNs' auxiliary losses.
+        """
+        x = self.tok_emb(tokens)
+        aux_total = 0.0
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, cache=None if cache is None else cache[i])
+            aux_total = aux_total + aux
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        # Cross-entropy in float32: bf16 log-softmax over a large vocabulary loses precision.
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, loss + aux_total

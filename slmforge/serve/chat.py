@@ -1,0 +1,37 @@
+"""Interactive chat in the terminal, using the chat template the tokenizer reserves tokens for."""
+
+from __future__ import annotations
+
+import sys
+
+from slmforge.serve.generate import stream_text
+
+
+def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
+         top_k: int = 50, top_p: float = 0.95, input_fn=input, out=sys.stdout) -> list[dict]:
+    """Read user turns until EOF or '/exit'; '/reset' clears the history. Returns the transcript."""
+    messages = [{"role": "system", "content": system}] if system else []
+    out.write("slmforge chat — /reset clears the history, /exit or Ctrl-D quits\n")
+    while True:
+        try:
+            user = input_fn("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return messages
+        if user.strip() == "/exit":
+            return messages
+        if user.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        out.write("model> ")
+        reply = []
+        for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
+                                 add_bos=True,
+                                 stop_ids=[tokenizer.token_id("<|end|>"), tokenizer.token_id("<|user|>")]):
+            reply.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})

@@ -1,0 +1,57 @@
+"""Learning-rate schedules as pure functions of the step.
+
+WSD (warmup-stable-decay): Hu et al. 2024, MiniCPM (arXiv 2404.06395); Hägele et al. 2024
+(arXiv 2405.18392) for the ``1 - sqrt`` decay shape. Cosine: Loshchilov & Hutter 2016.
+"""
+
+from __future__ import annotations
+
+import math
+
+from slmforge.config import TrainConfig
+from slmforge.registry import lookup
+
+
+def _decay_linear(p: float) -> float:
+    return 1.0 - p
+
+
+def _decay_sqrt(p: float) -> float:
+    return 1.0 - math.sqrt(p)
+
+
+def _decay_cosine(p: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+# Each maps decay progress p in [0, 1] to a factor going from 1 to 0.
+DECAY_SHAPES = {"linear": _decay_linear, "sqrt": _decay_sqrt, "cosine": _decay_cosine}
+
+
+def wsd(step: int, cfg: TrainConfig) -> float:
+    peak, floor = cfg.lr_peak, cfg.lr_peak * cfg.lr_min_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    decay_steps = round(cfg.decay_fraction * cfg.max_steps)
+    decay_start = cfg.max_steps - decay_steps
+    if step < decay_start or decay_steps == 0:
+        return peak
+    p = min(1.0, (step - decay_start + 1) / decay_steps)
+    return floor + (peak - floor) * lookup(DECAY_SHAPES, cfg.decay_shape, "decay shape")(p)
+
+
+def cosine(step: int, cfg: TrainConfig) -> float:
+    peak, floor = cfg.lr_peak, cfg.lr_peak * cfg.lr_min_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    p = min(1.0, (step - cfg.warmup_steps + 1) / span)
+    return floor + (peak - floor) * _decay_cosine(p)
+
+
+SCHEDULES = {"wsd": wsd, "cosine": cosine}
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based); the last step reaches the floor."""
+    return lookup(SCHEDULES, cfg.schedule, "schedule (train.schedule)")(step, cfg)
