@@ -208,21 +208,27 @@ def read_documents(
 
     Ids come from the record's "id" when present, else ``f"{file_stem}:{index}"`` with the 0-based index of
     the record in its file (skipped empty records keep their index, so ids do not shift). Pass a
-    ``ReadStats`` to have it filled in as the iterator advances.
+    ``ReadStats`` to have it filled in as the iterator advances. Patterns and ``text_split`` are checked
+    here, before the first document is read; errors inside files surface as the iterator reaches them.
     """
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, got {text_split!r}")
-    stats = stats if stats is not None else ReadStats()
-    for path in expand_paths(patterns):
+    paths = expand_paths(patterns)
+    for path in paths:
+        if _suffix(path) is None:
+            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+    return _iter_documents(paths, text_field, text_split, stats if stats is not None else ReadStats())
+
+
+def _iter_documents(paths: list[Path], text_field: str, text_split: str, stats: ReadStats) -> Iterator[Document]:
+    for path in paths:
         suffix = _suffix(path)
         if suffix in TEXT_SUFFIXES:
             records = _read_text(path, text_split)
         elif suffix in JSONL_SUFFIXES:
             records = _read_jsonl(path, text_field)
-        elif suffix in PARQUET_SUFFIXES:
-            records = _read_parquet(path, text_field)
         else:
-            raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
+            records = _read_parquet(path, text_field)
         stats.num_files += 1
         stem = _stem(path)
         for index, (doc_id, text, meta) in enumerate(records):
