@@ -19,3 +19,29 @@ def _seed():
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(vocab_size=97, d_model=32, num_layers=2, max_seq_len=64,
                        attn=AttnConfig(num_heads=4, num_kv_heads=2))
+
+
+def tiny_run_config(out_dir, name="run", **train):
+    """A RunConfig small enough that a whole pipeline run takes a few seconds."""
+    from slmforge.config import load_config
+
+    overrides = [
+        f"out_dir={out_dir}", f"name={name}", "model.vocab_size=320", "model.d_model=32", "model.num_layers=2",
+        "model.attn.num_heads=4", "model.attn.num_kv_heads=2", "model.max_seq_len=64",
+        "data.num_train_docs=400", "data.num_val_docs=40", "data.num_test_docs=40", "data.seq_len=32",
+        "data.num_workers=1", "train.batch_size=4", "train.max_steps=8", "train.warmup_steps=2",
+        "train.eval_every=4", "train.ckpt_every=4", "train.eval_batches=2", "train.lr_peak=1e-2",
+        "sample_tokens=8",
+    ] + [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, overrides)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory):
+    """Tokenizer + token shards of a small procedural corpus, built once per test session."""
+    from slmforge.pipeline import build_data, build_shards, build_tokenizer
+
+    cfg = tiny_run_config(tmp_path_factory.mktemp("corpus"), name="corpus")
+    data = build_data(cfg)
+    build_shards(cfg, data, build_tokenizer(cfg, data))
+    return cfg.run_dir

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+
+from slmforge.train.checkpoint import latest_checkpoint, load_checkpoint
+from slmforge.train.loop import train
+from tests.conftest import tiny_run_config
+
+
+def _cfg(tmp_path, shards_dir, name, **train_kw):
+    import dataclasses
+
+    cfg = tiny_run_config(tmp_path, name=name, **train_kw)
+    data = dataclasses.replace(cfg.data, shards_dir=str(shards_dir / "shards"),
+                               tokenizer=str(shards_dir / "tokenizer.json"))
+    return dataclasses.replace(cfg, data=data)
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class Crash(Exception):
+    pass
+
+
+def test_exact_resume_after_a_crash(tmp_path, shards_dir):
+    straight = _cfg(tmp_path, shards_dir, "straight")
+    train(straight, progress=False)
+
+    calls = {"n": 0}
+
+    def crash_on_step_7(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the step-4 checkpoint and two more steps
+            raise Crash
+        x, y = batch
+        return model(x, targets=y)[1]
+
+    resumed = _cfg(tmp_path, shards_dir, "resumed")
+    with pytest.raises(Crash):
+        train(resumed, loss_fn=crash_on_step_7, progress=False)
+    assert latest_checkpoint(resumed.run_dir / "checkpoints").name == "step_000004"
+    assert len(_losses(resumed.run_dir)) == 6
+    train(resumed, resume=True, progress=False)
+    a, b = _losses(straight.run_dir), _losses(resumed.run_dir)
+    assert len(a) == len(b) == 8
+    assert a == b  # bit-identical at every step
+
+
+def test_training_lowers_loss_and_writes_artifacts(tmp_path, shards_dir):
+    cfg = _cfg(tmp_path, shards_dir, "art", max_steps=30, eval_every=10, ckpt_every=10, schedule="cosine")
+    result = train(cfg, progress=False)
+    losses = _losses(cfg.run_dir)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert result.val_loss < losses[0]
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "train_result.json"):
+        assert (cfg.run_dir / name).stat().st_size > 0
+    records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"val_loss", "val_bits_per_byte"} <= set(records[9])
+    assert all(r["tokens_per_second"] > 0 for r in records)
+    # Only the last two checkpoints are kept, and no temporary folder is left behind.
+    ckpts = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_000020", "step_000030"]
+
+
+def test_checkpoint_round_trip(tmp_path, shards_dir):
+    from slmforge.model.lm import LM
+
+    cfg = _cfg(tmp_path, shards_dir, "ckpt")
+    train(cfg, progress=False)
+    model = LM(cfg.model)
+    state = load_checkpoint(latest_checkpoint(cfg.run_dir / "checkpoints"), model)
+    assert state["step"] == 8 and state["loader"]["position"] > 0
+    assert model.head.weight is model.tok_emb.weight  # tying survives loading
+    x = torch.randint(0, 320, (1, 8))
+    assert torch.isfinite(model(x)[0]).all()
+
+
+def test_bf16_autocast_trains(tmp_path, shards_dir):
+    cfg = _cfg(tmp_path, shards_dir, "bf16", dtype="bf16", max_steps=4)
+    result = train(cfg, progress=False)
+    assert result.val_loss == result.val_loss and result.val_loss < 6.0
+
+
+def test_vocab_mismatch_is_a_clear_error(tmp_path, shards_dir):
+    import dataclasses
+
+    cfg = _cfg(tmp_path, shards_dir, "vocab")
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=100))
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(cfg, progress=False)
