@@ -18,7 +18,10 @@ def _config_args(p: argparse.ArgumentParser, recipe_positional: bool = False) ->
 
 
 def _load(args):
-    return load_config(args.recipe, args.overrides)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe, *overrides]  # `slmforge run key=value ...` with no recipe
+    return load_config(recipe, overrides)
 
 
 def _dry_run(cfg) -> None:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"slmforge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,7 @@ def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperat
         out.write("model> ")
         reply = []
         for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                                 add_bos=True,
+                                 new_document=True,
                                  stop_ids=[tokenizer.token_id("<|end|>"), tokenizer.token_id("<|user|>")]):
             reply.append(piece)
             out.write(piece)

@@ -64,17 +64,22 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, eos_id: int |
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 0.95, stop: list[str] | None = None, seed: int | None = None,
-             add_bos: bool = True) -> str:
+             new_document: bool = True) -> str:
     """Text in, continuation out; stops at EOS, at any stop string (excluded), or after max_new_tokens."""
-    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed, add_bos))
+    return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
+                               new_document))
 
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
                 top_p: float = 0.95, stop: list[str] | None = None, seed: int | None = None,
-                add_bos: bool = True, stop_ids: list[int] | None = None) -> Iterator[str]:
-    """Yield text pieces as they are decoded; stop strings and stop tokens are never emitted."""
+                new_document: bool = True, stop_ids: list[int] | None = None) -> Iterator[str]:
+    """Yield text pieces as they are decoded; stop strings and stop tokens are never emitted.
+
+    Token shards separate documents with EOS, so ``new_document`` starts the prompt with EOS: the
+    context in which the model saw every document begin (GPT-2's ``<|endoftext|>`` convention).
+    """
     device = next(model.parameters()).device
-    ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    ids = ([tokenizer.eos_id] if new_document else []) + tokenizer.encode(prompt)
     max_len = model.cfg.max_seq_len
     ids = ids[-max(1, max_len - max_new_tokens):]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
