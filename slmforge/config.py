@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from slmforge.data.mixture import MixtureConfig
+
 
 @dataclass
 class AttnConfig:
@@ -73,6 +75,9 @@ class DataConfig:
     num_workers: int = 2  # processes for tokenization
     tokenizer: str = ""  # tokenizer.json; "" = <run_dir>/tokenizer.json (trained by `slmforge run`)
     shards_dir: str = ""  # holds train/ and validation/ token shards; "" = <run_dir>/shards
+    # Multi-stage data mixture over token-shard sources (slmforge/data/mixture.py); no stages = train on
+    # <shards_dir>/train. Validation always uses <shards_dir>/validation.
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
     seed: int = 1234
 
 
@@ -161,6 +166,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = [v for v in (s.strip() for s in value.split(",")) if v] if value.strip() else []
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}: expected a list, got {value!r}")
+        if dataclasses.is_dataclass(item):
+            return [merge(item(), v, f"{where}[{i}]") if isinstance(v, dict) else v for i, v in enumerate(value)]
         return [_coerce(v, item, where) for v in value]
     if tp is bool:
         if isinstance(value, bool):

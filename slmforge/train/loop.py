@@ -89,6 +89,16 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((spec.peak_flops for key, spec in GPUS.items() if key in name), None)
 
 
+def build_train_loader(cfg: RunConfig):
+    """The mixture loader when the recipe declares stages, else one TokenLoader over <shards_dir>/train."""
+    if cfg.data.mixture.stages:
+        from slmforge.data.mixture import MixtureLoader
+
+        return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, mode=cfg.data.packing)
+    train_dir, _ = shard_paths(cfg)
+    return TokenLoader(train_dir, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.data.seed, mode=cfg.data.packing)
+
+
 def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True) -> RunResult:
     t = cfg.train
     device = resolve_device(t.device)
@@ -101,12 +111,14 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     save_config(run_dir, cfg)
 
     train_dir, val_dir = shard_paths(cfg)
-    vocab = load_shards(train_dir).meta["vocab_size"]
-    if vocab > cfg.model.vocab_size:
-        raise ValueError(f"{train_dir}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
+    mix = cfg.data.mixture
+    for folder in [s.shards for s in mix.sources] if mix.stages else [train_dir]:
+        vocab = load_shards(folder).meta["vocab_size"]
+        if vocab > cfg.model.vocab_size:
+            raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
     model = LM(cfg.model).to(device)
     optimizer = build_optimizer(model, t)
-    loader = TokenLoader(train_dir, cfg.data.seq_len, t.batch_size, seed=cfg.data.seed, mode=cfg.data.packing)
+    loader = build_train_loader(cfg)
     val_meta = load_shards(val_dir).meta
     val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False), t.eval_batches))
     # Bits per byte: nats/token * tokens/byte / ln 2 — comparable across tokenizers.
@@ -130,18 +142,27 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     bar = tqdm(total=t.max_steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     start_time, start_step = time.perf_counter(), step
     train_loss = val_loss = float("nan")
+    exhausted = False
     while step < t.max_steps:
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum = 0.0
+        loss_sum, exhausted = 0.0, False
+        stage = loader.current_stage[1].name if mix.stages else None
         for _ in range(t.grad_accum):
-            x, y = next(batches)
+            try:
+                x, y = next(batches)
+            except StopIteration:  # a mixture with after_last="stop" has spent its last budget
+                exhausted = True
+                break
             with _autocast(device, amp_dtype):
                 loss = loss_fn(step_fn, (x.to(device), y.to(device))) / t.grad_accum
             loss.backward()
             loss_sum += loss.item()
+        if exhausted:
+            optimizer.zero_grad(set_to_none=True)
+            break
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -150,6 +171,10 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step * tokens_per_step, "tokens_per_second": tokens_per_step / dt}
+        if stage is not None:
+            record["stage"] = stage
+            if step % t.log_every == 0 or step == t.max_steps:
+                record["mixture_tokens"] = loader.realised()
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / dt / peak
         if step % t.eval_every == 0 or step == t.max_steps:
@@ -162,6 +187,10 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
                         **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
         bar.update(1)
     bar.close()
+    if exhausted and step > start_step:  # ended early: evaluate and save where we stopped
+        val_loss = evaluate(model, val_batches, device, amp_dtype)
+        if step % t.ckpt_every:
+            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()})
     seconds = time.perf_counter() - start_time
     plot_losses(metrics.read(), run_dir / "loss.png")
     result = RunResult(

@@ -91,3 +91,52 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path, shards_dir):
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=100))
     with pytest.raises(ValueError, match="vocab_size"):
         train(cfg, progress=False)
+
+
+def _mixture_cfg(tmp_path, shards_dir, name, **train_kw):
+    import dataclasses
+
+    from slmforge.config import merge
+
+    cfg = _cfg(tmp_path, shards_dir, name, **train_kw)
+    shards = shards_dir / "shards"
+    # Two sources (the corpus's train and test shards), a stable stage then an anneal stage; 4x32 = 128 tokens/step.
+    mixture = merge(cfg.data.mixture, {
+        "after_last": "stop",
+        "sources": [{"name": "main", "shards": str(shards / "train")}, {"name": "hq", "shards": str(shards / "test")}],
+        "stages": [
+            {"name": "stable", "tokens": 640, "weights": [{"source": "main", "weight": 0.75}, {"source": "hq", "weight": 0.25}]},
+            {"name": "anneal", "tokens": 384, "weights": [{"source": "hq", "weight": 1.0}]},
+        ],
+    })
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, mixture=mixture))
+
+
+def test_mixture_stages_are_logged_and_training_stops_at_the_budget(tmp_path, shards_dir):
+    cfg = _mixture_cfg(tmp_path, shards_dir, "mix", max_steps=100, eval_every=100, log_every=2)
+    result = train(cfg, progress=False)
+    records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert result.steps == 8  # (640 + 384) / 128
+    assert [r["stage"] for r in records] == ["stable"] * 5 + ["anneal"] * 3
+    realised = records[-1]["mixture_tokens"]
+    assert realised["stable"] == {"main": 480, "hq": 160}
+    assert realised["anneal"] == {"main": 0, "hq": 384}
+    assert result.val_loss == result.val_loss  # evaluated at the early end
+
+
+def test_mixture_exact_resume(tmp_path, shards_dir):
+    straight = _mixture_cfg(tmp_path, shards_dir, "mix_straight")
+    train(straight, progress=False)
+    calls = {"n": 0}
+
+    def crash_on_step_6(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:  # inside the anneal stage, after the step-4 checkpoint
+            raise Crash
+        return model(batch[0], targets=batch[1])[1]
+
+    resumed = _mixture_cfg(tmp_path, shards_dir, "mix_resumed")
+    with pytest.raises(Crash):
+        train(resumed, loss_fn=crash_on_step_6, progress=False)
+    train(resumed, resume=True, progress=False)
+    assert _losses(straight.run_dir) == _losses(resumed.run_dir)

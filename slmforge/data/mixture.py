@@ -1,0 +1,280 @@
+"""Data mixtures: named token-shard sources, stages with token budgets, and a loader that mixes them by row.
+
+A recipe names its sources (shard folders written by ``tokenize_to_shards``, whatever made the text: files,
+procedural generators, a synthesizer) and a list of stages, each with a token budget and a weight per source,
+as in SmolLM2's multi-stage training (arXiv:2502.02737). The last stage is typically the anneal mix of
+high-quality data, timed to start with the LR decay::
+
+    data:
+      mixture:
+        seed: 0
+        sources:
+          - {name: web, shards: runs/corpus/shards/web}
+          - {name: math, shards: runs/corpus/shards/math}
+        stages:
+          - name: stable
+            tokens: 80000000
+            weights: [{source: web, weight: 0.8}, {source: math, weight: 0.2}]
+          - name: anneal
+            tokens: 20000000
+            weights: [{source: web, weight: 0.4}, {source: math, weight: 0.6}]
+
+A source left out of a stage has weight 0 there; weights are normalised per stage.
+
+Each row (not each batch) is drawn from one source. Every batch is then itself close to the mix, so no
+optimizer step sees one source only, and a stage hits its proportions to within about 1.5 rows rather than
+a whole batch. The choice is smooth weighted round-robin (nginx's; the largest-deficit rule): row n of a
+stage goes to the source with the largest ``(n + 1) * w_s - count_s + offset_s``, where the offsets, drawn
+per stage from the mixture seed in [-0.5, 0.5), make the order depend on the seed. Counts then stay within
+about 1.5 rows of ``n * w_s`` at every point of the stage, so a stage of 80 rows is within 2% of its weights.
+The choice depends only on the counts, which the state keeps: resuming needs no other bookkeeping.
+
+Each source is read through its own ``TokenLoader`` (batch size 1, a seed derived from the mixture seed and
+the source name), which shuffles it, counts its epochs and hands ranks disjoint rows. Every rank makes the
+same choices, so ranks stay in step. Token counts (budgets, ``stage_at``, ``realised``) are global:
+rows x seq_len x world_size.
+
+Shapes: B = batch_size, T = seq_len; the loader yields ``x, y`` of shape (B, T), int64, like ``TokenLoader``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmforge.registry import lookup
+
+
+@dataclass
+class Source:
+    name: str = ""
+    shards: str = ""  # token-shard folder written by tokenize_to_shards
+
+
+@dataclass
+class SourceWeight:
+    source: str = ""
+    weight: float = 0.0
+
+
+@dataclass
+class Stage:
+    name: str = ""
+    tokens: int = 0  # budget: training tokens of all ranks together spent in this stage
+    weights: list[SourceWeight] = field(default_factory=list)  # sources left out get weight 0
+
+    def __post_init__(self):
+        self.weights = [_as(SourceWeight, w, f"stage {self.name!r}.weights[{i}]") for i, w in enumerate(self.weights)]
+
+
+@dataclass
+class MixtureConfig:
+    sources: list[Source] = field(default_factory=list)
+    stages: list[Stage] = field(default_factory=list)  # empty = no mixture
+    on_exhausted: str = "repeat"  # a source at the end of an epoch: "repeat" it (warns once) or "stop" (error)
+    after_last: str = "continue"  # after the last budget: "continue" with the last stage, or "stop" iterating
+    seed: int = 0
+
+    def __post_init__(self):
+        self.sources = [_as(Source, s, f"mixture.sources[{i}]") for i, s in enumerate(self.sources)]
+        self.stages = [_as(Stage, s, f"mixture.stages[{i}]") for i, s in enumerate(self.stages)]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(stage.tokens for stage in self.stages)
+
+    def stage_at(self, tokens_seen: int) -> tuple[int, Stage]:
+        """(index, stage) that the token after ``tokens_seen`` global tokens belongs to; the last stage past the end."""
+        ends = np.cumsum([stage.tokens for stage in self.stages])
+        index = min(bisect.bisect_right(ends, tokens_seen), len(self.stages) - 1)
+        return index, self.stages[index]
+
+    def normalised_weights(self) -> np.ndarray:
+        """(num_stages, num_sources) weights, each row summing to 1, sources in ``self.sources`` order."""
+        column = {source.name: i for i, source in enumerate(self.sources)}
+        table = np.zeros((len(self.stages), len(self.sources)))
+        for k, stage in enumerate(self.stages):
+            for w in stage.weights:
+                table[k, column[w.source]] = w.weight
+        return table / table.sum(axis=1, keepdims=True)
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the key for any mistake that does not need the shard folders to see."""
+        for key, choices in (("on_exhausted", ("repeat", "stop")), ("after_last", ("continue", "stop"))):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"mixture.{key}={getattr(self, key)!r}: choose {' or '.join(map(repr, choices))}")
+        if not self.sources:
+            raise ValueError("mixture.sources is empty: list the token-shard folders to mix (name, shards)")
+        if not self.stages:
+            raise ValueError("mixture.stages is empty: a mixture needs at least one stage (name, tokens, weights)")
+        names = [source.name for source in self.sources]
+        for i, source in enumerate(self.sources):
+            if not source.name or not source.shards:
+                raise ValueError(f"mixture.sources[{i}]: needs a name and a shards folder, got {source}")
+            if names.index(source.name) != i:
+                raise ValueError(f"mixture.sources[{i}]: source name {source.name!r} is used twice")
+        stage_names = [stage.name for stage in self.stages]
+        for k, stage in enumerate(self.stages):
+            key = f"mixture.stages[{k}] ({stage.name!r})"
+            if not stage.name or stage_names.index(stage.name) != k:
+                raise ValueError(f"{key}: stages need distinct, non-empty names")
+            if stage.tokens <= 0:
+                raise ValueError(f"{key}.tokens={stage.tokens}: expected a positive token budget")
+            seen = set()
+            for w in stage.weights:
+                try:
+                    lookup(dict.fromkeys(names), w.source, "source")
+                except ValueError as exc:
+                    raise ValueError(f"{key}.weights: {exc}") from None
+                if w.source in seen:
+                    raise ValueError(f"{key}.weights: source {w.source!r} is listed twice")
+                seen.add(w.source)
+                if not w.weight >= 0:
+                    raise ValueError(f"{key}.weights: source {w.source!r} has weight {w.weight}; expected >= 0")
+            if sum(w.weight for w in stage.weights) <= 0:
+                raise ValueError(f"{key}.weights sum to 0: give at least one source a positive weight")
+
+
+def _as(cls, value, where: str):
+    """A dataclass from a YAML mapping: ``config.merge`` hands list items over as they come from YAML."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ValueError(f"{where}: expected a mapping with keys {keys}, got {value!r}")
+    # Imported here because config.py imports this module for its dataclasses.
+    from slmforge.config import merge
+
+    return merge(cls(), value, where)
+
+
+class MixtureLoader:
+    """Infinite (or, with ``after_last="stop"``, budget-long), seeded, resumable (x, y) batches from a mixture.
+
+    ``state_dict()`` taken after a batch points past it; ``load_state_dict`` continues the same stream. Budgets
+    and weights may change between a save and a load (to lengthen a stage, say); source and stage names may not.
+    """
+
+    def __init__(self, cfg: MixtureConfig, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 mode: str = "window"):
+        # Imported here, not at the top, so that config.py can import the dataclasses without loading torch.
+        from slmforge.data.shards import TokenLoader
+
+        cfg.validate()
+        self.cfg, self.seq_len, self.batch_size = cfg, seq_len, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.loaders = []
+        for i, source in enumerate(cfg.sources):
+            if not Path(source.shards).is_dir():
+                raise ValueError(f"mixture.sources[{i}] ({source.name!r}).shards: no folder {source.shards}; "
+                                 f"write it with tokenize_to_shards first")
+            seed = int(np.random.SeedSequence([cfg.seed, zlib.crc32(source.name.encode())]).generate_state(1)[0])
+            self.loaders.append(TokenLoader(source.shards, seq_len, 1, seed=seed, rank=rank,
+                                            world_size=world_size, mode=mode))
+        self.weights = cfg.normalised_weights()  # (num_stages, num_sources)
+        self.offsets = np.stack([np.random.default_rng([cfg.seed, k]).random(len(cfg.sources)) - 0.5
+                                 for k in range(len(cfg.stages))])  # (num_stages, num_sources)
+        self.counts = np.zeros(self.weights.shape, np.int64)  # rows drawn on this rank per stage and source
+        self._warned: set[int] = set()
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens drawn so far by all ranks together."""
+        return int(self.counts.sum()) * self.seq_len * self.world_size
+
+    @property
+    def current_stage(self) -> tuple[int, Stage]:
+        """(index, stage) of the next row."""
+        return self.cfg.stage_at(self.num_tokens)
+
+    def realised(self) -> dict[str, dict[str, int]]:
+        """Tokens drawn so far by all ranks, ``{stage: {source: tokens}}``, every stage and source listed."""
+        per_row = self.seq_len * self.world_size
+        return {stage.name: {source.name: int(c) * per_row for source, c in zip(self.cfg.sources, row)}
+                for stage, row in zip(self.cfg.stages, self.counts)}
+
+    def _choose(self, k: int, counts: np.ndarray) -> int:
+        """Smooth weighted round-robin: the source of stage k furthest behind its share of the next row."""
+        score = (counts.sum() + 1) * self.weights[k] - counts + self.offsets[k]
+        score[self.weights[k] == 0] = -np.inf
+        return int(np.argmax(score))
+
+    def _plan(self) -> list[tuple[int, int]] | None:
+        """(stage, source) of each row of the next batch, or None when the budget is spent and after_last=stop.
+
+        Chosen on a copy of the counts, so that an exhausted source raises before any state changes.
+        """
+        first = int(self.counts.sum())
+        tokens_per_row = self.seq_len * self.world_size
+        if self.cfg.after_last == "stop" and first * tokens_per_row >= self.cfg.total_tokens:
+            return None
+        counts, plan = self.counts.copy(), []
+        for row in range(first, first + self.batch_size):
+            k, _ = self.cfg.stage_at(row * tokens_per_row)
+            s = self._choose(k, counts[k])
+            counts[k, s] += 1
+            plan.append((k, s))
+        if self.cfg.on_exhausted == "stop":
+            for s, loader in enumerate(self.loaders):
+                stages = [k for k, source in plan if source == s]
+                left = len(loader) - loader.position
+                if len(stages) > left:
+                    self._raise_exhausted(s, stages[left], left)
+        return plan
+
+    def _raise_exhausted(self, s: int, k: int, rows_left: int) -> None:
+        source, stage, tokens_per_row = self.cfg.sources[s], self.cfg.stages[k], self.seq_len * self.world_size
+        drawn = (int(self.counts[:, s].sum()) + rows_left) * tokens_per_row
+        in_stage = (int(self.counts[k, s]) + rows_left) * tokens_per_row
+        raise RuntimeError(
+            f"mixture source {source.name!r} ran out of data in stage {stage.name!r} after {drawn:,} of its "
+            f"tokens ({in_stage:,} in this stage; {self.num_tokens:,} mixture tokens drawn before this batch) "
+            f"with on_exhausted='stop': add data to {source.shards}, lower its weight, or set on_exhausted='repeat'")
+
+    def __iter__(self):
+        import torch
+
+        while (plan := self._plan()) is not None:
+            xs, ys = [], []
+            for k, s in plan:
+                loader = self.loaders[s]
+                if loader.position >= len(loader) and s not in self._warned:
+                    self._warned.add(s)
+                    warnings.warn(f"mixture source {self.cfg.sources[s].name!r} finished epoch {loader.epoch} in "
+                                  f"stage {self.cfg.stages[k].name!r}; repeating it from epoch {loader.epoch + 1} "
+                                  f"(on_exhausted='repeat')", stacklevel=2)
+                # One row: the rest of the source's epoch (or the next epoch), of which we take the first batch.
+                x, y = next(loader.iter_epoch_once())
+                self.counts[k, s] += 1
+                xs.append(x)
+                ys.append(y)
+            yield torch.cat(xs), torch.cat(ys)
+
+    def state_dict(self) -> dict[str, Any]:
+        stages, sources = self.cfg.stages, self.cfg.sources
+        return dict(seed=self.cfg.seed, seq_len=self.seq_len, world_size=self.world_size,
+                    rows={stage.name: {source.name: int(c) for source, c in zip(sources, row)}
+                          for stage, row in zip(stages, self.counts)},
+                    sources={source.name: loader.state_dict() for source, loader in zip(sources, self.loaders)})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in (("seed", self.cfg.seed), ("seq_len", self.seq_len), ("world_size", self.world_size)):
+            if state[key] != value:
+                raise ValueError(f"mixture loader state has {key}={state[key]!r} but this loader has {value!r}")
+        stages, sources = sorted(s.name for s in self.cfg.stages), sorted(s.name for s in self.cfg.sources)
+        if sorted(state["rows"]) != stages or sorted(state["sources"]) != sources:
+            raise ValueError(f"mixture loader state has stages {sorted(state['rows'])} and sources "
+                             f"{sorted(state['sources'])} but the config has stages {stages} and sources {sources}; "
+                             f"names must stay the same to resume")
+        for k, stage in enumerate(self.cfg.stages):
+            for s, source in enumerate(self.cfg.sources):
+                self.counts[k, s] = state["rows"][stage.name][source.name]
+        for source, loader in zip(self.cfg.sources, self.loaders):
+            loader.load_state_dict(state["sources"][source.name])
