@@ -98,7 +98,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
     device: str = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (20-30 s to compile; needs a C compiler on CPU)
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); ignored in one process
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100

@@ -46,20 +46,41 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2) -> Path:
+def save_checkpoint(ckpt_dir: str | Path, step: int, model: nn.Module, optimizer, extra: dict, keep: int = 2,
+                    info=None) -> Path:
+    """Write ``step_NNNNNN/`` atomically. Collective under torchrun: every rank calls it, rank 0 writes.
+
+    The state is gathered unsharded and keyed by parameter names, so a checkpoint written at one world
+    size (DDP, FSDP2 or a single process) loads at any other.
+    """
+    from slmforge.train.distributed import DistInfo, barrier, full_state
+
+    info = info or DistInfo()
+    model_state, optim_state = full_state(model, optimizer, info)
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:06d}"
-    tmp = ckpt_dir / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(model, tmp / "model.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **extra}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    write_text(ckpt_dir / "latest", final.name + "\n")
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if info.is_main:
+        tmp = ckpt_dir / f".tmp_step_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # safetensors stores a tensor once: the tied head is the embedding, restored on load.
+        weights = {k: v.detach().cpu().contiguous() for k, v in model_state.items()
+                   if not (k == "head.weight" and _tied(model))}
+        safetensors.torch.save_file(weights, str(tmp / "model.safetensors"))
+        torch.save({"step": step, "optimizer": optim_state, "rng": rng_state(), **extra}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        write_text(ckpt_dir / "latest", final.name + "\n")
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
     return final
+
+
+def _tied(model: nn.Module) -> bool:
+    from slmforge.train.distributed import unwrap
+
+    return unwrap(model).cfg.tie_embeddings
 
 
 def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
@@ -70,14 +91,23 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return path if (path / "state.pt").exists() else None
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None) -> dict:
-    """Load weights (and optimizer + RNG when given an optimizer); return the saved state dict."""
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, info=None) -> dict:
+    """Load weights (and optimizer + RNG when given an optimizer); return the saved state dict.
+
+    Works at any world size; under torchrun every rank calls it.
+    """
+    from slmforge.train.distributed import DistInfo, load_full_state
+
     path = Path(path)
-    load_weights(model, path / "model.safetensors")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+    if optimizer is None:
+        load_weights(model, path / "model.safetensors")
+        return state
+    weights = safetensors.torch.load_file(str(path / "model.safetensors"))
+    if _tied(model):
+        weights["head.weight"] = weights["tok_emb.weight"]
+    load_full_state(model, optimizer, weights, state["optimizer"], info or DistInfo())
+    set_rng_state(state["rng"])
     return state
 
 

@@ -21,6 +21,7 @@ from slmforge.config import RunConfig
 from slmforge.data.shards import TokenLoader, load_shards
 from slmforge.model.lm import LM
 from slmforge.runs import MetricsLog, save_config, write_json
+from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import lr_at
@@ -89,26 +90,43 @@ def _peak_flops(device: torch.device) -> float | None:
     return next((spec.peak_flops for key, spec in GPUS.items() if key in name), None)
 
 
-def build_train_loader(cfg: RunConfig):
+def build_train_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
     """The mixture loader when the recipe declares stages, else one TokenLoader over <shards_dir>/train."""
     if cfg.data.mixture.stages:
         from slmforge.data.mixture import MixtureLoader
 
-        return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, mode=cfg.data.packing)
+        return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, rank, world_size,
+                             mode=cfg.data.packing)
     train_dir, _ = shard_paths(cfg)
-    return TokenLoader(train_dir, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.data.seed, mode=cfg.data.packing)
+    return TokenLoader(train_dir, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.data.seed, rank=rank,
+                       world_size=world_size, mode=cfg.data.packing)
+
+
+def reshard_loader_state(state: dict, batch_size: int, world_size: int) -> dict:
+    """A TokenLoader state saved at another world size, for this one (the global batch must be equal)."""
+    if state.get("world_size", world_size) == world_size or "position" not in state:
+        return state
+    old_global, new_global = state["batch_size"] * state["world_size"], batch_size * world_size
+    if old_global != new_global:
+        raise ValueError(f"resuming at world size {world_size}: the global batch was {old_global} sequences, "
+                         f"now {new_global}; set train.batch_size={old_global // world_size}")
+    # Global batch b went to rank b % world_size, so every rank's position counts global batches.
+    return {**state, "batch_size": batch_size, "world_size": world_size}
 
 
 def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True) -> RunResult:
     t = cfg.train
-    device = resolve_device(t.device)
+    info = dist.init(resolve_device(t.device).type)
+    device = dist.device_for(info, t.device)
     amp_dtype = autocast_dtype(t.dtype, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(run_dir, cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(run_dir, cfg)
+    progress = progress and info.is_main
 
     train_dir, val_dir = shard_paths(cfg)
     mix = cfg.data.mixture
@@ -117,8 +135,9 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
         if vocab > cfg.model.vocab_size:
             raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
     model = LM(cfg.model).to(device)
+    train_model = dist.parallelize(model, info, t.parallel, t.compile, t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
-    loader = build_train_loader(cfg)
+    loader = build_train_loader(cfg, info.rank, info.world_size)
     val_meta = load_shards(val_dir).meta
     val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False), t.eval_batches))
     # Bits per byte: nats/token * tokens/byte / ln 2 — comparable across tokenizers.
@@ -127,13 +146,13 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     step, metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
     ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, info)
         step = state["step"]
-        loader.load_state_dict(state["loader"])
-    metrics.truncate_after(step)
+        loader.load_state_dict(reshard_loader_state(state["loader"], t.batch_size, info.world_size))
+    if info.is_main:
+        metrics.truncate_after(step)
 
-    step_fn = torch.compile(model) if t.compile else model
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * info.world_size
     from slmforge.plan import flops_per_token
 
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
@@ -150,24 +169,25 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
         t0 = time.perf_counter()
         loss_sum, exhausted = 0.0, False
         stage = loader.current_stage[1].name if mix.stages else None
-        for _ in range(t.grad_accum):
+        for micro in range(t.grad_accum):
             try:
                 x, y = next(batches)
             except StopIteration:  # a mixture with after_last="stop" has spent its last budget
                 exhausted = True
                 break
-            with _autocast(device, amp_dtype):
-                loss = loss_fn(step_fn, (x.to(device), y.to(device))) / t.grad_accum
-            loss.backward()
+            with dist.no_sync(train_model, micro == t.grad_accum - 1), _autocast(device, amp_dtype):
+                loss = loss_fn(train_model, (x.to(device), y.to(device))) / t.grad_accum
+                loss.backward()
             loss_sum += loss.item()
         if exhausted:
             optimizer.zero_grad(set_to_none=True)
             break
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        train_loss = loss_sum
+        train_loss = dist.all_reduce_mean(loss_sum, info)
         dt = time.perf_counter() - t0
         record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": step * tokens_per_step, "tokens_per_second": tokens_per_step / dt}
@@ -180,9 +200,11 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
         if step % t.eval_every == 0 or step == t.max_steps:
             val_loss = evaluate(model, val_batches, device, amp_dtype)
             record.update(val_loss=val_loss, val_bits_per_byte=val_loss * tokens_per_byte / math.log(2))
-        metrics.log(record)
+        if info.is_main:
+            metrics.log(record)
         if step % t.ckpt_every == 0 or step == t.max_steps:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()})
+            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()},
+                            info=info)
         bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
                         **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
         bar.update(1)
@@ -190,16 +212,19 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     if exhausted and step > start_step:  # ended early: evaluate and save where we stopped
         val_loss = evaluate(model, val_batches, device, amp_dtype)
         if step % t.ckpt_every:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()})
+            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()},
+                            info=info)
     seconds = time.perf_counter() - start_time
-    plot_losses(metrics.read(), run_dir / "loss.png")
     result = RunResult(
         run_dir=str(run_dir), steps=step, tokens=step * tokens_per_step, seconds=seconds,
         tokens_per_second=(step - start_step) * tokens_per_step / max(seconds, 1e-9),
         train_loss=train_loss, val_loss=val_loss,
-        val_bits_per_byte=val_loss * tokens_per_byte / math.log(2), num_params=model.num_params(),
+        val_bits_per_byte=val_loss * tokens_per_byte / math.log(2), num_params=sum(p.numel() for p in model.parameters()),
     )
-    write_json(run_dir / "train_result.json", result.__dict__)
+    if info.is_main:
+        plot_losses(metrics.read(), run_dir / "loss.png")
+        write_json(run_dir / "train_result.json", result.__dict__)
+    dist.barrier(info)
     return result
 
 
