@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from slmforge.config import dump_yaml, load_config, merge, parse_overrides
@@ -79,10 +80,15 @@ def cmd_tokenize(args) -> None:
 def cmd_train(args) -> None:
     from slmforge.train.loop import train
 
+    from slmforge.train.distributed import shutdown
+
     cfg = _load(args)
     if args.dry_run:
         return _dry_run(cfg)
-    print(train(cfg, resume=args.resume))
+    result = train(cfg, resume=args.resume)
+    shutdown()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(result)
 
 
 def cmd_run(args) -> None:
@@ -111,6 +117,18 @@ def cmd_chat(args) -> None:
 
     model, tok, _ = load_for_inference(args.checkpoint)
     chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def cmd_export(args) -> None:
+    from slmforge.serve.hf import export_hf
+
+    print(f"LlamaForCausalLM folder -> {export_hf(args.checkpoint, args.out)}")
+
+
+def cmd_import(args) -> None:
+    from slmforge.serve.hf import import_hf_run
+
+    print(f"run folder -> {import_hf_run(args.folder, args.out)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", default="", help="system prompt")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="write a run (attention-only) as a Hugging Face LlamaForCausalLM folder")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="turn a Hugging Face Llama folder (e.g. SmolLM2) into a run folder")
+    p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.set_defaults(fn=cmd_import)
     return parser
 
 

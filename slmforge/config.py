@@ -98,7 +98,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
     device: str = "auto"
-    compile: bool = False  # torch.compile each block (20-30 s to compile; needs a C compiler on CPU)
+    # torch.compile each block: "auto" = on for CUDA (where it pays back quickly), off on CPU, where it
+    # takes 20-30 s to compile and needs a C compiler; or true / false.
+    compile: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard); ignored in one process
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     eval_every: int = 100

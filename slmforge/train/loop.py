@@ -53,6 +53,15 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16}[name]
 
 
+def compile_enabled(value: str, device: torch.device) -> bool:
+    value = str(value).lower()
+    if value == "auto":
+        return device.type == "cuda"
+    if value in ("true", "false", "1", "0", "on", "off"):
+        return value in ("true", "1", "on")
+    raise ValueError(f"train.compile={value!r}: choose auto, true or false")
+
+
 def default_loss(model, batch) -> torch.Tensor:
     x, y = batch
     return model(x, targets=y)[1]
@@ -135,7 +144,8 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
         if vocab > cfg.model.vocab_size:
             raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
     model = LM(cfg.model).to(device)
-    train_model = dist.parallelize(model, info, t.parallel, t.compile, t.activation_checkpointing, device)
+    train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
+                                   t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
     loader = build_train_loader(cfg, info.rank, info.world_size)
     val_meta = load_shards(val_dir).meta

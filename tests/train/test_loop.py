@@ -140,3 +140,13 @@ def test_mixture_exact_resume(tmp_path, shards_dir):
         train(resumed, loss_fn=crash_on_step_6, progress=False)
     train(resumed, resume=True, progress=False)
     assert _losses(straight.run_dir) == _losses(resumed.run_dir)
+
+
+@pytest.mark.parametrize("option", ["compile=true", "activation_checkpointing=true"])
+def test_compile_and_activation_checkpointing_match_eager(tmp_path, shards_dir, option):
+    key, value = option.split("=")
+    eager = _cfg(tmp_path, shards_dir, "eager", max_steps=3)
+    other = _cfg(tmp_path, shards_dir, key, max_steps=3, **{key: value})
+    train(eager, progress=False)
+    train(other, progress=False)
+    assert _losses(other.run_dir) == pytest.approx(_losses(eager.run_dir), rel=1e-4)
