@@ -16,6 +16,13 @@ Supported inputs, chosen by suffix:
 
 An empty file yields no documents; it still counts in ``ReadStats.num_files``. Documents whose text is empty
 or only whitespace are skipped and counted in ``ReadStats.num_empty_skipped``.
+
+Bad input raises a ValueError naming the file and line by default. With ``on_error="skip"`` (for long curation
+jobs that must not stop at one broken record) a malformed record (not JSON, not an object, no text field, an
+unreadable Parquet file) is skipped and counted in ``ReadStats.num_malformed_skipped``, and a line that is not
+valid UTF-8, or a text with a lone surrogate (a JSON "\\ud800" escape), is dropped and counted in
+``ReadStats.num_invalid_utf8_skipped``; the first few messages are kept in ``ReadStats.errors``. Skipped
+records keep their index, so the ids of the records after them do not shift.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Protocol
+from typing import IO, Callable, Iterable, Iterator, Protocol
 
 from slmforge.runs import atomic_path
 
@@ -34,6 +41,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 TEXT_SPLITS = ("file", "blank_line", "line")
+ON_ERRORS = ("raise", "skip")
+MAX_ERROR_MESSAGES = 10
 
 
 @dataclass(slots=True)
@@ -49,6 +58,15 @@ class ReadStats:
     num_docs: int = 0  # documents yielded
     num_empty_skipped: int = 0  # documents with empty or whitespace-only text, not yielded
     num_bytes: int = 0  # UTF-8 bytes of the yielded documents' text
+    num_malformed_skipped: int = 0  # on_error="skip": records that could not be parsed
+    num_invalid_utf8_skipped: int = 0  # on_error="skip": lines not valid UTF-8, texts with a lone surrogate
+    errors: list[str] = field(default_factory=list)  # the first MAX_ERROR_MESSAGES skip messages
+
+    def skip(self, kind: str, message: str) -> None:
+        """Count one skipped record (kind "malformed" or "invalid_utf8") and keep its message if there is room."""
+        setattr(self, f"num_{kind}_skipped", getattr(self, f"num_{kind}_skipped") + 1)
+        if len(self.errors) < MAX_ERROR_MESSAGES:
+            self.errors.append(message)
 
 
 class Step(Protocol):
@@ -107,28 +125,36 @@ def expand_paths(patterns: str | Path | list[str | Path]) -> list[Path]:
 # ---------------------------------------------------------------- reading
 
 
-def _lines(path: Path, f: IO[bytes]) -> Iterator[tuple[int, str]]:
+Skip = Callable[[str, str], None]  # skip(kind, message), called for a skipped record in on_error="skip" mode
+
+
+def _lines(path: Path, f: IO[bytes], skip: Skip | None = None) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line) from a binary stream, naming the byte of any bad UTF-8."""
     offset = 0
     for line_no, raw in enumerate(f, 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
-                             f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text") from None
+            message = (f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
+                       f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text")
+            if skip is None:
+                raise ValueError(message) from None
+            skip("invalid_utf8", message)
+            offset += len(raw)
+            continue
         offset += len(raw)
         # A byte-order mark is legal UTF-8 but is not part of the text.
         yield line_no, (line.lstrip("\ufeff") if line_no == 1 else line)
 
 
-def _read_text(path: Path, text_split: str) -> Iterator[tuple[str | None, str, dict]]:
+def _read_text(path: Path, text_split: str, skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict]]:
     with path.open("rb") as f:
         if text_split == "line":
-            for _, line in _lines(path, f):
+            for _, line in _lines(path, f, skip):
                 yield None, line.rstrip("\r\n"), {}
         elif text_split == "blank_line":
             para: list[str] = []
-            for _, line in _lines(path, f):
+            for _, line in _lines(path, f, skip):
                 if line.strip():
                     para.append(line.rstrip("\r\n"))
                 elif para:
@@ -137,27 +163,38 @@ def _read_text(path: Path, text_split: str) -> Iterator[tuple[str | None, str, d
             if para:
                 yield None, "\n".join(para), {}
         else:
-            text = "".join(line for _, line in _lines(path, f))
+            text = "".join(line for _, line in _lines(path, f, skip))
             # An empty file holds no document; a whitespace-only one holds an empty document.
             if text:
                 yield None, text, {}
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str | None, str, dict]]:
+def _read_jsonl(path: Path, text_field: str, skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict] | None]:
+    """Yield (id, text, meta) per record; with ``skip``, None in place of a record that could not be parsed."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
-        for line_no, line in _lines(path, f):
+        for line_no, line in _lines(path, f, skip):
             if not line.strip():
                 continue
-            where = f"{path} line {line_no}"
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
-                                 f"expected one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield _from_record(record, text_field, where)
+                item = _parse_json_line(line, text_field, f"{path} line {line_no}")
+            except ValueError as exc:
+                if skip is None:
+                    raise
+                skip("malformed", str(exc))
+                item = None
+            yield item
+
+
+def _parse_json_line(line: str, text_field: str, where: str) -> tuple[str | None, str, dict]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); "
+                         f"expected one JSON object per line") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return _from_record(record, text_field, where)
 
 
 def _from_record(record: dict, text_field: str, where: str) -> tuple[str | None, str, dict]:
@@ -175,16 +212,21 @@ def _from_record(record: dict, text_field: str, where: str) -> tuple[str | None,
     return (None if doc_id is None else str(doc_id)), text, meta
 
 
-def _read_parquet(path: Path, text_field: str, batch_size: int = 1024) -> Iterator[tuple[str | None, str, dict]]:
+def _read_parquet(path: Path, text_field: str, skip: Skip | None = None,
+                  batch_size: int = 1024) -> Iterator[tuple[str | None, str, dict] | None]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(path)
+        columns = pf.schema_arrow.names
+        if text_field not in columns:
+            raise ValueError(f"{path}: no column {text_field!r}; columns: {', '.join(map(repr, columns))}")
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from None
-    columns = pf.schema_arrow.names
-    if text_field not in columns:
-        raise ValueError(f"{path}: no column {text_field!r}; columns: {', '.join(map(repr, columns))}")
+        message = str(exc) if isinstance(exc, ValueError) else f"{path}: not a readable Parquet file ({exc})"
+        if skip is None:
+            raise ValueError(message) from None
+        skip("malformed", message)
+        return
     row = 0
     for batch in pf.iter_batches(batch_size=batch_size):
         for record in batch.to_pylist():
@@ -195,7 +237,14 @@ def _read_parquet(path: Path, text_field: str, batch_size: int = 1024) -> Iterat
                     record["meta"] = json.loads(record["meta"])
                 except json.JSONDecodeError:
                     pass
-            yield _from_record(record, text_field, f"{path} row {row}")
+            try:
+                item = _from_record(record, text_field, f"{path} row {row}")
+            except ValueError as exc:
+                if skip is None:
+                    raise
+                skip("malformed", str(exc))
+                item = None
+            yield item
 
 
 def read_documents(
@@ -203,40 +252,58 @@ def read_documents(
     text_field: str = "text",
     text_split: str = "file",
     stats: ReadStats | None = None,
+    on_error: str = "raise",
 ) -> Iterator[Document]:
     """Stream documents from files, directories or globs (see the module docstring for formats).
 
     Ids come from the record's "id" when present, else ``f"{file_stem}:{index}"`` with the 0-based index of
     the record in its file (skipped empty records keep their index, so ids do not shift). Pass a
     ``ReadStats`` to have it filled in as the iterator advances. Patterns and ``text_split`` are checked
-    here, before the first document is read; errors inside files surface as the iterator reaches them.
+    here, before the first document is read; errors inside files surface as the iterator reaches them, or
+    with ``on_error="skip"`` are skipped and counted in ``stats`` (see the module docstring).
     """
     if text_split not in TEXT_SPLITS:
         raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, got {text_split!r}")
+    if on_error not in ON_ERRORS:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERRORS)}, got {on_error!r}")
     paths = expand_paths(patterns)
     for path in paths:
         if _suffix(path) is None:
             raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
-    return _iter_documents(paths, text_field, text_split, stats if stats is not None else ReadStats())
+    return _iter_documents(paths, text_field, text_split, stats if stats is not None else ReadStats(), on_error)
 
 
-def _iter_documents(paths: list[Path], text_field: str, text_split: str, stats: ReadStats) -> Iterator[Document]:
+def _iter_documents(paths: list[Path], text_field: str, text_split: str, stats: ReadStats,
+                    on_error: str = "raise") -> Iterator[Document]:
+    skip = stats.skip if on_error == "skip" else None
     for path in paths:
         suffix = _suffix(path)
         if suffix in TEXT_SUFFIXES:
-            records = _read_text(path, text_split)
+            records = _read_text(path, text_split, skip)
         elif suffix in JSONL_SUFFIXES:
-            records = _read_jsonl(path, text_field)
+            records = _read_jsonl(path, text_field, skip)
         else:
-            records = _read_parquet(path, text_field)
+            records = _read_parquet(path, text_field, skip)
         stats.num_files += 1
         stem = _stem(path)
-        for index, (doc_id, text, meta) in enumerate(records):
+        for index, record in enumerate(records):
+            if record is None:
+                continue
+            doc_id, text, meta = record
             if not text.strip():
                 stats.num_empty_skipped += 1
                 continue
+            try:
+                num_bytes = len(text.encode("utf-8"))
+            except UnicodeEncodeError as exc:  # a lone surrogate, which a JSON "\ud800" escape can make
+                message = (f"{path} record {index}: text has a lone surrogate at character {exc.start}; "
+                           f"expected text that is valid UTF-8")
+                if skip is None:
+                    raise ValueError(message) from None
+                skip("invalid_utf8", message)
+                continue
             stats.num_docs += 1
-            stats.num_bytes += len(text.encode("utf-8"))
+            stats.num_bytes += num_bytes
             yield Document(doc_id if doc_id is not None else f"{stem}:{index}", text, meta)
 
 

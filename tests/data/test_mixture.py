@@ -88,7 +88,7 @@ mixture:
     assert merge(Data(), yaml.safe_load(dump_yaml(Data(cfg))), where="data").mixture == cfg
     assert cfg.total_tokens == 1000
     assert [cfg.stage_at(t)[0] for t in (0, 799, 800, 999, 1000, 10**9)] == [0, 0, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match=r"mixture.sources\[0\]: unknown key 'shard' \(did you mean shards"):
+    with pytest.raises(ValueError, match=r"sources\[0\]: unknown key 'shard' \(did you mean shards"):
         merge(MixtureConfig(), {"sources": [{"name": "web", "shard": "x"}]})
     with pytest.raises(ValueError, match=r"weights\[0\]: expected a mapping"):
         merge(MixtureConfig(), {"stages": [{"name": "s", "weights": [0.5]}]})

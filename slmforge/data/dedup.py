@@ -1,0 +1,775 @@
+"""Exact and near-duplicate removal: hashes of normalised text, and MinHash signatures with LSH banding.
+
+MinHash (Broder 1997) estimates the Jaccard similarity of two documents' shingle sets by the fraction of equal
+signature entries. LSH banding (Leskovec, Rajaraman & Ullman, Mining of Massive Datasets, ch. 3) makes a pair a
+candidate when all r rows of one of b bands agree; candidates are checked by the exact Jaccard of their shingle
+sets (optional), joined by union-find, and one survivor per cluster is kept. Why it matters for language
+models: Lee et al. 2022, arXiv 2107.06499. The stage layout follows datatrove's minhash steps.
+
+Stages, each run per shard so that a job array can run them. A step is handed its shard as ``shard_of`` cuts
+it, so the k-th document of shard ``rank`` has the global index ``rank + k * world_size``:
+  A  ``SignatureStep``   per shard: exact hashes, band hashes, lengths and ids (and with ``verify`` the sorted
+                         shingle hashes) under ``out_dir/signatures/RANK-of-WORLD/``
+  B  ``build_clusters``  once: merges the band buckets of all shards, verifies candidate pairs, runs
+                         union-find, writes ``removed.jsonl`` (id, cluster, reason), ``removed.npy`` and
+                         ``report.json`` (counts, cluster-size histogram, example clusters)
+  C  ``RemoveStep``      per shard: passes the shard through without the removed documents; ``dedup`` writes
+                         them to ``out_dir/kept/RANK-of-WORLD.jsonl``
+
+Hashing, in uint64 arithmetic mod 2^64 (numpy wraps around):
+  text -> ``text.lower()`` as UTF-8. A word is a maximal run of bytes that are ASCII letters or digits or
+  non-ASCII (>= 0x80), so whitespace and ASCII punctuation separate words and are otherwise ignored.
+  span hash  H(v, s, e) = fmix64(sum_{k=s}^{e-1} v[k] * B^(k-s)), for all spans at once from one prefix sum:
+             (C[e] - C[s]) * B^-s with C[i] = sum_{k<i} v[k] * B^k (B is odd, so B^-1 exists mod 2^64)
+  word = H(its bytes); exact hash = H(the document's words); a word shingle = H(n consecutive words), a char
+  shingle = H(n bytes of the words joined by single spaces, plus a trailing space). A document shorter than
+  n gives one shingle of all of it; one without words has no shingles and takes part in neither dedup.
+  permutation i: h_i(x) = (a_i * x + b_i) mod 2^32 with a_i odd, on x = the high 32 bits of a shingle. Each
+  h_i is a bijection and the x are independent random hashes, so P[min h_i(A) = min h_i(B)] = J(A, B).
+  band k: fmix64(sum_j sig[k*r + j] * B^j).
+
+LSH maths: a pair with similarity s becomes a candidate with probability P(s) = 1 - (1 - s^r)^b. (b, r) minimises
+  w_fp * int_0^t P(s) ds + w_fn * int_t^1 (1 - P(s)) ds over b * r <= num_perm, as datasketch does. With
+  ``verify`` a false candidate costs one exact check, so the default weights are 1:19, giving (16, 8) at
+  t = 0.8: P(0.5) = 0.06, P(0.8) = 0.95, P(0.85) = 0.99. Equal weights give datasketch's (9, 13): P(0.85) = 0.69.
+
+Memory per document (b = 16 bands), measured with tracemalloc on 1M documents: stage A 36 bytes (index, exact
+hash, counts, length; bands and shingle sets stream to disk) plus a fixed ~60 MB per batch in flight; stage B
+210 bytes at its peak (149 in the merged arrays: 8b bands, 8 exact, 4 length, 2 x 4 counts, 1 flag; the rest
+while one band is sorted) plus about 40 per candidate pair and the ids of clusters' kept documents; stage C 1
+byte. So 10M documents need about 2.1 GB in stage B. Disk per document: 164 bytes of arrays, the id with an
+80-character head, and with ``verify`` 4 bytes per distinct shingle (about 0.7x the text).
+
+The file is longer than 500 lines because the three stages share the hashing, and the loop references sit next
+to the vectorised code they check.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter, deque
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from slmforge.data.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
+from slmforge.registry import lookup
+from slmforge.runs import atomic_path, save_config, write_json
+
+SHINGLES = ("word", "char")
+KEEPS = ("first", "longest")
+STAGES = ("all", "signatures", "clusters", "write")
+
+
+@dataclass
+class DedupConfig:
+    inputs: list[str] = field(default_factory=list)  # files, directories or globs (bad records are skipped)
+    out_dir: str = "dedup"
+    text_field: str = "text"  # JSONL/Parquet field holding the text
+    text_split: str = "file"  # .txt/.md inputs: "file", "blank_line" or "line"
+    exact: bool = True  # remove documents whose normalised text (lowercased words) is identical
+    near: bool = True  # remove near-duplicates found by MinHash LSH
+    shingle: str = "word"  # "word" or "char" n-grams
+    ngram: int = 5
+    num_perm: int = 128
+    threshold: float = 0.8  # Jaccard similarity at which two documents count as duplicates
+    num_bands: int = 0  # 0 with rows_per_band 0: chosen from threshold and the two weights below
+    rows_per_band: int = 0
+    false_positive_weight: float = 0.05
+    false_negative_weight: float = 0.95
+    verify: bool = True  # join a candidate pair only if its exact shingle Jaccard reaches threshold
+    keep: str = "first"  # survivor of a cluster: "first" (input order) or "longest" (ties: first)
+    max_doc_bytes: int = 10_000_000  # longer documents are skipped and counted
+    num_workers: int = 0  # signature processes; 0 = one per CPU, 1 = this process
+    seed: int = 1
+    num_examples: int = 5  # example clusters in the report
+
+
+# ---------------------------------------------------------------- LSH parameters
+
+
+def candidate_probability(s, num_bands: int, rows_per_band: int):
+    """P(a pair with Jaccard ``s`` shares at least one band) = 1 - (1 - s^r)^b."""
+    return 1.0 - (1.0 - np.asarray(s, dtype=float) ** rows_per_band) ** num_bands
+
+
+def _integral(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return ((y[..., 1:] + y[..., :-1]) * np.diff(x) / 2).sum(axis=-1)
+
+
+def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0.5,
+               false_negative_weight: float = 0.5) -> tuple[int, int]:
+    """(num_bands, rows_per_band) minimising the weighted false-positive and false-negative areas of the S-curve.
+
+    The trapezoid rule on 1001 points picks the same pair as datasketch's ``quad`` integration.
+    """
+    below, above = np.linspace(0.0, threshold, 1001), np.linspace(threshold, 1.0, 1001)
+    best_error, best = np.inf, (1, 1)
+    for b in range(1, num_perm + 1):
+        rows = np.arange(1, num_perm // b + 1)[:, None]
+        error = (false_positive_weight * _integral(candidate_probability(below, b, rows), below)
+                 + false_negative_weight * _integral(1.0 - candidate_probability(above, b, rows), above))
+        i = int(np.argmin(error))
+        if error[i] < best_error:
+            best_error, best = error[i], (b, i + 1)
+    return best
+
+
+def bands_of(cfg: DedupConfig) -> tuple[int, int]:
+    if cfg.num_bands and cfg.rows_per_band:
+        return cfg.num_bands, cfg.rows_per_band
+    return lsh_params(cfg.threshold, cfg.num_perm, cfg.false_positive_weight, cfg.false_negative_weight)
+
+
+def check_config(cfg: DedupConfig) -> None:
+    lookup({s: s for s in SHINGLES}, cfg.shingle, "shingle")
+    lookup({k: k for k in KEEPS}, cfg.keep, "keep")
+    if cfg.ngram < 1 or cfg.num_perm < 1 or not 0.0 < cfg.threshold <= 1.0:
+        raise ValueError(f"dedup: need ngram >= 1, num_perm >= 1 and 0 < threshold <= 1; got ngram={cfg.ngram}, "
+                         f"num_perm={cfg.num_perm}, threshold={cfg.threshold}")
+    if bool(cfg.num_bands) != bool(cfg.rows_per_band) or cfg.num_bands * cfg.rows_per_band > cfg.num_perm:
+        raise ValueError(f"dedup: num_bands and rows_per_band are set together (or both 0) with "
+                         f"num_bands * rows_per_band <= num_perm={cfg.num_perm}; got {cfg.num_bands} x "
+                         f"{cfg.rows_per_band}")
+    if not cfg.exact and not cfg.near:
+        raise ValueError("dedup: exact and near are both false; nothing to do")
+
+
+# ---------------------------------------------------------------- hashing (vectorised)
+
+_M64 = (1 << 64) - 1
+_BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _lo, _hi in ((ord("0"), ord("9")), (ord("A"), ord("Z")), (ord("a"), ord("z")), (0x80, 0xFF)):
+    _WORD_BYTE[_lo:_hi + 1] = True
+WORD_RE = re.compile(rb"[0-9A-Za-z\x80-\xff]+")  # the same words, for the references
+_powers_cache = (np.ones(1, np.uint64), np.ones(1, np.uint64))
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B^k, B^-k) for k < n, cached per process and grown by doubling."""
+    global _powers_cache
+    if len(_powers_cache[0]) < n:
+        size = max(n, 2 * len(_powers_cache[0]))
+        tables = []
+        for base in (_BASE, pow(_BASE, -1, 1 << 64)):
+            factors = np.full(size, base, np.uint64)
+            factors[0] = 1
+            tables.append(np.cumprod(factors))
+        _powers_cache = tuple(tables)
+    return _powers_cache[0][:n], _powers_cache[1][:n]
+
+
+def _fmix64(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finaliser, in place: every input bit flips each output bit with probability ~1/2."""
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+def _prefix(values: np.ndarray) -> np.ndarray:
+    """C[i] = sum_{k<i} values[k] * B^k, length len(values) + 1."""
+    out = np.zeros(len(values) + 1, np.uint64)
+    np.multiply(values, _powers(len(values))[0], out=out[1:])
+    np.cumsum(out[1:], out=out[1:])
+    return out
+
+
+def _span_hashes(prefix: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    return _fmix64((prefix[ends] - prefix[starts]) * _powers(len(prefix))[1][starts])
+
+
+def _windows(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spans of n units inside each document (one span of all of it when shorter); (starts, ends, per-doc offsets)."""
+    counts = np.diff(offsets)
+    num = np.where(counts >= n, counts - n + 1, np.minimum(counts, 1))
+    doc_offsets = np.zeros(len(num) + 1, np.int64)
+    np.cumsum(num, out=doc_offsets[1:])
+    starts = np.repeat(offsets[:-1] - doc_offsets[:-1], num) + np.arange(doc_offsets[-1])
+    return starts, np.minimum(starts + n, np.repeat(offsets[1:], num)), doc_offsets
+
+
+@dataclass
+class Shingles:
+    """The shingles of a batch of n documents: document d owns ``hashes[offsets[d]:offsets[d+1]]``."""
+    hashes: np.ndarray  # (num_shingles,) uint64
+    offsets: np.ndarray  # (n + 1,) int64
+    exact: np.ndarray  # (n,) uint64 hash of the document's words
+    num_words: np.ndarray  # (n,) int64
+    num_bytes: np.ndarray  # (n,) int64 UTF-8 bytes of the lowercased text
+
+
+def shingle_hashes(texts: list[str], ngram: int = 5, shingle: str = "word") -> Shingles:
+    """Hash every shingle of every text at once (no Python loop over words); see the module docstring."""
+    data = [t.lower().encode("utf-8") for t in texts]
+    buf = np.frombuffer(b" ".join(data) + b" ", np.uint8)  # a space after every document
+    doc_bytes = np.zeros(len(data) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, data), np.int64, len(data)) + 1, out=doc_bytes[1:])
+    is_word = np.zeros(len(buf) + 2, bool)  # padded with a non-word byte at each end
+    is_word[1:-1] = _WORD_BYTE[buf]
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])
+    word_starts, word_ends = edges[0::2], edges[1::2]
+    words = _span_hashes(_prefix(buf), word_starts, word_ends)
+    doc_words = np.searchsorted(word_starts, doc_bytes)
+    word_prefix = _prefix(words)
+    exact = _span_hashes(word_prefix, doc_words[:-1], doc_words[1:])
+    if shingle == "word":
+        starts, ends, offsets = _windows(doc_words, ngram)
+        hashes = _span_hashes(word_prefix, starts, ends)
+    else:
+        # Keep word bytes and the first byte after each word, as a space: words joined by single spaces.
+        keep = is_word[1:-1] | is_word[:-2]
+        joined = np.where(is_word[1:-1], buf, np.uint8(32))[keep]
+        doc_joined = np.r_[0, np.cumsum(keep)][doc_bytes]
+        starts, ends, offsets = _windows(doc_joined, ngram)
+        hashes = _span_hashes(_prefix(joined), starts, ends)
+    return Shingles(hashes, offsets, exact, np.diff(doc_words), np.diff(doc_bytes) - 1)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b), uint32 each, of the permutations h_i(x) = (a_i x + b_i) mod 2^32; every a_i is odd."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 1 << 32, num_perm, dtype=np.uint64) | np.uint64(1)
+    return a.astype(np.uint32), rng.integers(0, 1 << 32, num_perm, dtype=np.uint64).astype(np.uint32)
+
+
+def minhash(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Signatures (n, num_perm) uint32 of n documents whose 32-bit shingles are ``x[offsets[d]:offsets[d+1]]``.
+
+    Works on (num_perm, chunk) blocks of a_i * x + b_i: one multiply, one add and a ``minimum.reduceat`` over
+    the documents inside the block, so the cost is three numpy passes per shingle and permutation. A document
+    without shingles gets all 0xFFFFFFFF.
+    """
+    num_docs, num_perm = len(offsets) - 1, len(a)
+    has = np.flatnonzero(np.diff(offsets) > 0)
+    starts = offsets[has]
+    sig = np.full((num_perm, len(has)), 0xFFFFFFFF, np.uint32)
+    block = np.empty((num_perm, chunk), np.uint32)
+    for c0 in range(0, len(x), chunk):
+        c1 = min(c0 + chunk, len(x))
+        part = block[:, : c1 - c0]
+        np.multiply(a[:, None], x[None, c0:c1], out=part)
+        part += b[:, None]
+        first, last = np.searchsorted(starts, [c0, c1 - 1], side="right") - 1
+        mins = np.minimum.reduceat(part, np.maximum(starts[first:last + 1], c0) - c0, axis=1)
+        np.minimum(sig[:, first:last + 1], mins, out=sig[:, first:last + 1])
+    out = np.full((num_docs, num_perm), 0xFFFFFFFF, np.uint32)
+    out[has] = sig.T
+    return out
+
+
+def band_hashes(signatures: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
+    """(n, num_bands) uint64: band k hashes signature rows k*r .. k*r + r - 1."""
+    rows = signatures[:, : num_bands * rows_per_band].reshape(len(signatures), num_bands, rows_per_band)
+    return _fmix64((rows.astype(np.uint64) * _powers(rows_per_band)[0]).sum(axis=2, dtype=np.uint64))
+
+
+class MinHasher:
+    """Vectorised MinHash of a batch of texts; ``minhash_ref`` is the one-document loop it must equal."""
+
+    def __init__(self, num_perm: int = 128, ngram: int = 5, shingle: str = "word", seed: int = 1):
+        self.ngram, self.shingle = ngram, shingle
+        self.a, self.b = permutations(num_perm, seed)
+
+    def sign(self, texts: list[str], sets: bool = False) -> tuple[np.ndarray, Shingles, tuple | None]:
+        """(signatures (n, num_perm) uint32, the shingles, and with ``sets`` the ``shingle_sets`` of them).
+
+        With ``sets`` the signatures are taken over the distinct shingles, which gives the same minima for less work.
+        """
+        sh = shingle_hashes(texts, self.ngram, self.shingle)
+        if sets:
+            values, offsets = shingle_sets(sh)
+            return minhash(values, offsets, self.a, self.b), sh, (values, offsets)
+        return minhash((sh.hashes >> np.uint64(32)).astype(np.uint32), sh.offsets, self.a, self.b), sh, None
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    # np.unique in numpy >= 2.3 hashes instead of sorting, and that is 10x slower on 64-bit keys.
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def shingle_sets(sh: Shingles) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct 32-bit shingles per document: (values uint32, per-document offsets int64)."""
+    doc = np.repeat(np.arange(len(sh.offsets) - 1, dtype=np.uint64), np.diff(sh.offsets))
+    keys = _sorted_unique((doc << np.uint64(32)) | (sh.hashes >> np.uint64(32)))
+    offsets = np.searchsorted(keys >> np.uint64(32), np.arange(len(sh.offsets), dtype=np.uint64))
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32), offsets.astype(np.int64)
+
+
+def jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard of two sorted arrays of distinct values."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not len(a):
+        return 1.0 if not len(b) else 0.0
+    pos = np.minimum(np.searchsorted(b, a), len(b) - 1)
+    inter = int(np.count_nonzero(b[pos] == a))
+    return inter / (len(a) + len(b) - inter)
+
+
+# ---------------------------------------------------------------- references (plain loops)
+
+
+def _fmix64_ref(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _M64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _M64
+    return h ^ (h >> 33)
+
+
+def _span_hash_ref(values) -> int:
+    h, power = 0, 1
+    for v in values:
+        h = (h + int(v) * power) & _M64
+        power = (power * _BASE) & _M64
+    return _fmix64_ref(h)
+
+
+def shingles_ref(text: str, ngram: int = 5, shingle: str = "word") -> list[int]:
+    """64-bit shingle hashes of one text, in order, with simple loops."""
+    words = WORD_RE.findall(text.lower().encode("utf-8"))
+    units = [_span_hash_ref(w) for w in words] if shingle == "word" else (b" ".join(words) + b" " if words else b"")
+    if not units:
+        return []
+    return [_span_hash_ref(units[i:i + ngram]) for i in range(max(1, len(units) - ngram + 1))]
+
+
+def minhash_ref(text: str, num_perm: int = 128, ngram: int = 5, shingle: str = "word", seed: int = 1) -> list[int]:
+    """The MinHash signature of one text, one permutation and one shingle at a time."""
+    xs = [h >> 32 for h in shingles_ref(text, ngram, shingle)]
+    a, b = permutations(num_perm, seed)
+    return [min(((int(ai) * x + int(bi)) & 0xFFFFFFFF for x in xs), default=0xFFFFFFFF) for ai, bi in zip(a, b)]
+
+
+# ---------------------------------------------------------------- stage A: signatures
+
+
+def skip_reason(text: str, max_doc_bytes: int) -> str | None:
+    """Why a curation stage skips this text ("empty", "too_large", "invalid_utf8"), or None to process it."""
+    if not text or text.isspace():
+        return "empty"
+    if len(text) > max_doc_bytes:
+        return "too_large"
+    if not text.isascii():
+        try:
+            if len(text.encode("utf-8")) > max_doc_bytes:
+                return "too_large"
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from a JSON "\ud800" escape
+            return "invalid_utf8"
+    return None
+
+
+_worker: tuple | None = None  # (MinHasher, num_bands, rows_per_band, verify) in a worker process
+
+
+def _init_worker(cfg: DedupConfig) -> None:
+    global _worker
+    _worker = (MinHasher(cfg.num_perm, cfg.ngram, cfg.shingle, cfg.seed), *bands_of(cfg), cfg.verify)
+
+
+def _sign_batch(batch: tuple[list[str], list[str]]) -> dict:
+    """Hash one batch of (ids, texts) in a worker; the ids.jsonl lines are formatted here too, off the reader."""
+    (ids, texts), (hasher, num_bands, rows_per_band, verify) = batch, _worker
+    sig, sh, sets = hasher.sign(texts, sets=verify)
+    out = dict(ids="".join(json.dumps([i, t[:80]], ensure_ascii=False) + "\n" for i, t in zip(ids, texts)),
+               exact=sh.exact, num_words=sh.num_words.astype(np.int32), length=sh.num_bytes.astype(np.uint32),
+               num_shingles=np.diff(sh.offsets).astype(np.int32), bands=band_hashes(sig, num_bands, rows_per_band))
+    if verify:
+        out["set_values"], out["set_sizes"] = sets[0], np.diff(sets[1])
+    return out
+
+
+def _parallel_map(fn: Callable, batches: Iterable, num_workers: int, init: Callable, init_args: tuple) -> Iterator:
+    """Yield ``fn(batch)`` in input order from ``num_workers`` forked processes (<= 1: this process)."""
+    if num_workers <= 1:
+        init(*init_args)
+        yield from map(fn, batches)
+        return
+    # fork, not spawn: a spawned worker re-imports the caller's modules (torch among them), seconds each.
+    with multiprocessing.get_context("fork").Pool(num_workers, init, init_args) as pool:
+        pending: deque = deque()  # a bounded window in flight keeps memory flat and the order
+        for batch in batches:
+            pending.append(pool.apply_async(fn, (batch,)))
+            if len(pending) > 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def shard_dir(out_dir: str | Path, stage: str, rank: int, world_size: int) -> Path:
+    return Path(out_dir) / stage / f"{rank:05d}-of-{world_size:05d}"
+
+
+def _signature_key(cfg: DedupConfig) -> dict:
+    """The settings stage A depends on; a finished shard made with the same ones is reused."""
+    keys = ("inputs", "text_field", "text_split", "shingle", "ngram", "num_perm", "seed", "verify", "max_doc_bytes")
+    return dict({k: getattr(cfg, k) for k in keys}, bands=list(bands_of(cfg)))
+
+
+class SignatureStep:
+    """Stage A: hash this shard's documents into ``out_dir/signatures/RANK-of-WORLD/``; yields nothing.
+
+    Files: index.npy (int64 global index), exact.npy (uint64), num_words.npy and num_shingles.npy (int32),
+    length.npy (uint32 UTF-8 bytes, lowercased), bands.bin ((n, b) uint64, raw), ids.jsonl ([id, first 80
+    characters] per line); with verify, sets.bin (uint32 sorted distinct shingles, raw) and set_offsets.npy;
+    done.json, written last. The .bin files are written as batches finish, so memory holds 36 bytes per document.
+    """
+
+    def __init__(self, cfg: DedupConfig, batch_chars: int = 1 << 20, progress: bool | None = None):
+        self.cfg, self.batch_chars = cfg, batch_chars
+        self.progress = sys.stderr.isatty() if progress is None else progress
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        cfg, out, start = self.cfg, shard_dir(self.cfg.out_dir, "signatures", rank, world_size), time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").unlink(missing_ok=True)
+        self.num_seen, self.skipped, self.pending = 0, Counter(), deque()
+        arrays: dict[str, list[np.ndarray]] = {}
+        bar = tqdm(unit="B", unit_scale=True, desc=f"dedup signatures {rank}", disable=not self.progress)
+        with ExitStack() as stack:
+            ids_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "ids.jsonl")), "w",
+                                                encoding="utf-8"))
+            bands_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "bands.bin")), "wb"))
+            sets_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "sets.bin")), "wb")) \
+                if cfg.verify else None
+            batches = self._batches(docs, rank, world_size)
+            for result in _parallel_map(_sign_batch, batches, cfg.num_workers or os.cpu_count() or 1,
+                                        _init_worker, (cfg,)):
+                result["index"] = self.pending.popleft()
+                ids_file.write(result.pop("ids"))
+                bands_file.write(result.pop("bands").tobytes())
+                if sets_file:
+                    sets_file.write(result.pop("set_values").tobytes())
+                for key, value in result.items():
+                    arrays.setdefault(key, []).append(value)
+                bar.update(int(result["length"].sum()))
+        bar.close()
+        for key, dtype in (("index", np.int64), ("exact", np.uint64), ("num_words", np.int32),
+                           ("num_shingles", np.int32), ("length", np.uint32), ("set_sizes", np.int64)):
+            if key == "set_sizes" and not cfg.verify:
+                continue
+            value = np.concatenate(arrays[key]) if key in arrays else np.zeros(0, dtype)
+            if key == "set_sizes":
+                key, value = "set_offsets", np.r_[0, np.cumsum(value)].astype(np.int64)
+            with atomic_path(out / f"{key}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, value)
+        write_json(out / "done.json", dict(
+            key=_signature_key(cfg), num_seen=self.num_seen, num_docs=sum(map(len, arrays.get("index", []))),
+            num_bytes=int(sum(int(a.sum()) for a in arrays.get("length", []))), skipped=dict(self.skipped),
+            seconds=time.perf_counter() - start))
+        return iter(())
+
+    def _batches(self, docs: Iterable[Document], rank: int, world_size: int) -> Iterator[tuple[list, list]]:
+        """(ids, texts) in batches of about ``batch_chars`` characters; bad documents are skipped and counted."""
+        ids, texts, index, num_chars = [], [], [], 0
+        for k, doc in enumerate(docs):
+            self.num_seen = k + 1
+            reason = skip_reason(doc.text, self.cfg.max_doc_bytes)
+            if reason:
+                self.skipped[reason] += 1
+                continue
+            ids.append(doc.id)
+            texts.append(doc.text)
+            index.append(rank + k * world_size)
+            num_chars += len(doc.text)
+            if num_chars >= self.batch_chars:
+                self.pending.append(np.array(index, np.int64))
+                yield ids, texts
+                ids, texts, index, num_chars = [], [], [], 0
+        if texts:
+            self.pending.append(np.array(index, np.int64))
+            yield ids, texts
+
+
+# ---------------------------------------------------------------- stage B: clusters
+
+
+def _load_shards(cfg: DedupConfig, world_size: int) -> list[dict]:
+    shards = []
+    for rank in range(world_size):
+        directory = shard_dir(cfg.out_dir, "signatures", rank, world_size)
+        if not (directory / "done.json").exists():
+            raise ValueError(f"{directory}: no finished signatures; run `slmforge dedup --stage signatures "
+                             f"--shard-index {rank} --num-shards {world_size}` first")
+        info = json.loads((directory / "done.json").read_text())
+        if info["key"] != _signature_key(cfg):
+            raise ValueError(f"{directory}: signatures were made with other settings ({info['key']}); "
+                             f"expected {_signature_key(cfg)}; rerun stage signatures")
+        arrays = {k: np.load(directory / f"{k}.npy", mmap_mode="r")
+                  for k in ("index", "exact", "num_words", "num_shingles", "length")}
+        arrays["bands"] = _raw(directory / "bands.bin", np.uint64).reshape(-1, bands_of(cfg)[0])
+        read = directory / "read.json"
+        shards.append(dict(info, dir=directory, read=json.loads(read.read_text()) if read.exists() else None,
+                           **arrays))
+    return shards
+
+
+def _bucket_edges(keys: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """(E, 2) star edges (first, other) within each group of equal keys; ``index`` ascending, so first is lowest."""
+    if not len(keys):
+        return np.zeros((0, 2), np.int64)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    new = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+    first = np.maximum.accumulate(np.where(new, np.arange(len(keys)), 0))
+    return np.stack([index[order[first[~new]]], index[order[~new]]], axis=1)
+
+
+def _components(n: int, edges: np.ndarray) -> np.ndarray:
+    """Union-find over ``n`` nodes, vectorised (hook roots onto smaller roots, then pointer jumping).
+
+    Returns each node's root, which is the smallest index of its component: hooks only ever point down.
+    """
+    parent = np.arange(n)
+    u, v = edges[:, 0], edges[:, 1]
+    while len(u):
+        pu, pv = parent[u], parent[v]
+        np.minimum.at(parent, np.maximum(pu, pv), np.minimum(pu, pv))
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+        joined = parent[u] != parent[v]
+        u, v = u[joined], v[joined]
+    return parent
+
+
+def _raw(path: Path, dtype) -> np.ndarray:
+    """A raw .bin array, memory-mapped (np.memmap refuses an empty file)."""
+    return np.memmap(path, dtype, "r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+class _ShingleSets:
+    """Every shard's sorted shingle sets, read through memory maps, by global index."""
+
+    def __init__(self, shards: list[dict]):
+        self.parts = [(s["index"], _raw(s["dir"] / "sets.bin", np.uint32), np.load(s["dir"] / "set_offsets.npy"))
+                      for s in shards]
+
+    def get(self, i: int) -> np.ndarray:
+        index, values, offsets = self.parts[i % len(self.parts)]
+        row = int(np.searchsorted(index, i))
+        return values[offsets[row]:offsets[row + 1]]
+
+    def jaccard(self, pairs: np.ndarray) -> np.ndarray:
+        return np.array([jaccard_sorted(self.get(u), self.get(v)) for u, v in pairs.tolist()], dtype=float)
+
+
+def _read_ids(directory: Path, rows: np.ndarray) -> Iterator[list]:
+    """[id, head] of the given ascending rows of ``ids.jsonl``."""
+    rows = rows.tolist()
+    if not rows:
+        return
+    k = 0
+    with open(directory / "ids.jsonl", encoding="utf-8") as f:
+        for row, line in enumerate(f):
+            if row == rows[k]:
+                yield json.loads(line)
+                k += 1
+                if k == len(rows):
+                    return
+
+
+def _candidate_edges(cfg: DedupConfig, merged: dict, sets: _ShingleSets | None) -> tuple[np.ndarray, int]:
+    """(edges to join, number of LSH candidate pairs): exact groups, then LSH buckets verified by Jaccard."""
+    n, edges = len(merged["exact"]), [np.zeros((0, 2), np.int64)]
+    has_words = merged["num_words"] > 0
+    if cfg.exact:
+        edges.append(_bucket_edges(merged["exact"][has_words], np.flatnonzero(has_words)))
+    if not cfg.near:
+        return np.concatenate(edges), 0
+    # Identical documents share every band, so only the first of each exact group is bucketed.
+    members = merged["num_shingles"] > 0
+    members[edges[-1][:, 1]] = False
+    index = np.flatnonzero(members)
+    pairs = np.concatenate([_bucket_edges(merged["bands"][index, k], index) for k in range(merged["bands"].shape[1])])
+    codes = _sorted_unique(pairs[:, 0] * n + pairs[:, 1])
+    pairs = np.stack([codes // n, codes % n], axis=1)
+    if sets is not None:
+        edges.append(pairs[sets.jaccard(pairs) >= cfg.threshold])
+    else:
+        edges.append(pairs)
+    return np.concatenate(edges), len(pairs)
+
+
+def _survivors(root: np.ndarray, length: np.ndarray, keep: str) -> np.ndarray:
+    """The kept document of each node's cluster: the root (lowest index) or the longest (ties: lowest)."""
+    if keep == "first":
+        return root
+    size = np.bincount(root, minlength=len(root))
+    m = np.flatnonzero(size[root] > 1)
+    order = m[np.lexsort((m, -length[m].astype(np.int64), root[m]))]
+    best = order[np.r_[True, root[order][1:] != root[order][:-1]]]
+    survivor_of_root = np.arange(len(root))
+    survivor_of_root[root[best]] = best
+    return survivor_of_root[root]
+
+
+def _merge(cfg: DedupConfig, shards: list[dict], n: int) -> dict[str, np.ndarray]:
+    """All shards' per-document arrays, placed at their global indices."""
+    merged = dict(processed=np.zeros(n, bool), exact=np.zeros(n, np.uint64), length=np.zeros(n, np.uint32),
+                  num_words=np.zeros(n, np.int32), num_shingles=np.zeros(n, np.int32),
+                  bands=np.zeros((n if cfg.near else 0, bands_of(cfg)[0]), np.uint64))
+    for s in shards:
+        for start in range(0, len(s["index"]), 1 << 20):  # in slices, so no shard is copied whole
+            i = np.asarray(s["index"][start:start + (1 << 20)])
+            merged["processed"][i] = True
+            for key in ("exact", "length", "num_words", "num_shingles") + (("bands",) if cfg.near else ()):
+                merged[key][i] = s[key][start:start + len(i)]
+    return merged
+
+
+def build_clusters(cfg: DedupConfig, world_size: int = 1) -> dict:
+    """Stage B: merge all shards' hashes, cluster, and write removed.jsonl, removed.npy and report.json."""
+    start, out = time.perf_counter(), Path(cfg.out_dir)
+    shards = _load_shards(cfg, world_size)
+    n = sum(s["num_seen"] for s in shards)  # shard_of partitions the global indices 0 .. n-1
+    merged = _merge(cfg, shards, n)
+    sets = _ShingleSets(shards) if cfg.verify and cfg.near else None
+    edges, num_candidates = _candidate_edges(cfg, merged, sets)
+    del merged["bands"]
+    root = _components(n, edges)
+    survivor = _survivors(root, merged["length"], cfg.keep)
+    removed = np.flatnonzero(survivor != np.arange(n))
+    kept_of = survivor[removed]
+    is_exact = merged["exact"][removed] == merged["exact"][kept_of]
+    similarity = np.where(is_exact, 1.0, np.nan)
+    if sets is not None:
+        similarity[~is_exact] = sets.jaccard(np.stack([removed[~is_exact], kept_of[~is_exact]], axis=1))
+    size = np.bincount(root, minlength=n)
+    roots = np.flatnonzero(size > 1)
+    top = roots[np.lexsort((roots, -size[roots]))][: cfg.num_examples]  # the largest clusters
+    example_members = np.flatnonzero(np.isin(root, top))
+    names = _names(shards, np.r_[kept_of, example_members], world_size)
+
+    def record(k: int, doc_id: str) -> dict:
+        sim = None if np.isnan(similarity[k]) else round(float(similarity[k]), 4)
+        return {"id": doc_id, "cluster": names[int(kept_of[k])][0], "reason": "exact" if is_exact[k] else "near",
+                "jaccard": sim}
+
+    with atomic_path(out / "removed.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for rank, s in enumerate(shards):
+            sel = np.flatnonzero(removed % world_size == rank)
+            for k, (doc_id, _) in zip(sel.tolist(), _read_ids(s["dir"], np.searchsorted(s["index"], removed[sel]))):
+                f.write(json.dumps(record(k, doc_id), ensure_ascii=False) + "\n")
+    with atomic_path(out / "removed.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, removed)
+    examples = []
+    for r in top.tolist():
+        members = [i for i in example_members[root[example_members] == r].tolist() if i != survivor[r]][:10]
+        examples.append(dict(size=int(size[r]), kept=dict(zip(("id", "head"), names[int(survivor[r])])), removed=[
+            dict(record(k, names[i][0]), head=names[i][1])
+            for i, k in zip(members, np.searchsorted(removed, members).tolist())]))
+    num_processed = int(merged["processed"].sum())
+    report = dict(
+        num_docs=n, num_processed=num_processed, num_kept=num_processed - len(removed), num_removed=len(removed),
+        num_exact_removed=int(is_exact.sum()), num_near_removed=int((~is_exact).sum()),
+        num_without_words=int((merged["processed"] & (merged["num_words"] == 0)).sum()),
+        skipped=dict(sum((Counter(s["skipped"]) for s in shards), Counter())), read=shards[0]["read"],
+        num_candidate_pairs=num_candidates, verified=sets is not None, lsh=_lsh_summary(cfg),
+        cluster_sizes={str(k): v for k, v in sorted(Counter(size[roots].tolist()).items())}, examples=examples,
+        num_bytes=sum(s["num_bytes"] for s in shards), signature_seconds=round(sum(s["seconds"] for s in shards), 3),
+        cluster_seconds=round(time.perf_counter() - start, 3), num_shards=world_size, config=asdict(cfg))
+    write_json(out / "report.json", report)
+    return report
+
+
+def _lsh_summary(cfg: DedupConfig) -> dict:
+    num_bands, rows_per_band = bands_of(cfg)
+    return dict(num_bands=num_bands, rows_per_band=rows_per_band, threshold=cfg.threshold, candidate_probability={
+        str(s): round(float(candidate_probability(s, num_bands, rows_per_band)), 4)
+        for s in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)})
+
+
+def _names(shards: list[dict], wanted: np.ndarray, world_size: int) -> dict[int, list]:
+    """{global index: [id, head]} for the ``wanted`` indices, read from the shards' ids.jsonl."""
+    wanted, names = _sorted_unique(wanted), {}
+    for rank, s in enumerate(shards):
+        mine = wanted[wanted % world_size == rank]
+        names.update(zip(mine.tolist(), _read_ids(s["dir"], np.searchsorted(s["index"], mine))))
+    return names
+
+
+# ---------------------------------------------------------------- stage C: write, and the whole run
+
+
+class RemoveStep:
+    """Stage C: yield the shard's documents except the removed ones and those stage A skipped."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg, out = cfg, Path(cfg.out_dir)
+        if not (out / "removed.npy").exists() or not (out / "report.json").exists():
+            raise ValueError(f"{out}: no removed.npy or report.json; run stage clusters first")
+        self.removed = np.zeros(json.loads((out / "report.json").read_text())["num_docs"], bool)
+        self.removed[np.load(out / "removed.npy")] = True
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for k, doc in enumerate(docs):
+            i = rank + k * world_size
+            if i >= len(self.removed):
+                raise ValueError(f"{self.cfg.out_dir}: the inputs now hold more documents than when the "
+                                 f"signatures were computed; rerun every stage")
+            if not self.removed[i] and skip_reason(doc.text, self.cfg.max_doc_bytes) is None:
+                yield doc
+
+
+def _read(cfg: DedupConfig, stats: ReadStats | None = None) -> Iterator[Document]:
+    return read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats, on_error="skip")
+
+
+def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, num_shards: int = 1) -> dict:
+    """Deduplicate ``cfg.inputs`` into ``cfg.out_dir``; returns {stage: summary} for the stages run.
+
+    ``shard_index=None`` runs every shard in turn. As a job array: stage "signatures" for each shard index,
+    then "clusters" once, then "write" for each shard index. Finished signature shards are reused.
+    """
+    check_config(cfg)
+    lookup({s: s for s in STAGES}, stage, "stage")
+    if not cfg.inputs:
+        raise ValueError("dedup: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
+    if shard_index is not None and not 0 <= shard_index < num_shards:
+        raise ValueError(f"dedup: shard_index must be in [0, {num_shards}), got {shard_index}")
+    ranks = range(num_shards) if shard_index is None else [shard_index]
+    out, result = Path(cfg.out_dir), {}
+    save_config(out, cfg)
+    if stage in ("all", "signatures"):
+        result["signatures"] = []
+        for rank in ranks:
+            directory = shard_dir(out, "signatures", rank, num_shards)
+            done = directory / "done.json"
+            if not (done.exists() and json.loads(done.read_text())["key"] == _signature_key(cfg)):
+                stats = ReadStats()
+                SignatureStep(cfg).run(shard_of(_read(cfg, stats), rank, num_shards), rank, num_shards)
+                write_json(directory / "read.json", asdict(stats))
+            info = json.loads(done.read_text())
+            result["signatures"].append(info)
+            print(f"dedup signatures {rank}-of-{num_shards}: {info['num_docs']:,} documents, "
+                  f"{info['num_bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s")
+    if stage in ("all", "clusters"):
+        report = result["clusters"] = build_clusters(cfg, num_shards)
+        print(f"dedup clusters: {report['num_removed']:,} of {report['num_processed']:,} documents removed "
+              f"({report['num_exact_removed']:,} exact, {report['num_near_removed']:,} near) -> {out / 'report.json'}")
+    if stage in ("all", "write"):
+        result["write"], step = [], RemoveStep(cfg)
+        for rank in ranks:
+            path = out / "kept" / f"{rank:05d}-of-{num_shards:05d}.jsonl"
+            num_kept = write_jsonl(path, step.run(shard_of(_read(cfg), rank, num_shards), rank, num_shards),
+                                   cfg.text_field)
+            result["write"].append(dict(path=str(path), num_kept=num_kept))
+            print(f"dedup write {rank}-of-{num_shards}: {num_kept:,} documents -> {path}")
+    return result
