@@ -131,6 +131,61 @@ def cmd_import(args) -> None:
     print(f"run folder -> {import_hf_run(args.folder, args.out)}")
 
 
+def cmd_eval_gsm8k(args) -> None:
+    from slmforge.eval.gsm8k import GSM8KConfig, evaluate
+
+    summary = evaluate(args.run_dir, merge(GSM8KConfig(), parse_overrides(args.overrides), where="eval gsm8k"))
+    for name, m in summary["metrics"].items():
+        print(f"{name}: exact_match {m['exact_match']:.4f} ({summary['num_problems']} problems)")
+
+
+def cmd_eval_ppl(args) -> None:
+    from pathlib import Path
+
+    from slmforge.eval.perplexity import PerplexityConfig, evaluate
+
+    # key=value items that are not files are overrides (`slmforge eval ppl RUN a.txt b.txt stride=128`).
+    over = [a for a in args.files if "=" in a and not Path(a).exists()]
+    cfg = merge(PerplexityConfig(), parse_overrides(over), where="eval ppl")
+    result = evaluate(args.run_dir, [f for f in args.files if f not in over], cfg)
+    for name, m in {**result["files"], "total": result["total"]}.items():
+        print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f}")
+
+
+def _stage_config(cls, args):
+    """A data stage's own config dataclass: defaults < --config YAML (a flat mapping) < key=value overrides."""
+    import yaml
+
+    raw = {}
+    if args.recipe:
+        try:
+            with open(args.recipe) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{args.recipe}: not valid YAML: {exc}") from None
+    return merge(merge(cls(), raw, where=args.recipe or cls.__name__), parse_overrides(args.overrides), "override")
+
+
+def cmd_dedup(args) -> None:
+    from slmforge.data.dedup import DedupConfig, bands_of, check_config, dedup
+
+    cfg = _stage_config(DedupConfig, args)
+    if args.dry_run:
+        check_config(cfg)
+        return print(dump_yaml(cfg) + "# LSH: %d bands x %d rows" % bands_of(cfg))
+    dedup(cfg, args.stage, args.shard_index, args.num_shards)
+
+
+def cmd_filter(args) -> None:
+    from slmforge.data.filters import FilterConfig, filter_corpus
+
+    cfg = _stage_config(FilterConfig, args)
+    if args.dry_run:
+        return print(dump_yaml(cfg))
+    report = filter_corpus(cfg, args.shard_index, args.num_shards)
+    print(f"filter: removed {report['num_removed']:,} documents: {report['removed']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slmforge", description="Build small language models end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--system", default="", help="system prompt")
         p.set_defaults(fn=fn)
+
     p = sub.add_parser("export", help="write a run (attention-only) as a Hugging Face LlamaForCausalLM folder")
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
@@ -192,6 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.json")
     p.add_argument("--out", required=True, help="run folder to write")
     p.set_defaults(fn=cmd_import)
+
+    kinds = sub.add_parser("eval", help="evaluate a run: gsm8k (lm-eval's gsm8k scoring) or ppl (bits per byte)")
+    kinds = kinds.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("gsm8k", help="GSM8K or the run's procedural arithmetic (data=procedural), n-shot CoT")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. limit=100 maj_k=8 data=procedural")
+    p.set_defaults(fn=cmd_eval_gsm8k)
+    p = kinds.add_parser("ppl", help="loss, perplexity and bits per byte on text files (strided windows)")
+    p.add_argument("run_dir")
+    p.add_argument("files", nargs="+", metavar="FILE or key=value", help="text files, then e.g. stride=128")
+    p.set_defaults(fn=cmd_eval_ppl)
+
+    for name, fn, what in (("dedup", cmd_dedup, "remove exact and near-duplicate documents (MinHash LSH)"),
+                           ("filter", cmd_filter, "Gopher quality rules and n-gram decontamination")):
+        p = sub.add_parser(name, help=what)
+        _config_args(p)
+        p.add_argument("--shard-index", type=int, default=None, help="run this shard only (a job-array task)")
+        p.add_argument("--num-shards", type=int, default=1)
+        if name == "dedup":
+            p.add_argument("--stage", default="all", choices=["all", "signatures", "clusters", "write"],
+                           help="as a job array: signatures per shard, clusters once, then write per shard")
+        p.set_defaults(fn=fn)
     return parser
 
 

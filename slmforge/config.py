@@ -29,6 +29,33 @@ class AttnConfig:
 
 
 @dataclass
+class SSMConfig:
+    # Mamba-2 selective SSM (slmforge/model/ssm.py): inner width expand * d_model, in heads of head_dim.
+    state_dim: int = 64  # N, the state size per head
+    head_dim: int = 32  # P; heads = expand * d_model // head_dim
+    expand: int = 2
+    conv_kernel: int = 4  # causal depthwise conv over x, B and C
+    chunk_size: int = 64  # block length of the chunked scan (training and prefill)
+
+
+@dataclass
+class LinearConfig:
+    # Gated linear attention (slmforge/model/linear.py): key width expand_k * d_model, value width expand_v * d_model.
+    num_heads: int = 4
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    decay_rank: int = 16  # rank of the projection that makes the per-channel decay
+    decay_normalizer: float = 16.0  # log decay = logsigmoid(.) / decay_normalizer, keeping decays near 1
+    chunk_size: int = 32  # block length of the chunked form; 32 trains fastest on CPU (pairwise decays are costly)
+
+
+@dataclass
+class HymbaConfig:
+    # Hybrid heads (slmforge/model/hymba.py): attention heads from `attn`, SSM heads from `ssm`, same width.
+    window: int = 0  # sliding window of the attention heads in hymba layers; 0 = full causal attention
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 512
     d_model: int = 128
@@ -37,11 +64,15 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm", ...).
+    # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm,ssm", ...); mixers:
+    # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side).
     layers: str = "attn"
     ffn: str = "dense"
     init_std: float = 0.02
     attn: AttnConfig = field(default_factory=AttnConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    hymba: HymbaConfig = field(default_factory=HymbaConfig)
 
     @property
     def ffn_dim(self) -> int:

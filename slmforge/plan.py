@@ -16,7 +16,7 @@ N parameters, D training tokens, C training FLOPs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple
 
 from slmforge.config import PRESETS, ModelConfig, preset
@@ -91,8 +91,56 @@ def dense_ffn_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
     return LayerCost(params, params, activation_bytes=2 * (h + 4 * f))
 
 
+def _ssm_heads_cost(cfg: ModelConfig, width: int, seq_len: int) -> LayerCost:
+    """``model/ssm.py``'s SSMHeads of inner width ``width``: everything up to the output projection."""
+    s = cfg.ssm
+    heads, n, chunk = width // s.head_dim, s.state_dim, min(s.chunk_size, seq_len)
+    conv_dim = width + 2 * n  # x, B, C
+    proj = cfg.d_model * (width + conv_dim + heads)  # in_proj: z, x, B, C, dt
+    params = proj + conv_dim * (s.conv_kernel + 1) + 3 * heads + width  # conv weight+bias, dt_bias/A_log/D, norm
+    # Chunked scan per token: the C.B scores and their use on x within a chunk, the state each token adds and the
+    # state it reads, and the conv. It grows with the chunk length, not the context.
+    scan = 2 * chunk * (n + width) + 2 * 2 * width * n + 2 * s.conv_kernel * conv_dim
+    # Saved (bf16): the input, the in_proj output, the conv output, the gated and the normed output; in fp32 the
+    # scan output and the decay mask within a chunk (chunk values per head).
+    act = 2 * (cfg.d_model + width + conv_dim + heads + conv_dim + 2 * width) + 4 * width + 4 * heads * chunk
+    return LayerCost(params, proj, scan, scan, act)
+
+
+def ssm_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+    width = cfg.ssm.expand * cfg.d_model
+    heads = _ssm_heads_cost(cfg, width, seq_len)
+    out = width * cfg.d_model  # out_proj
+    return LayerCost(heads.params + out, heads.matmul_params + out, heads.context_flops, heads.context_flops_causal,
+                     heads.activation_bytes)
+
+
+def linear_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+    c, h = cfg.linear, cfg.d_model
+    keys, values, chunk = int(h * c.expand_k), int(h * c.expand_v), min(c.chunk_size, seq_len)
+    # in_proj (q, k, v, gate, decay down), decay up, out_proj
+    matmul = h * (2 * keys + 2 * values + c.decay_rank) + c.decay_rank * keys + values * h
+    params = matmul + keys + values // c.num_heads  # + the decay bias and the per-head norm
+    # Per token: q.k scores and their use on v within a chunk, and the state each token adds and reads.
+    scan = 2 * chunk * (keys + values) + 2 * 2 * keys * values // c.num_heads
+    # Saved (bf16): the input, the in_proj output, the decay, the normed and gated outputs; fp32 scan output.
+    act = 2 * (h + 2 * keys + 2 * values + c.decay_rank + keys + 2 * values) + 4 * values
+    return LayerCost(params, matmul, scan, scan, act)
+
+
+def hymba_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+    attn = attn_cost(replace(cfg, attn=replace(cfg.attn, window=cfg.hymba.window)), seq_len)
+    width = cfg.attn.num_heads * cfg.head_dim
+    ssm = _ssm_heads_cost(cfg, width, seq_len)
+    return LayerCost(attn.params + ssm.params + width,  # + the attention branch's norm (beta1)
+                     attn.matmul_params + ssm.matmul_params, attn.context_flops + ssm.context_flops,
+                     attn.context_flops_causal + ssm.context_flops_causal,
+                     attn.activation_bytes + ssm.activation_bytes + 2 * width)
+
+
 # Adding a mixer (or FFN) to the planner means one function returning its LayerCost and one entry here.
-MIXER_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {"attn": attn_cost}
+MIXER_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {
+    "attn": attn_cost, "ssm": ssm_cost, "linear": linear_cost, "hymba": hymba_cost}
 FFN_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {"dense": dense_ffn_cost}
 
 

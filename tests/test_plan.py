@@ -41,8 +41,8 @@ def test_hand_count_tiny():
 
 
 def test_unknown_mixer_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="ssm"):
-        count_params(ModelConfig(layers="attn,ssm"))
+    with pytest.raises(NotImplementedError, match="mine"):
+        count_params(ModelConfig(layers="attn,mine"))
 
 
 def test_flops_per_token():

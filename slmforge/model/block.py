@@ -16,10 +16,13 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.ffn import SwiGLU
+from slmforge.model.hymba import Hymba
 from slmforge.model.layers import RMSNorm
+from slmforge.model.linear import GatedLinear
+from slmforge.model.ssm import SSM
 from slmforge.registry import lookup
 
-MIXERS: dict[str, type[nn.Module]] = {"attn": Attention}
+MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba}
 FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
 
 

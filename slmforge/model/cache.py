@@ -34,3 +34,19 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class RecurrentCache:
+    """The fixed-size state of one recurrent layer (SSM, linear attention): it does not grow with the sequence.
+
+    state: the recurrent state, (B, H, P, N) for the SSM or (B, H, K, V) for linear attention, kept in at least
+    float32 because it accumulates over every step; conv: the last k-1 inputs of a causal depthwise convolution,
+    (B, k-1, channels), or None. The mixer overwrites both in place; ``pos`` counts the tokens seen.
+    """
+
+    def __init__(self, state: torch.Tensor, conv: torch.Tensor | None = None):
+        self.state, self.conv = state, conv
+        self.pos = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.state, self.conv) if t is not None)

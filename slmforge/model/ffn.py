@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig
-from slmforge.model.layers import init_linear
+from slmforge.model.layers import init_linear, linear
 
 
 class SwiGLU(nn.Module):
@@ -26,5 +26,5 @@ class SwiGLU(nn.Module):
         init_linear(self.w2, out_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-        gate, up = self.w13(x).chunk(2, dim=-1)  # (B, T, F) each
-        return self.w2(F.silu(gate) * up), 0.0
+        gate, up = linear(x, self.w13.weight).chunk(2, dim=-1)  # (B, T, F) each
+        return linear(F.silu(gate) * up, self.w2.weight), 0.0

@@ -1,14 +1,68 @@
-"""Small building blocks shared by mixers and FFNs: RMSNorm, rotary embeddings, initialisation.
+"""Small building blocks shared by mixers and FFNs: linear, RMSNorm, rotary embeddings, the loss, initialisation.
 
-RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
-Shapes: B batch, T time, H heads, D head dim.
+Two CPU fast paths sit beside their plain references (compared in ``tests/model/test_speed_paths.py``):
+``linear`` (float32 through oneDNN; reference ``F.linear``) and ``cross_entropy`` (block by block; reference
+``cross_entropy_ref``). RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
+Shapes: B batch, T time, H heads, D head dim, I/O in/out features, N rows, V vocabulary.
 """
 
 from __future__ import annotations
 
+import platform
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# float32 matmuls on x86 CPUs go through oneDNN (see ``linear``); set False to use torch's default BLAS.
+ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@torch.library.custom_op("slmforge::linear_onednn", mutates_args=())
+def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` with oneDNN's float32 GEMM. x: (..., I), weight: (O, I) -> (..., O).
+
+    A custom op, so that torch.compile calls it as it is (inductor's own lowering of this oneDNN op
+    assumes frozen weights).
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+@linear_onednn.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_onednn_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _linear_onednn_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_x = linear_onednn(grad, weight.t())  # (..., O) @ (O, I)
+    if ctx.needs_input_grad[1]:
+        # (I, N) @ (N, O), transposed: oneDNN runs this orientation up to 2x faster than (O, N) @ (N, I).
+        grad_weight = linear_onednn(x.flatten(0, -2).t(), grad.flatten(0, -2).t()).t()
+    return grad_x, grad_weight
+
+
+linear_onednn.register_autograd(_linear_onednn_backward, setup_context=_linear_onednn_setup)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` (the reference), except float32 on CPU, which goes through oneDNN.
+
+    torch's CPU float32 matmul calls MKL's sgemm, which on AMD CPUs runs AVX2 code; oneDNN uses AVX-512
+    where the CPU has it: 2x on the block matmuls and about 1.5x on a whole float32 training step of the 10m
+    preset on a Zen 5 CPU. bf16 autocast already reaches oneDNN through ``F.linear``.
+    """
+    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")):
+        return linear_onednn(x, weight)
+    return F.linear(x, weight)
 
 
 class RMSNorm(nn.Module):
@@ -18,14 +72,48 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return _RMSNormCPU.apply(x, self.weight, self.eps)
         # F.rms_norm dispatches to one fused kernel where the backend has one.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with a hand-written backward: 3 passes forward, 6 backward.
+
+    On CPU ``F.rms_norm`` is a chain of small ops (pow, mean, add, rsqrt, mul, mul) and autograd
+    differentiates each; this is about 2x faster forward + backward (21 norms per step in the 10m preset).
+    Computed in float32 at least, like ``rms_norm_ref``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        # vector_norm is one fused reduction; mean(x^2) = norm^2 / C
+        rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        ctx.save_for_backward(xf, weight, rstd)
+        return (xf * rstd * weight).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        xf, weight, rstd = ctx.saved_tensors
+        g = grad.to(xf.dtype)
+        x_hat = xf * rstd
+        grad_weight = torch.linalg.vecdot(g.flatten(0, -2), x_hat.flatten(0, -2), dim=0)  # sum over rows
+        g_hat = g * weight
+        # d/dx of x * rstd(x): rstd * (g_hat - x_hat * mean(g_hat * x_hat))
+        dot = torch.linalg.vecdot(g_hat, x_hat, dim=-1).unsqueeze(-1).div_(xf.shape[-1])
+        grad_x = torch.addcmul(g_hat, x_hat, dot, value=-1).mul_(rstd)
+        return grad_x.to(grad.dtype), grad_weight.to(weight.dtype), None
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain reference for RMSNorm, computed in float32."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    """Plain reference for RMSNorm, computed in float32 (float64 stays float64)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +126,74 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[..., :D/2], x[..., D/2:]) by position angles ("rotate half", as in Llama/HF).
 
-    x: (B, H, T, D); cos, sin: (T, D/2).
+    x: (B, H, T, D) with cos, sin: (T, D/2), or x: (B, T, H, D) with cos, sin: (T, 1, D/2).
+    As ``x * [cos, cos] + [x2, x1] * [-sin, sin]``: three full-size passes instead of six (up to 1.8x faster
+    forward + backward on CPU), the same numbers as ``apply_rope_ref``.
     """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * torch.cat((cos, cos), dim=-1) + torch.cat((x2, x1), dim=-1) * torch.cat((-sin, sin), dim=-1)
+
+
+def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Plain reference for ``apply_rope``: rotate each pair (x1, x2) by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean next-token loss over rows with a target, in float32, a block of rows at a time.
+
+    The full (N, V) float32 copy of the logits, its log-softmax and their gradients are never materialised:
+    each block is converted, reduced and differentiated while it is still in cache, and the gradient is written
+    straight back in the logits' dtype. Forward keeps only the logits (already alive) for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        n, vocab = logits.shape
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        rows = max(1, 2**20 // vocab)  # a block of about 4 MiB in float32
+        picked = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows pick token 0 and are masked below
+        nll = torch.empty(n, dtype=acc, device=logits.device)
+        for i in range(0, n, rows):
+            logp = torch.log_softmax(logits[i : i + rows], -1, dtype=acc)
+            nll[i : i + rows] = -logp.gather(1, picked[i : i + rows]).squeeze(1)
+        valid = targets != ignore_index
+        count = valid.sum()
+        ctx.save_for_backward(logits, picked, valid, count)
+        ctx.rows = rows
+        return (nll * valid).sum() / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, picked, valid, count = ctx.saved_tensors
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        # d loss / d logits = (softmax - one_hot(target)) * grad / count, zero on ignored rows.
+        scale = (valid * (grad_loss / count)).to(acc)[:, None]  # (N, 1)
+        grad = torch.empty_like(logits)
+        minus_one = torch.full((min(ctx.rows, logits.shape[0]), 1), -1.0, dtype=acc, device=logits.device)
+        for i in range(0, logits.shape[0], ctx.rows):
+            p = torch.softmax(logits[i : i + ctx.rows], -1, dtype=acc)
+            p.scatter_add_(1, picked[i : i + ctx.rows], minus_one[: p.shape[0]])
+            torch.mul(p, scale[i : i + ctx.rows], out=grad[i : i + ctx.rows])
+        return grad, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of (N, V) logits against (N,) targets, log-softmax in float32 whatever the logits' dtype."""
+    if torch.compiler.is_compiling():
+        # Inductor fuses the plain version into a few passes; it would unroll the loop over blocks instead.
+        return cross_entropy_ref(logits, targets, ignore_index)
+    return _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
+
+
+def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Plain reference: one float32 (or float64) copy of all logits, then ``F.cross_entropy``."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                           ignore_index=ignore_index)
 
 
 def init_linear(module: nn.Linear, std: float) -> None:

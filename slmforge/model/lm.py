@@ -7,12 +7,11 @@ come from ``block.MIXERS`` / ``block.FFNS``. Shapes: B batch, T time, C d_model,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.block import Block
-from slmforge.model.layers import RMSNorm
+from slmforge.model.layers import RMSNorm, cross_entropy, linear
 
 
 class LM(nn.Module):
@@ -58,9 +57,9 @@ class LM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, aux = block(x, cache=None if cache is None else cache[i])
             aux_total = aux_total + aux
-        logits = self.head(self.norm(x))
+        logits = linear(self.norm(x), self.head.weight)
         if targets is None:
             return logits, None
-        # Cross-entropy in float32: bf16 log-softmax over a large vocabulary loses precision.
-        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        # Log-softmax in float32 (bf16 over a large vocabulary loses precision), a block of rows at a time.
+        loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss + aux_total

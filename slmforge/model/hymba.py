@@ -1,0 +1,78 @@
+"""Hymba-style hybrid-head mixer (Dong et al. 2024, "Hymba: A Hybrid-head Architecture for Small Language
+Models", arXiv 2411.13676).
+
+Attention heads and SSM heads read the same input in parallel, in one layer. Each branch's output is
+RMS-normalised and scaled per channel, and one output projection maps their sum back:
+    y = W_out (beta1 * norm(attn_heads(x)) + beta2 * norm(ssm_heads(x)))
+Both betas start at 1/2, so the layer starts from the branches' mean as in the paper. The attention heads are an
+``Attention`` (its ``wo`` is the one output projection, its ``attn.window`` replaced by ``hymba.window``); the SSM
+heads are ``SSMHeads`` of the same width, whose gated RMSNorm weight is beta2. Meta tokens and cross-layer KV
+sharing, also in the paper, are left out. The cache pairs a KV cache with the SSM's recurrent cache.
+Shapes: b batch, T time, d d_model, H attention heads, K kv heads, D head dim, W = H D the width of each branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.attention import Attention
+from slmforge.model.cache import KVCache, RecurrentCache
+from slmforge.model.layers import RMSNorm, apply_rope, linear
+from slmforge.model.ssm import SSMHeads
+
+
+class HymbaCache:
+    """A KV cache for the attention heads and a recurrent cache for the SSM heads, advanced together."""
+
+    def __init__(self, kv: KVCache, ssm: RecurrentCache):
+        self.kv, self.ssm = kv, ssm
+
+    @property
+    def pos(self) -> int:
+        return self.kv.pos
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() + self.ssm.nbytes()
+
+
+def attention_heads(attn: Attention, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    """``Attention.forward`` without its output projection: (b, T, d) -> the heads' outputs (b, T, W)."""
+    b, t, _ = x.shape
+    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = linear(x, attn.wqkv.weight).view(b, t, h + 2 * kvh, d)
+    cos, sin = attn._rope(0 if cache is None else cache.pos, t)
+    qk = apply_rope(qkv[:, :, : h + kvh], cos[:, None], sin[:, None]).transpose(1, 2)  # (b, H+K, T, D)
+    q, k = qk.split([h, kvh], dim=1)
+    v = qkv[:, :, h + kvh :].transpose(1, 2)  # (b, K, T, D)
+    if cache is not None:
+        k, v = cache.append(k, v)
+    return attn._attend(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+
+
+class Hymba(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(dataclasses.replace(cfg, attn=dataclasses.replace(cfg.attn, window=cfg.hymba.window)))
+        width = self.attn.num_heads * self.attn.head_dim
+        self.attn_norm = RMSNorm(width, cfg.norm_eps)  # its weight is beta1
+        self.ssm = SSMHeads(cfg, width)  # its gated RMSNorm's weight is beta2
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.attn.reset_parameters(std, out_std)  # attn.wo, the one output projection, gets out_std
+        self.ssm.reset_parameters(std)
+        self.attn_norm.weight.fill_(0.5)
+        self.ssm.norm.weight.fill_(0.5)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype) -> HymbaCache:
+        return HymbaCache(self.attn.init_cache(batch_size, max_len, device, dtype),
+                          self.ssm.init_cache(batch_size, max_len, device, dtype))
+
+    def forward(self, x: torch.Tensor, cache: HymbaCache | None = None) -> torch.Tensor:
+        a = attention_heads(self.attn, x, None if cache is None else cache.kv)  # (b, T, W)
+        s = self.ssm(x, None if cache is None else cache.ssm)  # (b, T, W), normalised and scaled by beta2
+        return linear(self.attn_norm(a) + s, self.attn.wo.weight)

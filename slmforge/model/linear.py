@@ -1,0 +1,71 @@
+"""Gated linear attention with a data-dependent, per-channel decay (GLA: Yang et al. 2023, arXiv 2312.06635).
+
+Linear attention whose matrix state S (K x V per head) decays through a gate computed from the input:
+    S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t / sqrt(K),    g_t = logsigmoid(W_up W_down x_t + b) / 16
+(RWKV-6 has the same matrix state and decay form, arXiv 2404.05892). The decay comes from a low-rank projection
+and the division by ``linear.decay_normalizer`` keeps it close to 1 (slow forgetting) at init. Each head's output
+is RMS-normalised, gated by silu(W_gate x) and projected back. Training and prefill run ``gla_chunked``;
+decoding (T = 1) runs the recurrence ``gla_ref``. The cache is the state, of fixed size.
+Shapes: b batch, T time, d d_model, H heads, K key dim and V value dim per head, R decay rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.cache import RecurrentCache
+from slmforge.model.layers import RMSNorm, init_linear, linear
+from slmforge.model.ops import gla_chunked, gla_ref
+
+
+class GatedLinear(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.linear
+        key_width, value_width = int(cfg.d_model * c.expand_k), int(cfg.d_model * c.expand_v)
+        if not key_width or not value_width or key_width % c.num_heads or value_width % c.num_heads:
+            raise ValueError(f"linear: d_model * expand_k = {key_width} and d_model * expand_v = {value_width} must "
+                             f"be positive multiples of linear.num_heads={c.num_heads}")
+        self.num_heads, self.key_dim, self.value_dim = c.num_heads, key_width // c.num_heads, value_width // c.num_heads
+        self.chunk_size, self.decay_normalizer = c.chunk_size, c.decay_normalizer
+        self.widths = [key_width, key_width, value_width, value_width, c.decay_rank]  # q, k, v, gate, decay (down)
+        # One fused projection for q, k, v, the output gate and the low-rank decay's first half.
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=False)
+        self.decay_proj = nn.Linear(c.decay_rank, key_width)  # the decay's second half, with a bias
+        self.norm = RMSNorm(self.value_dim, cfg.norm_eps)  # per head, one weight shared by the heads
+        self.out_proj = nn.Linear(value_width, cfg.d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        init_linear(self.in_proj, std)
+        init_linear(self.decay_proj, std)
+        self.norm.weight.fill_(1.0)
+        init_linear(self.out_proj, out_std)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype) -> RecurrentCache:
+        # max_len is not needed: the state has the same size at every length.
+        return RecurrentCache(torch.zeros(batch_size, self.num_heads, self.key_dim, self.value_dim, device=device,
+                                          dtype=torch.promote_types(dtype, torch.float32)))
+
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, dk, dv = self.num_heads, self.key_dim, self.value_dim
+        q, k, v, gate, low = linear(x, self.in_proj.weight).split(self.widths, dim=-1)
+        g = F.logsigmoid(F.linear(low, self.decay_proj.weight, self.decay_proj.bias)) / self.decay_normalizer
+        q, k, g = (u.view(b, t, h, dk).transpose(1, 2) for u in (q, k, g))  # (b, H, T, K)
+        v = v.view(b, t, h, dv).transpose(1, 2)  # (b, H, T, V)
+        initial = None if cache is None else cache.state
+        # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None and t == 1:
+                o, state = gla_ref(q, k, v, g, initial_state=initial)
+            else:
+                o, state = gla_chunked(q, k, v, g, self.chunk_size, initial_state=initial)
+        if cache is not None:
+            cache.state.copy_(state)
+            cache.pos += t
+        o = self.norm(o.transpose(1, 2)).reshape(b, t, h * dv) * F.silu(gate)  # (b, T, H V)
+        return linear(o, self.out_proj.weight)

@@ -1,0 +1,112 @@
+"""Mamba-2 selective state-space mixer (Dao & Gu 2024, "Transformers are SSMs", arXiv 2405.21060).
+
+in_proj -> (z gate, x, B, C, dt); a short causal depthwise conv1d and SiLU over x, B and C; the selective scan
+(``ops/scan.py``) with an input-dependent step dt = softplus(dt + dt_bias) and one decay rate A = -exp(A_log) per
+head; the D skip; the gated RMSNorm  norm(y * silu(z))  and out_proj. B and C form one group shared by all heads.
+Training and prefill run ``ssd_chunked``; decoding (T = 1) runs the recurrence ``ssd_ref``. The cache holds the
+conv's last k-1 inputs and the SSM state, both of fixed size.
+Shapes: b batch, T time, d d_model, E inner width, H heads, P head dim (E = H P), N state size, k conv kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.cache import RecurrentCache
+from slmforge.model.layers import RMSNorm, init_linear, linear
+from slmforge.model.ops import ssd_chunked, ssd_ref
+
+
+class SSMHeads(nn.Module):
+    """The SSM mixer up to its output projection: (b, T, d) -> gated, normalised heads (b, T, E).
+
+    ``SSM`` adds the output projection; Hymba (``hymba.py``) runs these heads beside attention heads.
+    """
+
+    def __init__(self, cfg: ModelConfig, width: int):
+        super().__init__()
+        s = cfg.ssm
+        if width % s.head_dim:
+            raise ValueError(f"SSM inner width {width} must be a multiple of ssm.head_dim={s.head_dim}")
+        if s.conv_kernel < 1 or s.chunk_size < 1:
+            raise ValueError(f"ssm.conv_kernel={s.conv_kernel} and ssm.chunk_size={s.chunk_size} must be >= 1")
+        self.width, self.head_dim, self.state_dim = width, s.head_dim, s.state_dim
+        self.num_heads = width // s.head_dim
+        self.conv_kernel, self.chunk_size = s.conv_kernel, s.chunk_size
+        conv_dim = width + 2 * s.state_dim  # x, B and C go through the conv
+        # One fused projection for z, x, B, C and dt: a single larger matmul beats five small ones.
+        self.in_proj = nn.Linear(cfg.d_model, width + conv_dim + self.num_heads, bias=False)
+        self.conv = nn.Conv1d(conv_dim, conv_dim, s.conv_kernel, groups=conv_dim)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = RMSNorm(width, cfg.norm_eps)
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float) -> None:
+        init_linear(self.in_proj, std)
+        self.conv.reset_parameters()
+        # Mamba-2's init: softplus(dt_bias) log-uniform in [1e-3, 1e-1], A uniform in [1, 16], D = 1.
+        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    def init_cache(self, batch_size: int, max_len: int, device, dtype) -> RecurrentCache:
+        # max_len is not needed: the state has the same size at every length.
+        state = torch.zeros(batch_size, self.num_heads, self.head_dim, self.state_dim, device=device,
+                            dtype=torch.promote_types(dtype, torch.float32))
+        conv = torch.zeros(batch_size, self.conv_kernel - 1, self.conv.in_channels, device=device, dtype=dtype)
+        return RecurrentCache(state, conv)
+
+    def _conv(self, xbc: torch.Tensor, cache: RecurrentCache | None) -> torch.Tensor:
+        """Causal depthwise conv over time, (b, T, ch) -> (b, T, ch); the cache carries the last k-1 inputs."""
+        if cache is None:
+            padded = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))
+        else:
+            padded = torch.cat([cache.conv.to(xbc.dtype), xbc], dim=1)  # (b, k-1+T, ch)
+            cache.conv.copy_(padded[:, padded.shape[1] - cache.conv.shape[1] :])
+        y = F.conv1d(padded.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.in_channels)
+        return y.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, p, n = self.num_heads, self.head_dim, self.state_dim
+        z, xbc, dt = linear(x, self.in_proj.weight).split([self.width, self.width + 2 * n, h], dim=-1)
+        xs, B, C = F.silu(self._conv(xbc, cache)).split([self.width, n, n], dim=-1)
+        xs = xs.view(b, t, h, p)
+        dt = F.softplus(dt + self.dt_bias)  # (b, T, H)
+        A = -torch.exp(self.A_log)  # (H,)
+        initial = None if cache is None else cache.state
+        # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
+        with torch.autocast(x.device.type, enabled=False):
+            if cache is not None and t == 1:
+                y, state = ssd_ref(xs, dt, A, B, C, initial)
+            else:
+                y, state = ssd_chunked(xs, dt, A, B, C, self.chunk_size, initial)
+        if cache is not None:
+            cache.state.copy_(state)
+            cache.pos += t
+        y = y + self.D[:, None] * xs  # (b, T, H, P)
+        return self.norm(y.reshape(b, t, self.width) * F.silu(z))
+
+
+class SSM(SSMHeads):
+    """The Mamba-2 mixer: ``SSMHeads`` of width expand * d_model, then out_proj. (b, T, d) -> (b, T, d)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.ssm.expand * cfg.d_model)
+        self.out_proj = nn.Linear(self.width, cfg.d_model, bias=False)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        super().reset_parameters(std)
+        init_linear(self.out_proj, out_std)
+
+    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
+        return linear(super().forward(x, cache), self.out_proj.weight)
