@@ -45,20 +45,36 @@ def attention_ref(q, k, v, mask) -> torch.Tensor:
     return (scores.softmax(-1) @ v.to(acc)).to(q.dtype)
 
 
-def attention_matmul(q, k, v, mask) -> torch.Tensor:
-    """Softmax attention as baddbmm -> softmax -> bmm. q: (B, H, T, D); k, v: (B, K, S, D); mask: (T, S) bool.
+def attention_matmul(q, k, v, window: int = 0, block: int = 128) -> torch.Tensor:
+    """Causal softmax attention as baddbmm -> softmax -> bmm, ``block`` queries at a time.
 
-    The G query heads that share a kv head are stacked along the rows, (B*K, G*T, D), so k and v are never
-    repeated. The mask enters as an additive bias inside the first matmul. Under bf16 the softmax reads bf16
-    scores and accumulates in fp32 (ATen's CPU kernel), which skips two fp32 copies of the score matrix.
+    q: (B, H, T, D); k, v: (B, K, S, D), the last T keys belonging to the queries -> (B, H, T, D).
+    Each block of queries multiplies only the keys its causal (and sliding-window) mask lets through, which
+    skips about half of the work and keeps each score block in cache. Within a block the G query heads that
+    share a kv head are stacked along the rows, (B*K, G*Tb, D), so k and v are never repeated, and the mask
+    enters as an additive bias inside the first matmul. Under bf16 the softmax reads bf16 scores and
+    accumulates in fp32 (ATen's CPU kernel), which skips two fp32 copies of the score matrix.
     """
+    t, s = q.shape[2], k.shape[2]
+    mask = causal_mask(t, s, window, q.device)
+    outs = []
+    for a in range(0, t, block):
+        b = min(t, a + block)
+        # keys past the block's last query, or (with a window) before its first query's window, are masked
+        lo, hi = (max(0, s - t + a - window + 1) if window else 0), s - t + b
+        outs.append(_attention_block(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask[a:b, lo:hi]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _attention_block(q, k, v, mask) -> torch.Tensor:
+    """q: (B, H, Tb, D); k, v: (B, K, Sb, D); mask: (Tb, Sb) bool -> (B, H, Tb, D)."""
     b, h, t, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
     bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf")).repeat(g, 1)
     scores = torch.baddbmm(bias.expand(b * kvh, g * t, s), q.reshape(b * kvh, g * t, d),
-                           k.reshape(b * kvh, s, d).transpose(1, 2), alpha=1 / math.sqrt(d))  # (B*K, G*T, S)
-    y = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(b * kvh, s, d))  # (B*K, G*T, D)
+                           k.reshape(b * kvh, s, d).transpose(1, 2), alpha=1 / math.sqrt(d))  # (B*K, G*Tb, Sb)
+    y = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(b * kvh, s, d))  # (B*K, G*Tb, D)
     return y.view(b, h, t, d)
 
 
@@ -113,7 +129,7 @@ class Attention(nn.Module):
         """q: (B, H, T, D); k, v: (B, K, S, D), the last T keys new -> (B, H, T, D), by the fastest kernel."""
         t, s, gqa = q.shape[2], k.shape[2], self.num_heads != self.num_kv_heads
         if q.device.type == "cpu" and s <= MATMUL_ATTN_MAX_KEYS:
-            return attention_matmul(q, k, v, causal_mask(t, s, self.window, q.device))
+            return attention_matmul(q, k, v, self.window)
         if t == s and not self.window:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if t == 1 and not (self.window and s > self.window):

@@ -25,12 +25,13 @@ def _grads(fn, *tensors):
 
 @pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("window", [0, 5], ids=["full", "window5"])
-@pytest.mark.parametrize("t,s", [(1, 1), (7, 7), (33, 33), (1, 19), (6, 19)], ids=lambda v: str(v))
-def test_attention_matmul_matches_reference(heads, kv, window, t, s):
+@pytest.mark.parametrize("t,s", [(1, 1), (7, 7), (33, 33), (1, 19), (6, 19), (23, 30)], ids=lambda v: str(v))
+@pytest.mark.parametrize("block", [4, 128])
+def test_attention_matmul_matches_reference(heads, kv, window, t, s, block):
     q = torch.randn(2, heads, t, 8, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, kv, s, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = causal_mask(t, s, window, "cpu")
-    out, grads = _grads(lambda *a: attention_matmul(*a, mask), q, k, v)
+    out, grads = _grads(lambda *a: attention_matmul(*a, window, block), q, k, v)
     ref, ref_grads = _grads(lambda *a: attention_ref(*a, mask), q, k, v)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
