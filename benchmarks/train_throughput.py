@@ -6,6 +6,12 @@ bf16 autocast, each with and without ``torch.compile`` (the whole model, as ``tr
 optimizer step stays eager). Both use ``torch.optim.AdamW(fused=True)`` where the device has the fused
 kernel (ours through ``build_optimizer``), lr 3e-3, betas (0.9, 0.95), weight decay on matrices.
 Decoding tokens/s runs ``generate_ids`` on batch 1 with and without the KV cache.
+
+Two things move the numbers on a small shared CPU: other processes (the load average is printed; the models
+take turns step by step so both see the same machine), and glibc's allocator, which maps every tensor of
+32 MiB or more (the logits and their gradients) fresh from the OS on every step; on a VM those page faults
+cost about 10 ms per 32 MiB. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184`` in the environment
+removes that cost for both models (nanoGPT's fp32 loss allocates more of them, so it gains more).
 Never run in CI. Example: ``python benchmarks/train_throughput.py --quick``.
 """
 
@@ -114,13 +120,13 @@ def main(argv=None) -> None:
     num_params = LM(cfg).num_params()
     gpt_cfg = matched_gpt_config(cfg, num_params)
     gpt_params = GPT(gpt_cfg).num_params()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size} x seq {args.seq_len}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, AdamW fused=True for both, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch_size} x seq {args.seq_len}, {args.steps} timed steps after {args.warmup} warm-up, AdamW fused=True for both, "
           f"load average {os.getloadavg()[0]:.2f} (other processes on the CPU skew the numbers)\n")
     print("| model | layers | d_model | heads (kv) | FFN | parameters |")
     print("|---|---|---|---|---|---|")
-    print(f"| slmforge {args.preset} | {cfg.num_layers} | {cfg.d_model} | {cfg.attn.num_heads} ({cfg.attn.num_kv_heads}) "
-          f"| SwiGLU {cfg.ffn_dim} | {num_params:,} |")
+    print(f"| slmforge {args.preset} | {cfg.num_layers} | {cfg.d_model} | {cfg.attn.num_heads} "
+          f"({cfg.attn.num_kv_heads}) | SwiGLU {cfg.ffn_dim} | {num_params:,} |")
     print(f"| nanoGPT-style | {gpt_cfg.num_layers} | {gpt_cfg.d_model} | {gpt_cfg.num_heads} ({gpt_cfg.num_heads}) "
           f"| GELU {gpt_cfg.mlp_hidden} | {gpt_params:,} ({gpt_params / num_params - 1:+.1%}) |\n")
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from slmforge.model import attention, layers
 from slmforge.model.attention import Attention, attention_matmul, attention_ref, causal_mask
-from slmforge.model.layers import (RMSNorm, apply_rope, apply_rope_ref, cross_entropy, cross_entropy_ref, linear, rms_norm_ref,
-                                   rope_tables)
+from slmforge.model.layers import (RMSNorm, apply_rope, apply_rope_ref, cross_entropy, cross_entropy_ref, linear,
+                                   rms_norm_ref, rope_tables)
 from slmforge.model.lm import LM
 
 
