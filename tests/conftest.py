@@ -45,3 +45,33 @@ def shards_dir(tmp_path_factory):
     data = build_data(cfg)
     build_shards(cfg, data, build_tokenizer(cfg, data))
     return cfg.run_dir
+
+
+def assert_count_params_exact(layers: str, tie: bool) -> None:
+    """plan.count_params equals the parameters of the LM built on the meta device."""
+    import dataclasses
+
+    from slmforge.config import preset
+    from slmforge.model.lm import LM
+    from slmforge.plan import count_params
+
+    cfg = dataclasses.replace(preset("tiny"), layers=layers, tie_embeddings=tie)
+    with torch.device("meta"):
+        model = LM(cfg)
+    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+
+
+def assert_tiny_lm_learns(model) -> None:
+    """30 AdamW steps on one batch: every parameter gets a gradient and the loss drops below 0.5."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 97, (2, 16))
+    losses = []
+    for step in range(30):
+        _, loss = model(x[:, :-1], targets=x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:  # every parameter gets a gradient, the mixer's scalars included
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 < 4 < losses[0]

@@ -10,14 +10,14 @@ import dataclasses
 import pytest
 import torch
 
-from slmforge.config import HymbaConfig, SSMConfig, preset
+from slmforge.config import HymbaConfig, SSMConfig
 from slmforge.model.attention import Attention, attention_ref, causal_mask
 from slmforge.model.cache import KVCache, RecurrentCache
 from slmforge.model.hymba import Hymba, attention_heads
 from slmforge.model.layers import apply_rope
 from slmforge.model.lm import LM
 from slmforge.model.ssm import SSMHeads
-from slmforge.plan import count_params
+from tests.conftest import assert_count_params_exact, assert_tiny_lm_learns
 
 
 def hymba_cfg(cfg, window=0):
@@ -83,23 +83,8 @@ def test_cache_pairs_kv_and_ssm_state(tiny_model_cfg):
 @pytest.mark.parametrize("layers", ["hymba", "attn,hymba"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_count_params_is_exact(layers, tie):
-    cfg = dataclasses.replace(preset("tiny"), layers=layers, tie_embeddings=tie)
-    with torch.device("meta"):
-        model = LM(cfg)
-    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+    assert_count_params_exact(layers, tie)
 
 
 def test_tiny_lm_learns(tiny_model_cfg):
-    model = LM(hymba_cfg(tiny_model_cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randint(0, 97, (2, 16))
-    losses = []
-    for step in range(30):
-        _, loss = model(x[:, :-1], targets=x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:  # every parameter gets a gradient, the mixer's scalars included
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 < 4 < losses[0]
+    assert_tiny_lm_learns(LM(hymba_cfg(tiny_model_cfg)))

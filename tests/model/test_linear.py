@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmforge.config import LinearConfig, preset
+from slmforge.config import LinearConfig
 from slmforge.model.linear import GatedLinear
 from slmforge.model.lm import LM
 from slmforge.model.ops import gla_chunked, gla_ref
-from slmforge.plan import count_params
+from tests.conftest import assert_count_params_exact, assert_tiny_lm_learns
 
 RTOL = 1e-8  # max |chunked - ref| / max |ref|, in float64
 
@@ -119,23 +119,8 @@ def test_bad_heads_are_a_clear_error(tiny_model_cfg):
 @pytest.mark.parametrize("layers", ["linear", "attn,linear"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_count_params_is_exact(layers, tie):
-    cfg = dataclasses.replace(preset("tiny"), layers=layers, tie_embeddings=tie)
-    with torch.device("meta"):
-        model = LM(cfg)
-    assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
+    assert_count_params_exact(layers, tie)
 
 
 def test_tiny_lm_learns(tiny_model_cfg):
-    model = LM(linear_cfg(tiny_model_cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randint(0, 97, (2, 16))
-    losses = []
-    for step in range(30):
-        _, loss = model(x[:, :-1], targets=x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:  # every parameter gets a gradient, the mixer's scalars included
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 < 4 < losses[0]
+    assert_tiny_lm_learns(LM(linear_cfg(tiny_model_cfg)))
