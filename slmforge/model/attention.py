@@ -113,6 +113,10 @@ class Attention(nn.Module):
         return self.cos[start : start + t], self.sin[start : start + t]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return linear(self.heads(x, cache), self.wo.weight)
+
+    def heads(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Everything but the output projection: (B, T, C) -> the heads' outputs (B, T, H*D)."""
         b, t, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, d)
@@ -124,7 +128,7 @@ class Attention(nn.Module):
         v = qkv[:, :, h + kvh :].transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.append(k, v)
-        return linear(self._attend(q, k, v).transpose(1, 2).reshape(b, t, h * d), self.wo.weight)
+        return self._attend(q, k, v).transpose(1, 2).reshape(b, t, h * d)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (B, H, T, D); k, v: (B, K, S, D), the last T keys new -> (B, H, T, D), by the fastest kernel."""

@@ -21,7 +21,7 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.cache import KVCache, RecurrentCache
-from slmforge.model.layers import RMSNorm, apply_rope, linear
+from slmforge.model.layers import RMSNorm, linear
 from slmforge.model.ssm import SSMHeads
 
 
@@ -41,16 +41,7 @@ class HymbaCache:
 
 def attention_heads(attn: Attention, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """``Attention.forward`` without its output projection: (b, T, d) -> the heads' outputs (b, T, W)."""
-    b, t, _ = x.shape
-    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = linear(x, attn.wqkv.weight).view(b, t, h + 2 * kvh, d)
-    cos, sin = attn._rope(0 if cache is None else cache.pos, t)
-    qk = apply_rope(qkv[:, :, : h + kvh], cos[:, None], sin[:, None]).transpose(1, 2)  # (b, H+K, T, D)
-    q, k = qk.split([h, kvh], dim=1)
-    v = qkv[:, :, h + kvh :].transpose(1, 2)  # (b, K, T, D)
-    if cache is not None:
-        k, v = cache.append(k, v)
-    return attn._attend(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+    return attn.heads(x, cache)
 
 
 class Hymba(nn.Module):
