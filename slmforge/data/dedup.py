@@ -19,8 +19,8 @@ it, so the k-th document of shard ``rank`` has the global index ``rank + k * wor
 Hashing, in uint64 arithmetic mod 2^64 (numpy wraps around):
   text -> ``text.lower()`` as UTF-8. A word is a maximal run of bytes that are ASCII letters or digits or
   non-ASCII (>= 0x80), so whitespace and ASCII punctuation separate words and are otherwise ignored.
-  span hash  H(v, s, e) = fmix64(sum_{k=s}^{e-1} v[k] * B^(k-s)), for all spans at once from one prefix sum:
-             (C[e] - C[s]) * B^-s with C[i] = sum_{k<i} v[k] * B^k (B is odd, so B^-1 exists mod 2^64)
+  span hash  H(v, s, e) = fmix64(sum_{k=s}^{e-1} v[k] * B^(k-s)) (B odd, so B^-1 exists mod 2^64 and the
+             compiled kernel rolls a window along in two multiplies: see ``minhash_kernels``)
   word = H(its bytes); exact hash = H(the document's words); a word shingle = H(n consecutive words), a char
   shingle = H(n bytes of the words joined by single spaces, plus a trailing space). A document shorter than
   n gives one shingle of all of it; one without words has no shingles and takes part in neither dedup.
@@ -46,6 +46,7 @@ to the vectorised code they check.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -62,6 +63,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slmforge.data.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
+from slmforge.data.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.registry import lookup
 from slmforge.runs import atomic_path, save_config, write_json
 
@@ -106,6 +108,7 @@ def _integral(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((y[..., 1:] + y[..., :-1]) * np.diff(x) / 2).sum(axis=-1)
 
 
+@functools.cache
 def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0.5,
                false_negative_weight: float = 0.5) -> tuple[int, int]:
     """(num_bands, rows_per_band) minimising the weighted false-positive and false-negative areas of the S-curve.
@@ -144,29 +147,15 @@ def check_config(cfg: DedupConfig) -> None:
         raise ValueError("dedup: exact and near are both false; nothing to do")
 
 
-# ---------------------------------------------------------------- hashing (vectorised)
+# ---------------------------------------------------------------- hashing (compiled kernels and numpy)
 
 _M64 = (1 << 64) - 1
 _BASE = 0x9E3779B97F4A7C15  # odd, so invertible mod 2^64
 _WORD_BYTE = np.zeros(256, dtype=bool)
 for _lo, _hi in ((ord("0"), ord("9")), (ord("A"), ord("Z")), (ord("a"), ord("z")), (0x80, 0xFF)):
     _WORD_BYTE[_lo:_hi + 1] = True
+_LOWER = np.frombuffer(bytes(range(256)).lower(), np.uint8)  # ASCII case folding, other bytes unchanged
 WORD_RE = re.compile(rb"[0-9A-Za-z\x80-\xff]+")  # the same words, for the references
-_powers_cache = (np.ones(1, np.uint64), np.ones(1, np.uint64))
-
-
-def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B^k, B^-k) for k < n, cached per process and grown by doubling."""
-    global _powers_cache
-    if len(_powers_cache[0]) < n:
-        size = max(n, 2 * len(_powers_cache[0]))
-        tables = []
-        for base in (_BASE, pow(_BASE, -1, 1 << 64)):
-            factors = np.full(size, base, np.uint64)
-            factors[0] = 1
-            tables.append(np.cumprod(factors))
-        _powers_cache = tuple(tables)
-    return _powers_cache[0][:n], _powers_cache[1][:n]
 
 
 def _fmix64(h: np.ndarray) -> np.ndarray:
@@ -177,28 +166,6 @@ def _fmix64(h: np.ndarray) -> np.ndarray:
     h *= np.uint64(0xC4CEB9FE1A85EC53)
     h ^= h >> np.uint64(33)
     return h
-
-
-def _prefix(values: np.ndarray) -> np.ndarray:
-    """C[i] = sum_{k<i} values[k] * B^k, length len(values) + 1."""
-    out = np.zeros(len(values) + 1, np.uint64)
-    np.multiply(values, _powers(len(values))[0], out=out[1:])
-    np.cumsum(out[1:], out=out[1:])
-    return out
-
-
-def _span_hashes(prefix: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    return _fmix64((prefix[ends] - prefix[starts]) * _powers(len(prefix))[1][starts])
-
-
-def _windows(offsets: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spans of n units inside each document (one span of all of it when shorter); (starts, ends, per-doc offsets)."""
-    counts = np.diff(offsets)
-    num = np.where(counts >= n, counts - n + 1, np.minimum(counts, 1))
-    doc_offsets = np.zeros(len(num) + 1, np.int64)
-    np.cumsum(num, out=doc_offsets[1:])
-    starts = np.repeat(offsets[:-1] - doc_offsets[:-1], num) + np.arange(doc_offsets[-1])
-    return starts, np.minimum(starts + n, np.repeat(offsets[1:], num)), doc_offsets
 
 
 @dataclass
@@ -212,30 +179,14 @@ class Shingles:
 
 
 def shingle_hashes(texts: list[str], ngram: int = 5, shingle: str = "word") -> Shingles:
-    """Hash every shingle of every text at once (no Python loop over words); see the module docstring."""
-    data = [t.lower().encode("utf-8") for t in texts]
+    """Hash every shingle of every text in one compiled pass (``minhash_kernels.shingle_kernel``)."""
+    # The kernel folds ASCII case itself, so only texts with other characters need str.lower().
+    data = [t.encode("utf-8") if t.isascii() else t.lower().encode("utf-8") for t in texts]
     buf = np.frombuffer(b" ".join(data) + b" ", np.uint8)  # a space after every document
     doc_bytes = np.zeros(len(data) + 1, np.int64)
     np.cumsum(np.fromiter(map(len, data), np.int64, len(data)) + 1, out=doc_bytes[1:])
-    is_word = np.zeros(len(buf) + 2, bool)  # padded with a non-word byte at each end
-    is_word[1:-1] = _WORD_BYTE[buf]
-    edges = np.flatnonzero(is_word[1:] != is_word[:-1])
-    word_starts, word_ends = edges[0::2], edges[1::2]
-    words = _span_hashes(_prefix(buf), word_starts, word_ends)
-    doc_words = np.searchsorted(word_starts, doc_bytes)
-    word_prefix = _prefix(words)
-    exact = _span_hashes(word_prefix, doc_words[:-1], doc_words[1:])
-    if shingle == "word":
-        starts, ends, offsets = _windows(doc_words, ngram)
-        hashes = _span_hashes(word_prefix, starts, ends)
-    else:
-        # Keep word bytes and the first byte after each word, as a space: words joined by single spaces.
-        keep = is_word[1:-1] | is_word[:-2]
-        joined = np.where(is_word[1:-1], buf, np.uint8(32))[keep]
-        doc_joined = np.r_[0, np.cumsum(keep)][doc_bytes]
-        starts, ends, offsets = _windows(doc_joined, ngram)
-        hashes = _span_hashes(_prefix(joined), starts, ends)
-    return Shingles(hashes, offsets, exact, np.diff(doc_words), np.diff(doc_bytes) - 1)
+    hashes, offsets, exact, num_words = shingle_kernel(buf, doc_bytes, _WORD_BYTE, _LOWER, ngram, shingle == "char")
+    return Shingles(hashes, offsets, exact, num_words, np.diff(doc_bytes) - 1)
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -245,35 +196,17 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.uint32), rng.integers(0, 1 << 32, num_perm, dtype=np.uint64).astype(np.uint32)
 
 
-def minhash(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """Signatures (n, num_perm) uint32 of n documents whose 32-bit shingles are ``x[offsets[d]:offsets[d+1]]``.
-
-    Works on (num_perm, chunk) blocks of a_i * x + b_i: one multiply, one add and a ``minimum.reduceat`` over
-    the documents inside the block, so the cost is three numpy passes per shingle and permutation. A document
-    without shingles gets all 0xFFFFFFFF.
-    """
-    num_docs, num_perm = len(offsets) - 1, len(a)
-    has = np.flatnonzero(np.diff(offsets) > 0)
-    starts = offsets[has]
-    sig = np.full((num_perm, len(has)), 0xFFFFFFFF, np.uint32)
-    block = np.empty((num_perm, chunk), np.uint32)
-    for c0 in range(0, len(x), chunk):
-        c1 = min(c0 + chunk, len(x))
-        part = block[:, : c1 - c0]
-        np.multiply(a[:, None], x[None, c0:c1], out=part)
-        part += b[:, None]
-        first, last = np.searchsorted(starts, [c0, c1 - 1], side="right") - 1
-        mins = np.minimum.reduceat(part, np.maximum(starts[first:last + 1], c0) - c0, axis=1)
-        np.minimum(sig[:, first:last + 1], mins, out=sig[:, first:last + 1])
-    out = np.full((num_docs, num_perm), 0xFFFFFFFF, np.uint32)
-    out[has] = sig.T
-    return out
+def minhash(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Signatures (n, num_perm) uint32 of n documents whose 32-bit shingles are ``x[offsets[d]:offsets[d+1]]``;
+    a document without shingles gets all 0xFFFFFFFF."""
+    return signature_kernel(np.ascontiguousarray(x, np.uint32), offsets.astype(np.int64), a, b)
 
 
 def band_hashes(signatures: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
     """(n, num_bands) uint64: band k hashes signature rows k*r .. k*r + r - 1."""
     rows = signatures[:, : num_bands * rows_per_band].reshape(len(signatures), num_bands, rows_per_band)
-    return _fmix64((rows.astype(np.uint64) * _powers(rows_per_band)[0]).sum(axis=2, dtype=np.uint64))
+    powers = np.cumprod(np.r_[np.uint64(1), np.full(rows_per_band - 1, _BASE, np.uint64)], dtype=np.uint64)
+    return _fmix64((rows.astype(np.uint64) * powers).sum(axis=2, dtype=np.uint64))
 
 
 class MinHasher:
@@ -283,16 +216,11 @@ class MinHasher:
         self.ngram, self.shingle = ngram, shingle
         self.a, self.b = permutations(num_perm, seed)
 
-    def sign(self, texts: list[str], sets: bool = False) -> tuple[np.ndarray, Shingles, tuple | None]:
-        """(signatures (n, num_perm) uint32, the shingles, and with ``sets`` the ``shingle_sets`` of them).
-
-        With ``sets`` the signatures are taken over the distinct shingles, which gives the same minima for less work.
-        """
+    def sign(self, texts: list[str]) -> tuple[np.ndarray, Shingles, np.ndarray]:
+        """(signatures (n, num_perm) uint32, the shingles, and their high 32 bits, which the permutations use)."""
         sh = shingle_hashes(texts, self.ngram, self.shingle)
-        if sets:
-            values, offsets = shingle_sets(sh)
-            return minhash(values, offsets, self.a, self.b), sh, (values, offsets)
-        return minhash((sh.hashes >> np.uint64(32)).astype(np.uint32), sh.offsets, self.a, self.b), sh, None
+        x = (sh.hashes >> np.uint64(32)).astype(np.uint32)
+        return minhash(x, sh.offsets, self.a, self.b), sh, x
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -379,28 +307,33 @@ _worker: tuple | None = None  # (MinHasher, num_bands, rows_per_band, verify) in
 def _init_worker(cfg: DedupConfig) -> None:
     global _worker
     _worker = (MinHasher(cfg.num_perm, cfg.ngram, cfg.shingle, cfg.seed), *bands_of(cfg), cfg.verify)
+    _worker[0].sign(["load the compiled kernels"])  # ~0.3 s from numba's disk cache, once per process
 
 
 def _sign_batch(batch: tuple[list[str], list[str]]) -> dict:
     """Hash one batch of (ids, texts) in a worker; the ids.jsonl lines are formatted here too, off the reader."""
     (ids, texts), (hasher, num_bands, rows_per_band, verify) = batch, _worker
-    sig, sh, sets = hasher.sign(texts, sets=verify)
-    out = dict(ids="".join(json.dumps([i, t[:80]], ensure_ascii=False) + "\n" for i, t in zip(ids, texts)),
+    sig, sh, x = hasher.sign(texts)
+    quote = json.encoder.encode_basestring  # json.dumps of a string, without dumps' per-call set-up
+    out = dict(ids="".join(f"[{quote(i)}, {quote(t[:80])}]\n" for i, t in zip(ids, texts)),
                exact=sh.exact, num_words=sh.num_words.astype(np.int32), length=sh.num_bytes.astype(np.uint32),
                num_shingles=np.diff(sh.offsets).astype(np.int32), bands=band_hashes(sig, num_bands, rows_per_band))
     if verify:
-        out["set_values"], out["set_sizes"] = sets[0], np.diff(sets[1])
+        out["set_values"], out["set_sizes"] = x, np.diff(sh.offsets)
     return out
 
 
 def _parallel_map(fn: Callable, batches: Iterable, num_workers: int, init: Callable, init_args: tuple) -> Iterator:
-    """Yield ``fn(batch)`` in input order from ``num_workers`` forked processes (<= 1: this process)."""
+    """Yield ``fn(batch)`` in input order from ``num_workers`` forked processes (<= 1: this process).
+
+    ``init`` runs here, before the fork, so the workers inherit its state (and loaded kernels) instead of each
+    building it again."""
+    init(*init_args)
     if num_workers <= 1:
-        init(*init_args)
         yield from map(fn, batches)
         return
     # fork, not spawn: a spawned worker re-imports the caller's modules (torch among them), seconds each.
-    with multiprocessing.get_context("fork").Pool(num_workers, init, init_args) as pool:
+    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
         pending: deque = deque()  # a bounded window in flight keeps memory flat and the order
         for batch in batches:
             pending.append(pool.apply_async(fn, (batch,)))
@@ -425,7 +358,8 @@ class SignatureStep:
 
     Files: index.npy (int64 global index), exact.npy (uint64), num_words.npy and num_shingles.npy (int32),
     length.npy (uint32 UTF-8 bytes, lowercased), bands.bin ((n, b) uint64, raw), ids.jsonl ([id, first 80
-    characters] per line); with verify, sets.bin (uint32 sorted distinct shingles, raw) and set_offsets.npy;
+    characters] per line); with verify, sets.bin (uint32 shingles in document order, raw: sorting them
+    is left to the few documents in candidate pairs) and set_offsets.npy;
     done.json, written last. The .bin files are written as batches finish, so memory holds 36 bytes per document.
     """
 
@@ -555,7 +489,7 @@ def _raw(path: Path, dtype) -> np.ndarray:
 
 
 class _ShingleSets:
-    """Every shard's sorted shingle sets, read through memory maps, by global index."""
+    """Every shard's 32-bit shingles, read through memory maps, by global index."""
 
     def __init__(self, shards: list[dict]):
         self.parts = [(s["index"], _raw(s["dir"] / "sets.bin", np.uint32), np.load(s["dir"] / "set_offsets.npy"))
@@ -567,7 +501,16 @@ class _ShingleSets:
         return values[offsets[row]:offsets[row + 1]]
 
     def jaccard(self, pairs: np.ndarray) -> np.ndarray:
-        return np.array([jaccard_sorted(self.get(u), self.get(v)) for u, v in pairs.tolist()], dtype=float)
+        """Exact Jaccard of each (u, v) pair, one compiled call per pair of shards (``jaccard_sorted`` per pair
+        is the reference)."""
+        out, shards = np.zeros(len(pairs)), len(self.parts)
+        for su in range(shards):
+            for sv in range(shards):
+                k = np.flatnonzero((pairs[:, 0] % shards == su) & (pairs[:, 1] % shards == sv))
+                (iu, vu, ou), (iv, vv, ov) = self.parts[su], self.parts[sv]
+                out[k] = pair_jaccard(np.asarray(vu), ou, np.searchsorted(iu, pairs[k, 0]),
+                                      np.asarray(vv), ov, np.searchsorted(iv, pairs[k, 1]))
+        return out
 
 
 def _read_ids(directory: Path, rows: np.ndarray) -> Iterator[list]:

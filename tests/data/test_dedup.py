@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from slmforge.data.dedup import (DedupConfig, MinHasher, _components, band_hashes, candidate_probability, dedup,
-                                 jaccard_sorted, lsh_params, minhash_ref, shingle_hashes, shingle_sets, shingles_ref)
+                                 jaccard_sorted, lsh_params, minhash, minhash_ref, shingle_hashes, shingle_sets,
+                                 shingles_ref)
+from slmforge.data.minhash_kernels import pair_jaccard
 from slmforge.data.documents import Document, read_documents, write_jsonl
 
 NGRAM = 5
@@ -52,8 +54,9 @@ def test_minhash_matches_reference(shingle, ngram):
     rng = np.random.default_rng(0)
     vocab = ["alpha", "Beta", "γάμμα", "d.e", "f-g", "h", "...", "—", "\n\n", "İ", "42"]
     texts = TEXTS + [" ".join(rng.choice(vocab, rng.integers(0, 60))) for _ in range(20)]
-    signatures, sh, _ = MinHasher(32, ngram, shingle, seed=7).sign(texts)
-    assert (MinHasher(32, ngram, shingle, seed=7).sign(texts, sets=True)[0] == signatures).all()
+    hasher = MinHasher(32, ngram, shingle, seed=7)
+    signatures, sh, _ = hasher.sign(texts)
+    assert (minhash(*shingle_sets(sh), hasher.a, hasher.b) == signatures).all()  # repeats do not change minima
     for i, text in enumerate(texts):
         assert sh.hashes[sh.offsets[i]:sh.offsets[i + 1]].tolist() == shingles_ref(text, ngram, shingle), text
         assert signatures[i].tolist() == minhash_ref(text, 32, ngram, shingle, seed=7), text
@@ -275,3 +278,17 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
                                num_workers=1))["clusters"]
     assert report["num_docs"] == 0 and report["read"]["num_malformed_skipped"] == 2
     assert (tmp_path / "none" / "kept" / "00000-of-00001.jsonl").read_text() == ""
+
+
+def test_pair_jaccard_kernel_equals_reference():
+    rng = np.random.default_rng(3)
+    sets = [np.unique(rng.integers(0, 60, rng.integers(0, 40))).astype(np.uint32) for _ in range(30)]
+    sets[0] = sets[1] = np.zeros(0, np.uint32)  # empty against empty is 1.0, empty against non-empty 0.0
+    stored = [rng.permutation(np.r_[s, s[: len(s) // 2]]) for s in sets]  # in any order, with repeats
+    values = np.concatenate(stored).astype(np.uint32)
+    offsets = np.r_[0, np.cumsum([len(s) for s in stored])].astype(np.int64)
+    rows_a, rows_b = rng.integers(0, 30, 200), rng.integers(0, 30, 200)
+    rows_a[:2], rows_b[:2] = [0, 0], [1, 5]
+    got = pair_jaccard(values, offsets, rows_a, values, offsets, rows_b)
+    want = [jaccard_sorted(sets[i], sets[j]) for i, j in zip(rows_a, rows_b)]
+    assert got.tolist() == want
