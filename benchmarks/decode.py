@@ -2,7 +2,7 @@
 
 The model has SmolLM2-135M's shape (d_model 576, 30 layers, 9 heads, 3 kv heads, FFN 1536, vocab 49152, tied
 embeddings, RoPE theta 1e5) and random weights. It is written with ``export_hf`` and loaded back as a
-``LlamaForCausalLM``, so both sides run the very same float32 weights. For each batch size both generate
+``LlamaForCausalLM``, so both sides run the very same weights (float32, then cast to bf16 for the bf16 rows). For each batch size both generate
 ``--new-tokens`` tokens after a ``--prompt-len`` random prompt, with EOS disabled so every row runs to the end.
 Prefill is timed on its own (a 1-token generation); decode tokens/s = batch * (new - 1) / (total - prefill).
 The two take turns run by run, so a slow spell of a shared machine hits both alike, and the fastest of
@@ -14,6 +14,7 @@ Never run in CI. Example: ``python benchmarks/decode.py`` (``--quick`` for a 4-l
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -58,6 +59,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--quick", action="store_true", help="4 layers instead of 30")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], nargs="+", default=["fp32", "bf16"],
+                    help="weights and activations of both engines (bf16: the usual inference dtype; on a CPU with "
+                         "AVX512-BF16 both reach oneDNN's bf16 kernels)")
     ap.add_argument("--json", default="", help="also write the numbers here")
     args = ap.parse_args()
     from transformers import LlamaForCausalLM
@@ -66,17 +70,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = SMOLLM2_135M if not args.quick else dataclasses.replace(SMOLLM2_135M, num_layers=4)
     torch.manual_seed(0)
-    model = LM(cfg).eval()
+    model32 = LM(cfg).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(model, tmp)
-        hf = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None
+        export_hf(model32, tmp)
+        hf32 = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    hf32.generation_config.eos_token_id = None
     # A busy shared machine slows both sides unevenly; the load average says how busy it was.
     load = [os.getloadavg()[0]]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {model.num_params() / 1e6:.1f}M parameters, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, float32, greedy; load average {load[0]:.2f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {model32.num_params() / 1e6:.1f}M "
+          f"parameters, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; load average {load[0]:.2f}")
     results = []
-    for batch in args.batch:
+    for dtype_name, batch in [(d, b) for d in args.dtype for b in args.batch]:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        model, hf = (model32, hf32) if dtype == torch.float32 else (copy.deepcopy(model32).to(dtype),
+                                                                    copy.deepcopy(hf32).to(dtype))
         prompt = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
         runs = engines(model, hf, args.prompt_len)
         times = {name: {"prefill": [], "total": []} for name in runs}
@@ -89,7 +96,7 @@ def main() -> None:
                 total, outputs[name] = timed(lambda: fn(prompt, args.new_tokens))
                 times[name]["total"].append(total)
         agree = (outputs["slmforge"] == outputs["transformers"]).float().mean().item()
-        row = {"batch": batch, "agree": agree}
+        row = {"dtype": dtype_name, "batch": batch, "agree": agree}
         for name, t in times.items():
             prefill, total = min(t["prefill"]), min(t["total"])
             row[name] = {"prefill_s": prefill, "total_s": total,
@@ -98,14 +105,15 @@ def main() -> None:
         results.append(row)
     load.append(os.getloadavg()[0])
     print(f"load average at the end: {load[1]:.2f} ({os.cpu_count()} CPUs)")
-    print("\n| batch | engine | prefill s | decode tokens/s | end-to-end tokens/s |\n|---|---|---|---|---|")
+    print("\n| dtype | batch | engine | prefill s | decode tokens/s | end-to-end tokens/s |\n|---|---|---|---|---|---|")
     for row in results:
         for name in ("slmforge", "transformers"):
             r = row[name]
-            print(f"| {row['batch']} | {name} | {r['prefill_s']:.3f} | {r['decode_tokens_per_second']:.1f} | "
-                  f"{r['end_to_end_tokens_per_second']:.1f} |")
+            print(f"| {row['dtype']} | {row['batch']} | {name} | {r['prefill_s']:.3f} | "
+                  f"{r['decode_tokens_per_second']:.1f} | {r['end_to_end_tokens_per_second']:.1f} |")
         speedup = row["slmforge"]["decode_tokens_per_second"] / row["transformers"]["decode_tokens_per_second"]
-        print(f"| {row['batch']} | **speed-up** | | **{speedup:.2f}x** | (same greedy tokens: {row['agree']:.0%}) |")
+        print(f"| {row['dtype']} | {row['batch']} | **speed-up** | | **{speedup:.2f}x** | "
+              f"(same greedy tokens: {row['agree']:.0%}) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": dataclasses.asdict(cfg), "args": vars(args), "load_average": load, "results": results},
