@@ -1,0 +1,57 @@
+"""Planning and training subcommands: plan, run, train."""
+
+from __future__ import annotations
+
+import os
+
+from slmforge.cli.common import config_args, dry_run, load
+from slmforge.config import merge, parse_overrides
+
+
+def cmd_plan(args) -> None:
+    from slmforge.plan import PlanConfig, format_plan, format_presets, plan
+
+    if args.presets:
+        print(format_presets())
+        return
+    print(format_plan(plan(merge(PlanConfig(), parse_overrides(args.overrides), where="plan"))))
+
+
+def cmd_train(args) -> None:
+    from slmforge.train.loop import train
+
+    from slmforge.train.distributed import shutdown
+
+    cfg = load(args)
+    if args.dry_run:
+        return dry_run(cfg)
+    result = train(cfg, resume=args.resume)
+    shutdown()
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
+        print(result)
+
+
+def cmd_run(args) -> None:
+    from slmforge.pipeline import run
+
+    cfg = load(args)
+    if args.dry_run:
+        return dry_run(cfg)
+    run(cfg)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="compute-optimal size, FLOPs, time and memory for a budget")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. gpu_hours=100 gpu=h100 num_gpus=8")
+    p.add_argument("--presets", action="store_true", help="list the model presets with exact parameter counts")
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")
+    config_args(p, recipe_positional=True)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("train", help="train on existing token shards (data.shards_dir)")
+    config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint")
+    p.set_defaults(fn=cmd_train)
+
