@@ -26,10 +26,16 @@ def train_tokenizer(texts, vocab_size: int, path=None):
     return _train_tokenizer(texts, vocab_size, path)
 
 
+def synthesize(job, progress: bool = True):
+    from slmforge.data.synth.jobs import synthesize as _synthesize
+
+    return _synthesize(job, progress=progress)
+
+
 def run(cfg):
     from slmforge.pipeline import run as _run
 
     return _run(cfg)
 
 
-__all__ = ["RunConfig", "load_config", "plan", "train", "train_tokenizer", "run", "__version__"]
+__all__ = ["RunConfig", "load_config", "plan", "train", "train_tokenizer", "synthesize", "run", "__version__"]

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
+
 from slmforge.cli.common import config_args, load, stage_config
 from slmforge.config import dump_yaml
 
 
 def cmd_synth(args) -> None:
     from slmforge.data.documents import write_jsonl
+    from slmforge.data.synth.jobs import load_job, preview, synthesize
     from slmforge.data.synth.procedural import build_corpus
 
+    if args.job:
+        job = load_job(args.job, args.overrides)
+        if args.dry_run:
+            return print(preview(job))
+        summary = synthesize(job)
+        print(json.dumps(summary, indent=2))
+        if not summary["complete"]:
+            raise SystemExit(1)
+        return
+    if not args.out:
+        raise ValueError("give --job JOB.yaml (a teacher job) or --out FOLDER (the procedural corpus)")
     d = load(args).data
     corpus = build_corpus(d.families, d.num_train_docs, d.num_val_docs, d.num_test_docs, d.seed)
     for split, docs in corpus.items():
@@ -58,9 +72,11 @@ def cmd_filter(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("synth", help="write the procedural corpus (no teacher needed) as JSONL splits")
+    p = sub.add_parser("synth", help="a teacher job (--job: any OpenAI-compatible endpoint, or the offline "
+                                     "procedural teacher), or the procedural corpus as JSONL splits (--out)")
     config_args(p)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--job", default=None, help="job YAML (e.g. recipes/synth_math.yaml); key=value override its keys")
+    p.add_argument("--out", default=None, help="output folder of the procedural corpus")
     p.set_defaults(fn=cmd_synth)
 
     for name, fn, what in (("tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer"),

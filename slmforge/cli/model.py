@@ -1,4 +1,4 @@
-"""Subcommands that use a trained model: generate, chat, export, import, eval."""
+"""Subcommands that use a trained model: generate, chat, serve, export, import, eval."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def cmd_chat(args) -> None:
 
     model, tok, _ = load_for_inference(args.checkpoint)
     chat(model, tok, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def cmd_serve(args) -> None:
+    from slmforge.serve.server import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
+          max_batch=args.max_batch)
 
 
 def cmd_export(args) -> None:
@@ -72,6 +79,15 @@ def register(sub) -> None:
         else:
             p.add_argument("--system", default="", help="system prompt")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/chat/completions, /v1/completions, /v1/models)")
+    p.add_argument("checkpoint", help="run folder or checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this bearer key (default: $SLMFORGE_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="the name clients ask for (default: the run's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together in one batch")
+    p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("export", help="write a run (attention-only) as a Hugging Face LlamaForCausalLM folder")
     p.add_argument("checkpoint", help="run folder or checkpoint folder")
