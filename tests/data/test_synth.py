@@ -309,6 +309,7 @@ def test_clean_hook_dedups_and_decontaminates(tmp_path):
     assert sorted(kept) == ["r0", "r1", "r2", "r3", "r4"]
 
 
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data").exists(), reason="needs ../shared/data (seed documents)")
 def test_every_synth_recipe_loads_and_plans():
     paths = sorted((REPO / "recipes").glob("synth_*.yaml"))
     assert len(paths) >= 3
