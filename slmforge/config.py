@@ -56,6 +56,28 @@ class HymbaConfig:
 
 
 @dataclass
+class ScalingConfig:
+    # OpenELM layer-wise scaling (Mehta et al. 2024, arXiv 2404.14619, sec. 2.1): unique block i of N gets
+    #   alpha_i = alpha_min + (alpha_max - alpha_min) * i / (N - 1),   beta_i likewise,
+    #   n_h^i = alpha_i * d_model / head_dim query heads,   m^i = beta_i * d_model FFN hidden units,
+    # with OpenELM's rounding (multipliers to 2 decimals, widths by make_divisible). head_dim and the query heads
+    # per kv head stay those of `attn`.
+    enabled: bool = False
+    alpha_min: float = 0.5
+    alpha_max: float = 1.0
+    beta_min: float = 0.5
+    beta_max: float = 4.0
+    ffn_multiple: int = 32  # FFN widths are multiples of this (OpenELM uses 256, too coarse for tiny models)
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's (from MobileNet) rounding: nearest multiple of ``divisor``, at least ``divisor``, and never
+    more than 10% below ``value``."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 512
     d_model: int = 128
@@ -73,6 +95,11 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
+    # Parameter sharing. num_layers is always the depth (layer applications); the parameters live in
+    # num_layers / block_repeat unique blocks, and the `layers` pattern is tiled over the unique blocks.
+    share_ffn: bool = False  # MobiLlama (arXiv 2402.16840): one FFN shared by every layer
+    block_repeat: int = 1  # MobileLLM (arXiv 2402.14905): each unique block runs this many times in a row
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     @property
     def ffn_dim(self) -> int:
@@ -84,9 +111,45 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.attn.head_dim or self.d_model // self.attn.num_heads
 
-    def layer_kinds(self) -> list[str]:
+    @property
+    def num_unique_blocks(self) -> int:
+        if self.block_repeat < 1 or self.num_layers % self.block_repeat:
+            raise ValueError(f"model.num_layers={self.num_layers} must be a multiple of "
+                             f"model.block_repeat={self.block_repeat} (a positive integer)")
+        return self.num_layers // self.block_repeat
+
+    def block_index(self) -> list[int]:
+        """Layer i runs unique block ``block_index()[i]`` (MobileLLM's immediate repeat: 0, 0, 1, 1, ...)."""
+        return [i // self.block_repeat for i in range(self.num_layers)]
+
+    def block_kinds(self) -> list[str]:
+        """The token mixer of each unique block."""
         pattern = [p.strip() for p in self.layers.split(",") if p.strip()]
-        return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+        return [pattern[j % len(pattern)] for j in range(self.num_unique_blocks)]
+
+    def layer_kinds(self) -> list[str]:
+        """The token mixer of each layer (application), num_layers long."""
+        kinds = self.block_kinds()
+        return [kinds[j] for j in self.block_index()]
+
+    def block_config(self, j: int) -> ModelConfig:
+        """The config unique block ``j`` is built from: this one, or with OpenELM's per-block heads and FFN width."""
+        s = self.scaling
+        if not s.enabled:
+            return self
+        if self.share_ffn:
+            raise ValueError("model.share_ffn and model.scaling.enabled cannot be combined: "
+                             "one shared FFN cannot have a different width in every layer")
+        # np.linspace(min, max, N) as OpenELM computes it, rounded to 2 decimals as there
+        frac = j / (self.num_unique_blocks - 1) if self.num_unique_blocks > 1 else 0.0
+        alpha = round(s.alpha_min + (s.alpha_max - s.alpha_min) * frac, 2)
+        beta = round(s.beta_min + (s.beta_max - s.beta_min) * frac, 2)
+        head_dim, groups = self.head_dim, self.attn.num_heads // self.attn.num_kv_heads
+        # Query width a multiple of head_dim * groups keeps every kv head with the same number of query heads.
+        num_heads = make_divisible(alpha * self.d_model, head_dim * groups) // head_dim
+        attn = dataclasses.replace(self.attn, num_heads=num_heads, num_kv_heads=num_heads // groups, head_dim=head_dim)
+        return dataclasses.replace(self, attn=attn, ffn_hidden=make_divisible(beta * self.d_model, s.ffn_multiple),
+                                   scaling=ScalingConfig())
 
 
 @dataclass
@@ -97,6 +160,7 @@ class DataConfig:
     val_paths: list[str] = field(default_factory=list)  # held-out files; empty = split by val_fraction
     val_fraction: float = 0.02
     text_field: str = "text"  # JSONL/Parquet column holding the text
+    text_split: str = "file"  # plain-text files: one document per "file", "line" or "blank_line"-separated block
     num_train_docs: int = 20000  # procedural corpus size per split
     num_val_docs: int = 500
     num_test_docs: int = 500
@@ -109,6 +173,10 @@ class DataConfig:
     # Multi-stage data mixture over token-shard sources (slmforge/data/mixture.py); no stages = train on
     # <shards_dir>/train. Validation always uses <shards_dir>/validation.
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    # Named corpora built side by side (one shared tokenizer, shards in <shards_dir>/<name>/), each a mapping of
+    # the data keys above that differ from the top-level ones, e.g. {math: {families: [arithmetic]},
+    # wiki: {source: files, paths: [...]}}. Mixture sources with no shards folder read <shards_dir>/<name>/train.
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     seed: int = 1234
 
 
@@ -123,6 +191,8 @@ class TrainConfig:
     schedule: str = "wsd"  # "wsd" or "cosine"
     decay_fraction: float = 0.2  # WSD: fraction of steps spent decaying
     decay_shape: str = "sqrt"  # WSD decay: "linear", "sqrt" (1 - sqrt), "cosine"
+    # WSD: name of a data.mixture stage; the decay starts with it (replacing decay_fraction) and ends at max_steps.
+    anneal_stage: str = ""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95

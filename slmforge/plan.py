@@ -1,7 +1,8 @@
 """Plan a training run: exact parameter and FLOP counts, Chinchilla budgets, memory per GPU.
 
 - Parameters are counted from a ``ModelConfig`` by the same recipe ``model/lm.py`` follows (Llama-style, no
-  biases) and checked against the instantiated model in ``tests/test_plan.py``.
+  biases) and checked against the instantiated model in ``tests/test_plan.py``. A parameter shared by several
+  layers (``model.share_ffn``, ``model.block_repeat``) counts once; FLOPs and activations count every use.
 - FLOPs per token follow PaLM's MFU formula (Chowdhery et al. 2022, arXiv 2204.02311, appendix B):
   2 FLOPs per matmul weight in the forward, plus the attention-score term, times 3 for training.
 - Compute-optimal sizes come from Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models"
@@ -144,14 +145,22 @@ MIXER_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {
 FFN_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {"dense": dense_ffn_cost}
 
 
-def _layer_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
-    for kind, table in ((cfg.ffn, FFN_COSTS), *((k, MIXER_COSTS) for k in dict.fromkeys(cfg.layer_kinds()))):
+def _block_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
+    """(mixer, FFN) cost of each unique block, from its own config (OpenELM scaling changes it per block)."""
+    for kind, table in ((cfg.ffn, FFN_COSTS), *((k, MIXER_COSTS) for k in dict.fromkeys(cfg.block_kinds()))):
         if kind not in table:
             raise NotImplementedError(
                 f"plan.py cannot count layer kind {kind!r} yet (known: {', '.join(table)}); "
                 f"add a cost function to {'FFN_COSTS' if table is FFN_COSTS else 'MIXER_COSTS'}")
-    ffn = FFN_COSTS[cfg.ffn](cfg, seq_len)
-    return [(MIXER_COSTS[kind](cfg, seq_len), ffn) for kind in cfg.layer_kinds()]
+    configs = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
+    return [(MIXER_COSTS[kind](c, seq_len), FFN_COSTS[cfg.ffn](c, seq_len))
+            for c, kind in zip(configs, cfg.block_kinds())]
+
+
+def _layer_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
+    """Per layer application (num_layers long): compute and activations count every use of a shared weight."""
+    blocks = _block_costs(cfg, seq_len)
+    return [blocks[j] for j in cfg.block_index()]
 
 
 @dataclass
@@ -159,16 +168,23 @@ class ParamCount:
     total: int
     non_embedding: int  # total minus the token embedding and an untied output head
     embedding: int
-    per_layer: list[int] = field(default_factory=list)
+    per_layer: list[int] = field(default_factory=list)  # parameters each layer uses, shared ones in every user
+    shared: int = 0  # parameters used by more than one layer (a shared FFN, repeated blocks), counted once
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
+    """Every distinct parameter once: unique blocks, the shared FFN once, the embedding once when tied."""
     h = cfg.d_model
+    blocks = _block_costs(cfg, cfg.max_seq_len)
     # two RMSNorm weights per block, one before the mixer and one before the FFN
-    per_layer = [2 * h + mixer.params + ffn.params for mixer, ffn in _layer_costs(cfg, cfg.max_seq_len)]
+    per_block = [2 * h + mixer.params + ffn.params for mixer, ffn in blocks]
+    shared_ffn = blocks[0][1].params if cfg.share_ffn else 0
+    own = [p - shared_ffn for p in per_block]  # what each unique block holds itself
     embedding = cfg.vocab_size * h * (1 if cfg.tie_embeddings else 2)
-    total = embedding + sum(per_layer) + h  # + final RMSNorm
-    return ParamCount(total, total - embedding, embedding, per_layer)
+    total = embedding + sum(own) + shared_ffn + h  # + final RMSNorm
+    shared = sum(own) if cfg.block_repeat > 1 else 0
+    shared += shared_ffn if cfg.num_layers > 1 else 0
+    return ParamCount(total, total - embedding, embedding, [per_block[j] for j in cfg.block_index()], shared)
 
 
 # ---------------------------------------------------------------- FLOPs

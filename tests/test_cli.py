@@ -120,3 +120,16 @@ def test_glob_matching_nothing(tmp_path, capsys):
 def test_unknown_override_key(capsys):
     assert main(["train", "--dry-run", "train.max_stpes=3"]) == 2
     assert "did you mean max_steps" in capsys.readouterr().err
+
+
+def test_info_prints_parameters_and_state_bytes(capsys):
+    from slmforge.config import preset
+    from slmforge.plan import count_params
+
+    assert main(["info", "tiny", "model.layers=attn,ssm", "model.block_repeat=2"]) == 0
+    out = capsys.readouterr().out
+    cfg = preset("tiny")
+    cfg.layers, cfg.block_repeat = "attn,ssm", 2
+    assert f"{count_params(cfg).total:,} total" in out and "from 2 unique blocks" in out
+    assert "16,384 tokens" in out and "ssm" in out
+    assert main(["info", "no-such-preset"]) == 2

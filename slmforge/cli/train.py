@@ -1,4 +1,4 @@
-"""Planning and training subcommands: plan, run, train."""
+"""Planning and training subcommands: plan, info, run, train."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def cmd_plan(args) -> None:
         print(format_presets())
         return
     print(format_plan(plan(merge(PlanConfig(), parse_overrides(args.overrides), where="plan"))))
+
+
+def cmd_info(args) -> None:
+    from slmforge.model.info import format_info, info, load_model_config
+
+    print(format_info(info(load_model_config(args.config, args.overrides))))
 
 
 def cmd_train(args) -> None:
@@ -45,6 +51,11 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. gpu_hours=100 gpu=h100 num_gpus=8")
     p.add_argument("--presets", action="store_true", help="list the model presets with exact parameter counts")
     p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("info", help="parameters (total, non-embedding, shared) and decoding-state bytes at 4k/16k")
+    p.add_argument("config", help="a preset name (tiny, 10m, ..., 1b) or a recipe YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="model keys, e.g. model.layers=attn,ssm")
+    p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")
     config_args(p, recipe_positional=True)

@@ -27,24 +27,37 @@ FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mixer: str):
+    """One unique block. With ``own_ffn=False`` (``model.share_ffn``) it keeps its FFN norm but the FFN itself
+    is the model's shared one, passed to ``forward``; a block repeated by ``model.block_repeat`` is simply
+    called several times, each time with its own cache."""
+
+    def __init__(self, cfg: ModelConfig, mixer: str, own_ffn: bool = True):
         super().__init__()
         self.kind = mixer
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = lookup(MIXERS, mixer, "token mixer (model.layers)")(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = lookup(FFNS, cfg.ffn, "FFN (model.ffn)")(cfg)
+        self.ffn = build_ffn(cfg) if own_ffn else None
 
     def reset_parameters(self, cfg: ModelConfig) -> None:
-        # Residual-output projections are scaled down by depth so the residual stream's variance
-        # stays O(1) at init (GPT-2, arXiv 2005.14165 sec. 2.3).
-        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.mixer_norm.weight.data.fill_(1.0)
         self.ffn_norm.weight.data.fill_(1.0)
-        self.mixer.reset_parameters(cfg.init_std, out_std)
-        self.ffn.reset_parameters(cfg.init_std, out_std)
+        self.mixer.reset_parameters(cfg.init_std, residual_out_std(cfg))
+        if self.ffn is not None:
+            self.ffn.reset_parameters(cfg.init_std, residual_out_std(cfg))
 
-    def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor | float]:
+    def forward(self, x: torch.Tensor, cache=None,
+                ffn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
         x = x + self.mixer(self.mixer_norm(x), cache=cache)
-        y, aux = self.ffn(self.ffn_norm(x))
+        y, aux = (self.ffn if ffn is None else ffn)(self.ffn_norm(x))
         return x + y, aux
+
+
+def build_ffn(cfg: ModelConfig) -> nn.Module:
+    return lookup(FFNS, cfg.ffn, "FFN (model.ffn)")(cfg)
+
+
+def residual_out_std(cfg: ModelConfig) -> float:
+    # Residual-output projections are scaled down by depth (layer applications, shared or not) so the residual
+    # stream's variance stays O(1) at init (GPT-2, arXiv 2005.14165 sec. 2.3).
+    return cfg.init_std / math.sqrt(2 * cfg.num_layers)

@@ -2,6 +2,13 @@
 
 A Llama-style decoder (Touvron et al. 2023, arXiv 2302.13971) whose per-layer token mixer and FFN
 come from ``block.MIXERS`` / ``block.FFNS``. Shapes: B batch, T time, C d_model, V vocabulary.
+
+Parameter sharing keeps the parameters in ``blocks``, a ModuleList of unique blocks, and ``block_index``
+says which block each of the ``num_layers`` layers runs: MobileLLM's immediate block-wise repeat (arXiv
+2402.14905) runs each block ``block_repeat`` times in a row, MobiLlama (arXiv 2402.16840) shares one FFN,
+``ffn``, across all layers. Without sharing ``blocks[i]`` is layer i, so state-dict names are unchanged.
+OpenELM's layer-wise scaling (arXiv 2404.14619) only changes each unique block's config.
+Every layer application gets its own cache, even when it shares weights with another.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import torch
 from torch import nn
 
 from slmforge.config import ModelConfig
-from slmforge.model.block import Block
+from slmforge.model.block import Block, build_ffn, residual_out_std
 from slmforge.model.layers import RMSNorm, cross_entropy, linear
 
 
@@ -19,7 +26,10 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds())
+        self.blocks = nn.ModuleList(Block(cfg.block_config(j), kind, own_ffn=not cfg.share_ffn)
+                                    for j, kind in enumerate(cfg.block_kinds()))
+        self.ffn = build_ffn(cfg) if cfg.share_ffn else None
+        self.block_index = cfg.block_index()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -35,14 +45,21 @@ class LM(nn.Module):
         self.norm.weight.fill_(1.0)
         for block in self.blocks:
             block.reset_parameters(self.cfg)
+        if self.ffn is not None:
+            self.ffn.reset_parameters(self.cfg.init_std, residual_out_std(self.cfg))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def layers(self) -> list[Block]:
+        """The block each layer runs, num_layers long (a shared block appears several times)."""
+        return [self.blocks[j] for j in self.block_index]
+
     def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
+        """One cache per layer application: a repeated block sees different inputs each time."""
         device = device or self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
-        return [b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.blocks]
+        return [b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.layers()]
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None
@@ -54,8 +71,8 @@ class LM(nn.Module):
         """
         x = self.tok_emb(tokens)
         aux_total = 0.0
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x, cache=None if cache is None else cache[i])
+        for i, block in enumerate(self.layers()):
+            x, aux = block(x, cache=None if cache is None else cache[i], ffn=self.ffn)
             aux_total = aux_total + aux
         logits = linear(self.norm(x), self.head.weight)
         if targets is None:

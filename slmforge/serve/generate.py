@@ -107,9 +107,10 @@ class PaddedDecoder:
         positions = positions.clamp(min=0)
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
         x = model.tok_emb(tokens)
-        for block, cache in zip(model.blocks, self.caches):
+        for block, cache in zip(model.layers(), self.caches):  # a repeated block once per layer it runs
             x = x + _attend_padded(block.mixer, block.mixer_norm(x), cos, sin, cache, mask)
-            x = x + block.ffn(block.ffn_norm(x))[0]
+            ffn = block.ffn if model.ffn is None else model.ffn
+            x = x + ffn(block.ffn_norm(x))[0]
         self.pos += tokens.shape[1]
         return linear(model.norm(x[:, -1]), model.head.weight)
 

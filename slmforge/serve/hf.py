@@ -32,6 +32,9 @@ SUPPORTED_TYPES = ("llama",)
 
 
 def _check_exportable(cfg: ModelConfig) -> None:
+    if cfg.scaling.enabled:
+        raise ValueError("export_hf: model.scaling.enabled (OpenELM layer-wise scaling) gives every layer its own "
+                         "head count and FFN width, which LlamaForCausalLM cannot represent")
     kinds = sorted(set(cfg.layer_kinds()))
     if kinds != ["attn"] or cfg.ffn != "dense" or cfg.attn.window:
         raise ValueError(f"export_hf: only attention-only dense models map onto LlamaForCausalLM; this model has "
@@ -58,20 +61,25 @@ def hf_config(cfg: ModelConfig, bos_id: int = 1, eos_id: int = 2, pad_id: int = 
 
 
 def to_hf_state_dict(model: LM) -> dict[str, torch.Tensor]:
-    """Our parameters under Llama names; the tied head is left out, as transformers saves it."""
+    """Our parameters under Llama names; the tied head is left out, as transformers saves it.
+
+    Shared weights (``model.share_ffn``, ``model.block_repeat``) are written out once per layer that uses them:
+    Llama has no sharing, so the export is larger than the model but computes the same logits.
+    """
     cfg = model.cfg
     q_rows, kv_rows, f = cfg.attn.num_heads * cfg.head_dim, cfg.attn.num_kv_heads * cfg.head_dim, cfg.ffn_dim
     out = {"model.embed_tokens.weight": model.tok_emb.weight, "model.norm.weight": model.norm.weight}
-    for i, block in enumerate(model.blocks):
+    for i, block in enumerate(model.layers()):
         p = f"model.layers.{i}."
+        ffn = block.ffn if model.ffn is None else model.ffn
         q, k, v = block.mixer.wqkv.weight.split([q_rows, kv_rows, kv_rows])
-        gate, up = block.ffn.w13.weight.split([f, f])
+        gate, up = ffn.w13.weight.split([f, f])
         out.update({
             p + "input_layernorm.weight": block.mixer_norm.weight,
             p + "post_attention_layernorm.weight": block.ffn_norm.weight,
             p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
             p + "self_attn.o_proj.weight": block.mixer.wo.weight, p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.ffn.w2.weight,
+            p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": ffn.w2.weight,
         })
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = model.head.weight

@@ -37,9 +37,9 @@ TRICKY = [
 def _corpus() -> str:
     if TINYSTORIES.is_file():
         return TINYSTORIES.read_text(encoding="utf-8")[:200_000]
-    rng = random.Random(0)
-    words = "the cat dog sat ran on a mat happy little big friend tree sun day played said".split()
-    return "\n\n".join(" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(3000))
+    from slmforge.data.synth.procedural import build_corpus  # without ../shared/data: varied enough for 512
+
+    return "\n\n".join(d.text for d in build_corpus(["arithmetic", "narrative", "facts"], 2000, 0, 0, seed=0)["train"])
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,120 @@
+"""What a model config costs to hold: parameters (total, non-embedding, shared) and inference-state bytes.
+
+The state is what decoding keeps per sequence, counted exactly as the mixers allocate it (``init_cache``):
+attention keeps keys and values for every position (``KVCache``, which also allocates all ``max_len`` slots
+under a sliding window), the SSM and linear attention a fixed-size state (``RecurrentCache``, kept in at least
+float32) plus the SSM's last conv inputs; Hymba both. Each layer application has its own cache, also when it
+shares weights with another layer. ``tests/model/test_info.py`` checks these numbers against real caches.
+Pure arithmetic on the config: no torch import. Shapes: T tokens, K kv heads, D head dim, H heads, P head dim,
+N state size, k conv kernel.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+from slmforge.config import ModelConfig
+from slmforge.plan import count_params
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _kv_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+    return 2 * tokens * cfg.attn.num_kv_heads * cfg.head_dim * nbytes  # k and v: (K, T, D) each
+
+
+def _ssm_heads_bytes(cfg: ModelConfig, width: int, nbytes: int) -> int:
+    s = cfg.ssm
+    state = (width // s.head_dim) * s.head_dim * s.state_dim * max(nbytes, 4)  # (H, P, N), at least fp32
+    conv = (s.conv_kernel - 1) * (width + 2 * s.state_dim) * nbytes  # (k-1, x + B + C channels)
+    return state + conv
+
+
+def attn_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+    return _kv_bytes(cfg, tokens, nbytes)
+
+
+def ssm_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+    return _ssm_heads_bytes(cfg, cfg.ssm.expand * cfg.d_model, nbytes)
+
+
+def linear_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+    c = cfg.linear
+    return int(cfg.d_model * c.expand_k) * int(cfg.d_model * c.expand_v) // c.num_heads * max(nbytes, 4)  # (H, K, V)
+
+
+def hymba_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+    return _kv_bytes(cfg, tokens, nbytes) + _ssm_heads_bytes(cfg, cfg.attn.num_heads * cfg.head_dim, nbytes)
+
+
+# Adding a mixer means one entry here, as in plan.MIXER_COSTS.
+STATE_BYTES: dict[str, Callable[[ModelConfig, int, int], int]] = {
+    "attn": attn_state_bytes, "ssm": ssm_state_bytes, "linear": linear_state_bytes, "hymba": hymba_state_bytes}
+
+
+def state_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16") -> dict[str, int]:
+    """Decoding-state bytes of one sequence of ``tokens`` tokens, summed per mixer kind, plus ``total``."""
+    from slmforge.registry import lookup
+
+    nbytes = lookup(DTYPE_BYTES, dtype, "dtype")
+    kinds = cfg.block_kinds()
+    per_block = [lookup(STATE_BYTES, kind, "token mixer")(cfg.block_config(j), tokens, nbytes)
+                 for j, kind in enumerate(kinds)]
+    out: dict[str, int] = {}
+    for j in cfg.block_index():
+        out[kinds[j]] = out.get(kinds[j], 0) + per_block[j]
+    out["total"] = sum(per_block[j] for j in cfg.block_index())
+    return out
+
+
+def info(cfg: ModelConfig, seq_lens: tuple[int, ...] = (4096, 16384),
+         dtypes: tuple[str, ...] = ("bf16", "fp32")) -> dict:
+    """Parameters and per-sequence decoding state of ``cfg`` (any layout, sharing and scaling)."""
+    n = count_params(cfg)
+    blocks = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
+    return {
+        "params": {"total": n.total, "non_embedding": n.non_embedding, "embedding": n.embedding, "shared": n.shared},
+        "layers": {"num_layers": cfg.num_layers, "num_unique_blocks": cfg.num_unique_blocks,
+                   "mixers": dict(Counter(cfg.layer_kinds())), "share_ffn": cfg.share_ffn,
+                   "block_repeat": cfg.block_repeat, "scaling": cfg.scaling.enabled,
+                   "attn_heads": [b.attn.num_heads for b in blocks], "ffn_dims": [b.ffn_dim for b in blocks]},
+        "state_bytes": {dtype: {tokens: state_bytes(cfg, tokens, dtype) for tokens in seq_lens} for dtype in dtypes},
+    }
+
+
+def _bytes(x: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if x < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    raise AssertionError
+
+
+def format_info(result: dict) -> str:
+    p, layers = result["params"], result["layers"]
+    mixers = ", ".join(f"{k} x{v}" for k, v in layers["mixers"].items())
+    sharing = [name for name, on in (("shared FFN", layers["share_ffn"]),
+                                     (f"each block x{layers['block_repeat']}", layers["block_repeat"] > 1),
+                                     ("OpenELM scaling", layers["scaling"])) if on]
+    lines = [f"Parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['shared']:,} shared "
+             f"by more than one layer",
+             f"Layers: {layers['num_layers']} ({mixers}) from {layers['num_unique_blocks']} unique blocks"
+             + (f"; {', '.join(sharing)}" if sharing else "")]
+    if layers["scaling"]:
+        lines.append(f"  attention heads per block {layers['attn_heads']}, FFN widths {layers['ffn_dims']}")
+    lines.append("Decoding state per sequence (caches as init_cache allocates them):")
+    for dtype, by_len in result["state_bytes"].items():
+        for tokens, by_kind in by_len.items():
+            kinds = ", ".join(f"{k} {_bytes(v)}" for k, v in by_kind.items() if k != "total")
+            lines.append(f"  {dtype:>4} at {tokens:>6,} tokens: {_bytes(by_kind['total']):>10}  ({kinds})")
+    return "\n".join(lines)
+
+
+def load_model_config(spec: str, overrides: list[str] | None = None) -> ModelConfig:
+    """A preset name (``tiny``, ``100m``, ...) or a recipe YAML, then ``key=value`` overrides (``model.layers=ssm``)."""
+    from slmforge.config import PRESETS, load_config
+
+    if spec in PRESETS:
+        return load_config(None, [f"preset={spec}", *(overrides or [])]).model
+    return load_config(spec, overrides).model
