@@ -115,20 +115,31 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return linear(self.heads(x, cache), self.wo.weight)
 
-    def heads(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Everything but the output projection: (B, T, C) -> the heads' outputs (B, T, H*D)."""
+    def heads(self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple | None = None,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything but the output projection: (B, T, C) -> the heads' outputs (B, T, H*D).
+
+        Batched decoding of left-padded rows (``serve.generate.PaddedDecoder``) gives each row its own RoPE
+        positions, ``rope`` = (cos, sin) of shape (B, T, 1, D/2), and a boolean key ``mask`` broadcastable to
+        (B, H, T, S); otherwise positions follow the cache and attention is causal (with the window).
+        """
         b, t, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, d)
-        start = cache.pos if cache is not None else 0
-        cos, sin = self._rope(start, t)
+        if rope is None:
+            cos, sin = self._rope(cache.pos if cache is not None else 0, t)
+            rope = cos[:, None], sin[:, None]
         # q and k lie side by side in the fused projection, so one rotation covers both.
-        qk = apply_rope(qkv[:, :, : h + kvh], cos[:, None], sin[:, None]).transpose(1, 2)  # (B, H+K, T, D)
+        qk = apply_rope(qkv[:, :, : h + kvh], *rope).transpose(1, 2)  # (B, H+K, T, D)
         q, k = qk.split([h, kvh], dim=1)
         v = qkv[:, :, h + kvh :].transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.append(k, v)
-        return self._attend(q, k, v).transpose(1, 2).reshape(b, t, h * d)
+        if mask is None:
+            y = self._attend(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
+        return y.transpose(1, 2).reshape(b, t, h * d)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (B, H, T, D); k, v: (B, K, S, D), the last T keys new -> (B, H, T, D), by the fastest kernel."""

@@ -4,9 +4,9 @@
 ``generate`` works on text with a tokenizer and stop strings; ``generate_batch`` continues prompts of different
 lengths in one left-padded batch. Sampling: temperature, top-k, top-p.
 
-Fast path (``PaddedDecoder``, attention-only models): the blocks run here with a per-row key mask and per-row
-RoPE positions, so left-padded rows decode exactly as they would alone; prefill computes logits for the last
-position only, the KV cache is preallocated, and finished rows leave the batch. Other models go through
+Fast path (``PaddedDecoder``, attention-only models): the blocks run here, through ``Attention.heads`` with a
+per-row key mask and per-row RoPE positions, so left-padded rows decode exactly as they would alone; prefill
+computes logits for the last position only, the KV cache is preallocated, and finished rows leave the batch. Other models go through
 ``LM.forward`` with its caches, one row at a time when prompts differ in length. ``use_cache=False`` (full
 recompute through ``LM.forward``) is the reference the tests compare both with.
 Shapes: B batch, T prompt length (padded), S keys, H query heads, K kv heads, D head dim, V vocabulary.
@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from slmforge.model.attention import Attention
-from slmforge.model.layers import apply_rope, linear, rope_tables
+from slmforge.model.layers import linear, rope_tables
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -108,26 +107,11 @@ class PaddedDecoder:
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
         x = model.tok_emb(tokens)
         for block, cache in zip(model.layers(), self.caches):  # a repeated block once per layer it runs
-            x = x + _attend_padded(block.mixer, block.mixer_norm(x), cos, sin, cache, mask)
+            x = x + linear(block.mixer.heads(block.mixer_norm(x), cache, (cos, sin), mask), block.mixer.wo.weight)
             ffn = block.ffn if model.ffn is None else model.ffn
             x = x + ffn(block.ffn_norm(x))[0]
         self.pos += tokens.shape[1]
         return linear(model.norm(x[:, -1]), model.head.weight)
-
-
-def _attend_padded(attn: Attention, x, cos, sin, cache, mask) -> torch.Tensor:
-    """``Attention.forward`` with per-row RoPE positions and key mask. x: (B, T, C) -> (B, T, C)."""
-    b, t, _ = x.shape
-    h, kvh, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    qkv = linear(x, attn.wqkv.weight).view(b, t, h + 2 * kvh, d)
-    qk = apply_rope(qkv[:, :, : h + kvh], cos, sin).transpose(1, 2)  # (B, H+K, T, D)
-    q, k = qk.split([h, kvh], dim=1)
-    k, v = cache.append(k, qkv[:, :, h + kvh :].transpose(1, 2))  # (B, K, S, D)
-    if mask is None and t > 1:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h != kvh)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
-    return linear(y.transpose(1, 2).reshape(b, t, h * d), attn.wo.weight)
 
 
 def fast_path(model) -> bool:
