@@ -6,9 +6,9 @@ lengths in one left-padded batch. Sampling: temperature, top-k, top-p.
 
 Fast path (``PaddedDecoder``, attention-only models): the blocks run here, through ``Attention.heads`` with a
 per-row key mask and per-row RoPE positions, so left-padded rows decode exactly as they would alone; prefill
-computes logits for the last position only, the KV cache is preallocated, and finished rows leave the batch. Other models go through
-``LM.forward`` with its caches, one row at a time when prompts differ in length. ``use_cache=False`` (full
-recompute through ``LM.forward``) is the reference the tests compare both with.
+computes logits for the last position only, the KV cache is preallocated, and finished rows leave the batch.
+Other models go through ``LM.forward`` with its caches, one row at a time when prompts differ in length.
+``use_cache=False`` (full recompute through ``LM.forward``) is the reference the tests compare both with.
 Shapes: B batch, T prompt length (padded), S keys, H query heads, K kv heads, D head dim, V vocabulary.
 """
 
