@@ -9,9 +9,9 @@ Every method sees the same texts in memory and the same shingles: lowercased wor
 digits and non-ASCII bytes), 5 words per shingle, 128 permutations, threshold 0.8.
 
 Rows:
-  slmforge, N processes  ``SignatureStep`` (num_workers=N) then ``build_clusters``: LSH 16 x 8, exact Jaccard
+  slmforge, N threads    ``SignatureStep`` (num_workers=N) then ``build_clusters``: LSH 16 x 8, exact Jaccard
                          verification of candidates, union-find, survivor = first
-  slmforge dedup()       the whole stage from a JSONL file: read, signatures (2 processes), clusters, write the
+  slmforge dedup()       the whole stage from a JSONL file: read, signatures (2 threads), clusters, write the
                          kept documents (the "signatures" columns are stage A, reading included)
   datasketch             ``MinHash.update_batch`` per document, ``MinHashLSH`` with its default weights (9 x 13):
                          query each document, drop it if it has a candidate, else insert it
@@ -20,7 +20,7 @@ Rows:
 The shingling of datasketch and rensa (a Python regex and joins) is counted in their signature time, as
 slmforge's own hashing is in its. Recall: planted copies removed, by exact Jaccard of the pair. Precision:
 removed documents whose exact Jaccard with the document they were matched to is at least 0.8. CPU seconds
-include worker processes; on a shared machine they are steadier than wall time, and MB per CPU-second times the
+include every thread; on a shared machine they are steadier than wall time, and MB per CPU-second times the
 number of free cores bounds what the parallel rows can reach.
 """
 
@@ -190,9 +190,9 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}; {len(planted)} planted pairs, exact Jaccard {truth.min():.2f}-"
           f"{truth.max():.2f} ({(truth >= 0.85).sum()} at >= 0.85, {((truth >= 0.8) & (truth < 0.85)).sum()} "
           f"at 0.8-0.85)\n")
-    rows = {"slmforge, 1 process": lambda: run_slmforge(texts, 1, args.repeat),
-            "slmforge, 2 processes": lambda: run_slmforge(texts, 2, args.repeat),
-            "slmforge dedup() from file, 2 processes": lambda: run_slmforge_files(texts, args.repeat),
+    rows = {"slmforge, 1 thread": lambda: run_slmforge(texts, 1, args.repeat),
+            "slmforge, 2 threads": lambda: run_slmforge(texts, 2, args.repeat),
+            "slmforge dedup() from file, 2 threads": lambda: run_slmforge_files(texts, args.repeat),
             "datasketch 2.0 (LSH 9 x 13)": lambda: run_datasketch(texts, args.repeat),
             "rensa 0.5 (LSH 16 x 8, estimate check)": lambda: run_rensa(texts, args.repeat)}
     header = ["method", "signatures docs/s", "signatures MB/s", "signatures CPU s", "dedup docs/s", "dedup MB/s",
