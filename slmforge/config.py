@@ -328,16 +328,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return nested
 
 
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A YAML file's top-level mapping ({} for None or an empty file); a clear error otherwise."""
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults < preset < YAML recipe < overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml(path)
     over = parse_overrides(overrides or [])
     preset_name = over.get("preset", raw.get("preset", ""))
     cfg = RunConfig()

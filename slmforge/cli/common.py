@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.config import dump_yaml, load_config, merge, parse_overrides
+from slmforge.config import dump_yaml, load_config, merge, parse_overrides, read_yaml
 
 
 def config_args(p: argparse.ArgumentParser, recipe_positional: bool = False) -> None:
@@ -37,13 +37,5 @@ def dry_run(cfg) -> None:
 
 def stage_config(cls, args):
     """A data stage's own config dataclass: defaults < --config YAML (a flat mapping) < key=value overrides."""
-    import yaml
-
-    raw = {}
-    if args.recipe:
-        try:
-            with open(args.recipe) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{args.recipe}: not valid YAML: {exc}") from None
+    raw = read_yaml(args.recipe)
     return merge(merge(cls(), raw, where=args.recipe or cls.__name__), parse_overrides(args.overrides), "override")

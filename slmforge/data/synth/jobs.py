@@ -39,10 +39,9 @@ from itertools import product
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from tqdm import tqdm
 
-from slmforge.config import merge, parse_overrides
+from slmforge.config import merge, parse_overrides, read_yaml
 from slmforge.data.documents import read_documents
 from slmforge.data.filters import GSM8K_TEST
 from slmforge.data.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
@@ -81,15 +80,7 @@ class SynthJob:
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> SynthJob:
     """Defaults < job YAML < ``key=value`` overrides (dotted, e.g. ``teacher.concurrency=16``)."""
-    raw = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-    job = merge(SynthJob(), raw, where=str(path or "job"))
+    job = merge(SynthJob(), read_yaml(path), where=str(path or "job"))
     return merge(job, parse_overrides(overrides or []), where="override")
 
 

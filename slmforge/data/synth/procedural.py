@@ -259,8 +259,9 @@ _ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>(-?\d+)")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
 
-def safe_eval(expr: str) -> Fraction:
-    """Evaluate integers combined with + - * / and parentheses, exactly; anything else raises ValueError."""
+def safe_eval(expr: str, decimals: bool = False) -> Fraction:
+    """Evaluate integers (with ``decimals``, decimal numbers too) combined with + - * /, unary minus and
+    parentheses, exactly; anything else raises ValueError."""
 
     def ev(node: ast.AST) -> Fraction:
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
@@ -268,9 +269,12 @@ def safe_eval(expr: str) -> Fraction:
             if isinstance(node.op, ast.Div) and right == 0:
                 raise ValueError(f"division by zero in {expr!r}")
             return _OPS[type(node.op)](left, right)
-        if isinstance(node, ast.Constant) and type(node.value) is int:
-            return Fraction(node.value)
-        raise ValueError(f"unsupported expression {expr!r}: expected integers and + - * / only")
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.Constant) and type(node.value) in ((int, float) if decimals else (int,)):
+            return Fraction(str(node.value))
+        raise ValueError(f"unsupported expression {expr!r}: expected {'numbers' if decimals else 'integers'} "
+                         f"and + - * / only")
 
     try:
         return ev(ast.parse(expr.strip(), mode="eval").body)

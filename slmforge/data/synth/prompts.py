@@ -26,8 +26,6 @@ a well-computed step of a wrong plan. Agreement across k samples would, at k tim
 
 from __future__ import annotations
 
-import ast
-import operator
 import re
 import string
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from slmforge.config import merge
-from slmforge.data.synth.procedural import verify_arithmetic
+from slmforge.data.synth.procedural import safe_eval, verify_arithmetic
 from slmforge.registry import lookup
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -156,28 +154,10 @@ PARSERS = {"section": parse_section, "fields": parse_fields, "gsm8k": parse_gsm8
 
 # ---------------------------------------------------------------- math check
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
 def exact_eval(expr: str) -> Fraction:
-    """Evaluate decimal numbers with + - * / and parentheses exactly; anything else raises ValueError."""
-
-    def ev(node: ast.AST) -> Fraction:
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Div) and right == 0:
-                raise ValueError("division by zero")
-            return _OPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -ev(node.operand)
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return Fraction(str(node.value))
-        raise ValueError(f"unsupported expression {expr!r}")
-
-    try:
-        return ev(ast.parse(expr.replace(",", "").strip(), mode="eval").body)
-    except SyntaxError:
-        raise ValueError(f"not an arithmetic expression: {expr!r}") from None
+    """Evaluate decimal numbers (thousands separators allowed) with + - * / and parentheses exactly; anything
+    else raises ValueError."""
+    return safe_eval(expr.replace(",", ""), decimals=True)
 
 
 def check_math(question: str, solution: str, answer: str, mode: str = "annotations") -> None:
