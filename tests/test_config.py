@@ -52,9 +52,12 @@ def test_every_recipe_loads():
     from pathlib import Path
 
     from slmforge.data.synth.jobs import SynthJob, load_job
+    from slmforge.science import ForecastConfig, MixConfig
+    from slmforge.science import load_config as load_science
 
-    # A recipe's prefix names the subcommand that reads it; the rest are RunConfigs (`run`, `train`).
-    loaders = {"synth_": (load_job, SynthJob)}
+    # A recipe's prefix names the subcommand that reads it; the rest are RunConfigs (`run`, `train`, `anneal`).
+    loaders = {"synth_": (load_job, SynthJob), "mix_": (lambda p: load_science(MixConfig, p), MixConfig),
+               "forecast_": (lambda p: load_science(ForecastConfig, p), ForecastConfig)}
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
     assert recipes
     for r in recipes:

@@ -1,6 +1,6 @@
 """Command line: one subcommand per stage. Handlers only parse, merge the config and call the API.
 
-Subcommands are registered by group: ``train`` (plan, info, run, train), ``data`` (synth, tokenizer, tokenize, dedup,
+Subcommands are registered by group: ``train`` (plan, info, run, mix, forecast, anneal, train), ``data`` (synth, tokenizer, tokenize, dedup,
 filter) and ``model`` (generate, chat, serve, export, import, eval); ``common`` holds what they share.
 """
 

@@ -1,7 +1,8 @@
-"""Planning and training subcommands: plan, info, run, train."""
+"""Planning, training and training-science subcommands: plan, info, run, mix, forecast, anneal, train."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from slmforge.cli.common import config_args, dry_run, load
@@ -46,6 +47,26 @@ def cmd_run(args) -> None:
     run(cfg)
 
 
+def cmd_mix(args) -> None:
+    from slmforge.science import MixConfig, load_config, mix
+
+    result = mix(load_config(MixConfig, args.recipe, args.overrides))
+    print(json.dumps({k: result[k] for k in ("best_grid", "predicted_optimum", "plot")}, indent=2))
+
+
+def cmd_forecast(args) -> None:
+    from slmforge.science import ForecastConfig, forecast, load_config
+
+    result = forecast(load_config(ForecastConfig, args.recipe, args.overrides))
+    print(json.dumps({k: result[k] for k in ("target", "plot")}, indent=2))
+
+
+def cmd_anneal(args) -> None:
+    from slmforge.science import anneal_ablation
+
+    print(json.dumps(anneal_ablation(load(args))["difference_anneal_minus_constant"], indent=2))
+
+
 def register(sub) -> None:
     p = sub.add_parser("plan", help="compute-optimal size, FLOPs, time and memory for a budget")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. gpu_hours=100 gpu=h100 num_gpus=8")
@@ -60,6 +81,15 @@ def register(sub) -> None:
     p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")
     config_args(p, recipe_positional=True)
     p.set_defaults(fn=cmd_run)
+
+    for name, fn, what in (
+            ("mix", cmd_mix, "proxy runs at several mixture ratios, a fitted mixture law and its optimum"),
+            ("forecast", cmd_forecast, "runs at several scales, a fitted L(N) and the target size's predicted loss"),
+            ("anneal", cmd_anneal, "the same run with and without its anneal-stage mix, compared")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", dest="recipe", required=True, help=f"recipe YAML (e.g. recipes/{name}_cpu.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. base.train.max_steps=100")
+        p.set_defaults(fn=fn)
 
     p = sub.add_parser("train", help="train on existing token shards (data.shards_dir)")
     config_args(p)

@@ -24,7 +24,7 @@ from slmforge.runs import MetricsLog, save_config, write_json
 from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
-from slmforge.train.schedule import lr_at
+from slmforge.train.schedule import anneal_aligned, lr_at
 
 
 @dataclass
@@ -126,6 +126,7 @@ def reshard_loader_state(state: dict, batch_size: int, world_size: int) -> dict:
 def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True) -> RunResult:
     t = cfg.train
     info = dist.init(resolve_device(t.device).type)
+    t = anneal_aligned(cfg, info.world_size)
     device = dist.device_for(info, t.device)
     amp_dtype = autocast_dtype(t.dtype, device)
     if t.num_threads:
@@ -207,7 +208,9 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
                 record["mixture_tokens"] = loader.realised()
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / dt / peak
-        if step % t.eval_every == 0 or step == t.max_steps:
+        # The last step of a stage is evaluated too, so the report can show each stage's effect (the anneal's).
+        stage_ends = stage is not None and loader.current_stage[1].name != stage
+        if step % t.eval_every == 0 or step == t.max_steps or stage_ends:
             val_loss = evaluate(model, val_batches, device, amp_dtype)
             record.update(val_loss=val_loss, val_bits_per_byte=val_loss * tokens_per_byte / math.log(2))
         if info.is_main:

@@ -7,8 +7,9 @@ WSD (warmup-stable-decay): Hu et al. 2024, MiniCPM (arXiv 2404.06395); Hägele e
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
-from slmforge.config import TrainConfig
+from slmforge.config import RunConfig, TrainConfig
 from slmforge.registry import lookup
 
 
@@ -50,6 +51,33 @@ def cosine(step: int, cfg: TrainConfig) -> float:
 
 
 SCHEDULES = {"wsd": wsd, "cosine": cosine}
+
+
+def tokens_per_step(cfg: RunConfig, world_size: int = 1) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * world_size
+
+
+def anneal_aligned(cfg: RunConfig, world_size: int = 1) -> TrainConfig:
+    """``cfg.train`` with the WSD decay starting at the first step of mixture stage ``train.anneal_stage``.
+
+    That step is the first made only of the stage's rows, ``ceil(tokens before the stage / tokens per step)``;
+    the decay then runs to ``max_steps``. Without ``anneal_stage`` the config is returned unchanged.
+    """
+    t = cfg.train
+    if not t.anneal_stage:
+        return t
+    stages = cfg.data.mixture.stages
+    names = [stage.name for stage in stages]
+    if t.schedule != "wsd":
+        raise ValueError(f"train.anneal_stage={t.anneal_stage!r} needs train.schedule=wsd, not {t.schedule!r}")
+    if t.anneal_stage not in names:
+        raise ValueError(f"train.anneal_stage={t.anneal_stage!r}: no such data.mixture stage; stages: {names}")
+    before = sum(stage.tokens for stage in stages[: names.index(t.anneal_stage)])
+    start = -(-before // tokens_per_step(cfg, world_size))
+    if not t.warmup_steps <= start < t.max_steps:
+        raise ValueError(f"train.anneal_stage={t.anneal_stage!r} starts at step {start}, outside the "
+                         f"stable phase [{t.warmup_steps}, {t.max_steps}) (train.warmup_steps, train.max_steps)")
+    return replace(t, decay_fraction=(t.max_steps - start) / t.max_steps)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -9,7 +9,7 @@ import pytest
 from slmforge.data.documents import (Document, ReadStats, expand_paths, read_documents, shard_of, write_documents,
                                      write_jsonl, write_parquet)
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
+GSM8K_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def _docs(n: int = 5) -> list[Document]:
