@@ -86,6 +86,8 @@ class ModelConfig:
     max_seq_len: int = 256
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # On CUDA, the mamba-ssm / flash-linear-attention kernels when installed (model/ops/kernels.py); CPU: ours.
+    fast_kernels: bool = True
     # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm,ssm", ...); mixers:
     # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side).
     layers: str = "attn"

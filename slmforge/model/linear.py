@@ -4,8 +4,9 @@ Linear attention whose matrix state S (K x V per head) decays through a gate com
     S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,    o_t = q_t S_t / sqrt(K),    g_t = logsigmoid(W_up W_down x_t + b) / 16
 (RWKV-6 has the same matrix state and decay form, arXiv 2404.05892). The decay comes from a low-rank projection
 and the division by ``linear.decay_normalizer`` keeps it close to 1 (slow forgetting) at init. Each head's output
-is RMS-normalised, gated by silu(W_gate x) and projected back. Training and prefill run ``gla_chunked``;
-decoding (T = 1) runs the recurrence ``gla_ref``. The cache is the state, of fixed size.
+is RMS-normalised, gated by silu(W_gate x) and projected back. Training and prefill run ``gla_chunked`` (on CUDA,
+flash-linear-attention's kernel when installed: ``ops/kernels.py``); decoding (T = 1) runs the recurrence
+``gla_ref``. The cache is the state, of fixed size.
 Shapes: b batch, T time, d d_model, H heads, K key dim and V value dim per head, R decay rank.
 """
 
@@ -18,7 +19,8 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.cache import RecurrentCache
 from slmforge.model.layers import RMSNorm, init_linear, linear
-from slmforge.model.ops import gla_chunked, gla_ref
+from slmforge.model.ops import gla_ref
+from slmforge.model.ops.kernels import gla_scan
 
 
 class GatedLinear(nn.Module):
@@ -30,7 +32,7 @@ class GatedLinear(nn.Module):
             raise ValueError(f"linear: d_model * expand_k = {key_width} and d_model * expand_v = {value_width} must "
                              f"be positive multiples of linear.num_heads={c.num_heads}")
         self.num_heads, self.key_dim, self.value_dim = c.num_heads, key_width // c.num_heads, value_width // c.num_heads
-        self.chunk_size, self.decay_normalizer = c.chunk_size, c.decay_normalizer
+        self.chunk_size, self.decay_normalizer, self.fast_kernels = c.chunk_size, c.decay_normalizer, cfg.fast_kernels
         self.widths = [key_width, key_width, value_width, value_width, c.decay_rank]  # q, k, v, gate, decay (down)
         # One fused projection for q, k, v, the output gate and the low-rank decay's first half.
         self.in_proj = nn.Linear(cfg.d_model, sum(self.widths), bias=False)
@@ -63,7 +65,7 @@ class GatedLinear(nn.Module):
             if cache is not None and t == 1:
                 o, state = gla_ref(q, k, v, g, initial_state=initial)
             else:
-                o, state = gla_chunked(q, k, v, g, self.chunk_size, initial_state=initial)
+                o, state = gla_scan(q, k, v, g, self.chunk_size, initial, self.fast_kernels)
         if cache is not None:
             cache.state.copy_(state)
             cache.pos += t

@@ -3,8 +3,9 @@
 in_proj -> (z gate, x, B, C, dt); a short causal depthwise conv1d and SiLU over x, B and C; the selective scan
 (``ops/scan.py``) with an input-dependent step dt = softplus(dt + dt_bias) and one decay rate A = -exp(A_log) per
 head; the D skip; the gated RMSNorm  norm(y * silu(z))  and out_proj. B and C form one group shared by all heads.
-Training and prefill run ``ssd_chunked``; decoding (T = 1) runs the recurrence ``ssd_ref``. The cache holds the
-conv's last k-1 inputs and the SSM state, both of fixed size.
+Training and prefill run ``ssd_chunked`` (on CUDA, mamba-ssm's kernel when installed: ``ops/kernels.py``);
+decoding (T = 1) runs the recurrence ``ssd_ref``. The cache holds the conv's last k-1 inputs and the SSM state,
+both of fixed size.
 Shapes: b batch, T time, d d_model, E inner width, H heads, P head dim (E = H P), N state size, k conv kernel.
 """
 
@@ -19,7 +20,8 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.cache import RecurrentCache
 from slmforge.model.layers import RMSNorm, init_linear, linear
-from slmforge.model.ops import ssd_chunked, ssd_ref
+from slmforge.model.ops import ssd_ref
+from slmforge.model.ops.kernels import ssd_scan
 
 
 class SSMHeads(nn.Module):
@@ -37,7 +39,7 @@ class SSMHeads(nn.Module):
             raise ValueError(f"ssm.conv_kernel={s.conv_kernel} and ssm.chunk_size={s.chunk_size} must be >= 1")
         self.width, self.head_dim, self.state_dim = width, s.head_dim, s.state_dim
         self.num_heads = width // s.head_dim
-        self.conv_kernel, self.chunk_size = s.conv_kernel, s.chunk_size
+        self.conv_kernel, self.chunk_size, self.fast_kernels = s.conv_kernel, s.chunk_size, cfg.fast_kernels
         conv_dim = width + 2 * s.state_dim  # x, B and C go through the conv
         # One fused projection for z, x, B, C and dt: a single larger matmul beats five small ones.
         self.in_proj = nn.Linear(cfg.d_model, width + conv_dim + self.num_heads, bias=False)
@@ -89,7 +91,7 @@ class SSMHeads(nn.Module):
             if cache is not None and t == 1:
                 y, state = ssd_ref(xs, dt, A, B, C, initial)
             else:
-                y, state = ssd_chunked(xs, dt, A, B, C, self.chunk_size, initial)
+                y, state = ssd_scan(xs, dt, A, B, C, self.chunk_size, initial, self.fast_kernels)
         if cache is not None:
             cache.state.copy_(state)
             cache.pos += t
