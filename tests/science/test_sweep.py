@@ -67,6 +67,10 @@ def test_mix_sweep_fits_predicts_and_validates(tmp_path):
     opt = saved["predicted_optimum"]
     assert sum(opt["mixture"].values()) == pytest.approx(1.0)
     assert opt["measured"]["runs"][0].startswith("optimum_") and opt["measured"]["runs"][1].endswith("_s1")
+    fresh = saved["fresh_seeds"]  # optimum and best grid point again, on seeds 2 and 3 that no other run used
+    assert fresh["seeds"] == [2, 3]
+    assert sum(d.name.startswith("fresh_") and d.name.endswith("_s3") for d in sweep.iterdir()) == 2
+    assert fresh["gain_vs_best_grid"] == pytest.approx(fresh["best_grid"] - fresh["predicted_optimum"])
     for p in saved["points"]:  # the target: the sources' mean validation loss, averaged over the seeds
         assert p["target_loss"] == pytest.approx(sum(p["per_source"].values()) / 2)
         assert p["target_loss"] == pytest.approx(sum(p["target_loss_per_seed"]) / 2)
