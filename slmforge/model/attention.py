@@ -57,6 +57,8 @@ def attention_matmul(q, k, v, window: int = 0, block: int = 128) -> torch.Tensor
     accumulates in fp32 (ATen's CPU kernel), which skips two fp32 copies of the score matrix.
     """
     t, s = q.shape[2], k.shape[2]
+    if t == 1 and not (window and s > window):  # a decoding step that sees every key: no mask to build
+        return _attention_block(q, k, v, None)
     mask = causal_mask(t, s, window, q.device)
     outs = []
     for a in range(0, t, block):
@@ -68,13 +70,16 @@ def attention_matmul(q, k, v, window: int = 0, block: int = 128) -> torch.Tensor
 
 
 def _attention_block(q, k, v, mask) -> torch.Tensor:
-    """q: (B, H, Tb, D); k, v: (B, K, Sb, D); mask: (Tb, Sb) bool -> (B, H, Tb, D)."""
+    """q: (B, H, Tb, D); k, v: (B, K, Sb, D); mask: (Tb, Sb) bool, or None for none -> (B, H, Tb, D)."""
     b, h, t, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
-    bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf")).repeat(g, 1)
-    scores = torch.baddbmm(bias.expand(b * kvh, g * t, s), q.reshape(b * kvh, g * t, d),
-                           k.reshape(b * kvh, s, d).transpose(1, 2), alpha=1 / math.sqrt(d))  # (B*K, G*Tb, Sb)
+    qs, ks = q.reshape(b * kvh, g * t, d), k.reshape(b * kvh, s, d).transpose(1, 2)
+    if mask is None:
+        scores = torch.bmm(qs, ks).mul_(1 / math.sqrt(d))  # (B*K, G*Tb, Sb)
+    else:
+        bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf")).repeat(g, 1)
+        scores = torch.baddbmm(bias.expand(b * kvh, g * t, s), qs, ks, alpha=1 / math.sqrt(d))
     y = torch.bmm(scores.softmax(-1).to(v.dtype), v.reshape(b * kvh, s, d))  # (B*K, G*Tb, D)
     return y.view(b, h, t, d)
 

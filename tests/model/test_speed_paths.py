@@ -72,6 +72,18 @@ def test_rmsnorm_keeps_input_dtype_and_computes_in_float32():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_rmsnorm_and_linear_inference_paths_match_references(dtype):
+    # Without grad, RMSNorm skips its autograd.Function and linear calls oneDNN directly.
+    norm, w = RMSNorm(24, eps=1e-6), torch.randn(40, 24, dtype=dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 24, dtype=dtype)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), rms_norm_ref(x, norm.weight, 1e-6), rtol=tol, atol=tol)
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_rope_matches_reference(dtype):
     cos, sin = rope_tables(8, 11, 10000.0)
     x = torch.randn(2, 11, 3, 8, dtype=dtype, requires_grad=True)
