@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmforge.model.ops import gemv
+
 # float32 matmuls on x86 CPUs go through oneDNN (see ``linear``); set False to use torch's default BLAS.
 ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
@@ -62,8 +64,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")):
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            # Inference: the oneDNN op itself, without the custom op's dispatch (about 8 us a call, which
-            # is 5% of a batch-1 decoding step of a 135M model).
+            # Inference: a decoding step's few rows go through our bandwidth-bound loop (ops/gemv.py), more
+            # rows through the oneDNN op itself, without the custom op's dispatch (about 8 us a call).
+            if gemv.usable(x, weight):
+                return gemv.small_linear(x, weight)
             return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
         return linear_onednn(x, weight)
     return F.linear(x, weight)

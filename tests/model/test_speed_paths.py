@@ -83,6 +83,23 @@ def test_rmsnorm_and_linear_inference_paths_match_references(dtype):
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("shape", [(24,), (1, 24), (3, 24), (2, 2, 24), (5, 24)], ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
+def test_small_linear_matches_f_linear(shape, transposed):
+    from slmforge.model.ops import gemv
+
+    x = torch.randn(*shape)
+    if transposed and x.dim() > 1:
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    w = torch.randn(1000, 24)  # more output rows than threads, not a multiple of anything
+    assert gemv.usable(x, w) == (x.numel() <= gemv.MAX_ROWS * 24)
+    ref = F.linear(x, w)
+    if gemv.usable(x, w):
+        torch.testing.assert_close(gemv.small_linear(x, w), ref, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # linear() takes this path for a decoding step's few rows
+        torch.testing.assert_close(linear(x, w), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 def test_rope_matches_reference(dtype):
     cos, sin = rope_tables(8, 11, 10000.0)
