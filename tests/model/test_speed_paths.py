@@ -83,7 +83,8 @@ def test_rmsnorm_and_linear_inference_paths_match_references(dtype):
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shape", [(24,), (1, 24), (3, 24), (2, 2, 24), (5, 24)], ids=str)
+@pytest.mark.parametrize("shape", [(24,), (1, 24), (2, 24), (3, 24), (2, 2, 24), (5, 24), (16, 24), (17, 24)],
+                         ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
 def test_small_linear_matches_f_linear(shape, transposed):
     from slmforge.model.ops import gemv
@@ -98,6 +99,23 @@ def test_small_linear_matches_f_linear(shape, transposed):
         torch.testing.assert_close(gemv.small_linear(x, w), ref, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():  # linear() takes this path for a decoding step's few rows
         torch.testing.assert_close(linear(x, w), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+def test_prepacked_weights_follow_in_place_updates():
+    # 3-16 rows use a oneDNN-blocked copy of the weight; an optimizer step (in place) must make a new one.
+    w = torch.nn.Parameter(torch.randn(300, 24))
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        w.mul_(-2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    key = id(w)
+    assert key in layers._PACKED
+    del w
+    assert key not in layers._PACKED  # the blocked copy leaves with its weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)

@@ -3,9 +3,9 @@
 Decoding multiplies a handful of activation rows by every weight matrix, so a step reads all the weights
 once and does little arithmetic with them: its speed is the memory bandwidth the matmul reaches. On a 2-core
 Zen 4, with the 121 weight matrices of a SmolLM2-135M-shaped step (537 MB, far beyond the caches), oneDNN's
-GEMV streams them at about 32 GB/s (17 ms) and MKL's at about 17; this loop, output rows split over the
-threads and a vectorised dot product each, at about 43 GB/s (12.5 ms). At 4 rows it still wins (16.7 ms
-against 20), at 8 oneDNN's GEMM does (22 ms against 31), hence MAX_ROWS. ``F.linear`` is the reference;
+GEMV streams them at about 36 GB/s (15 ms, with the weights pre-blocked) and MKL's at about 17; this loop,
+output rows split over the threads and a vectorised dot product each, at about 43 GB/s (12.5 ms). From 4 rows
+on, pre-blocked oneDNN wins (``layers.linear`` has the table), hence MAX_ROWS. ``F.linear`` is the reference;
 ``tests/model/test_speed_paths.py`` compares them. Float32 sums in another order: about 1e-6 relative.
 """
 
@@ -17,7 +17,7 @@ import numba
 import numpy as np
 import torch
 
-MAX_ROWS = 4  # above this, a real GEMM (oneDNN) reuses each weight row across enough rows to win
+MAX_ROWS = 2  # above this, oneDNN's GEMM on a pre-blocked weight is faster (``layers._linear_inference``)
 # numba's "workqueue" threading layer (its fallback where OpenMP is missing) must not run two parallel kernels
 # at once; decoding runs on one thread, but a lock costs nothing next to a matmul.
 _LOCK = threading.Lock()
