@@ -45,7 +45,7 @@ class PaddedDecoder:
     """KV-cached decoding of left-padded rows through attention-only models.
 
     ``prefill()`` -> logits (B, V) of each prompt's last token; ``step(ids)`` appends one token per row and
-    returns the next logits; ``keep(rows)`` drops the other rows from the batch. Row i's tokens sit at RoPE
+    returns the next logits; ``keep(rows, ids)`` drops the other rows from the batch. Row i's tokens sit at RoPE
     positions 0, 1, ... from its first real token, and its queries never see its padding, so every row gets
     the logits it would get alone (up to float rounding).
     """
@@ -94,11 +94,16 @@ class PaddedDecoder:
             mask = mask[:, None, None, :]  # (B, 1, 1, S)
         return self._forward(ids[:, None], (self.pos - self.num_pad)[:, None], mask)
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        """Drop every row but ``rows`` (batch indices, ascending) from the batch; returns their ``ids``."""
+        if len(rows) == ids.shape[0]:
+            return ids
+        index = torch.tensor(rows, device=ids.device)
         for cache in self.caches:
-            cache.k, cache.v = cache.k[rows], cache.v[rows]
-        self.valid, self.num_pad = self.valid[rows], self.num_pad[rows]
+            cache.k, cache.v = cache.k[index], cache.v[index]
+        self.valid, self.num_pad = self.valid[index], self.num_pad[index]
         self.padded = bool(self.num_pad.any())
+        return ids[index]
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask) -> torch.Tensor:
         """tokens, positions: (B, T); mask: (B, 1, T, S) bool or None (every key) -> last logits (B, V)."""
@@ -178,10 +183,7 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
                 alive.append(r)
         if not alive or i + 1 == max_new_tokens:
             break
-        if len(alive) < len(rows):
-            keep = torch.tensor(alive, device=nxt.device)
-            decoder.keep(keep)
-            nxt, rows = nxt[keep], [rows[r] for r in alive]
+        nxt, rows = decoder.keep(alive, nxt), [rows[r] for r in alive]
         logits = decoder.step(nxt)
     return new
 

@@ -112,6 +112,9 @@ class _OneRow:
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids[:, None], cache=self.cache)[0][:, -1]
 
+    def keep(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
+        return ids  # called only while its one row is alive
+
 
 class Worker:
     """The one thread that runs the model; ``submit`` jobs from any thread."""
@@ -190,10 +193,7 @@ class Worker:
                     alive.append(r)
             if not alive:
                 return
-            if len(alive) < len(jobs):
-                keep = torch.tensor(alive, device=nxt.device)
-                decoder.keep(keep)
-                nxt, jobs = nxt[keep], [jobs[r] for r in alive]
+            nxt, jobs = decoder.keep(alive, nxt), [jobs[r] for r in alive]
             logits = decoder.step(nxt)
 
 
