@@ -176,14 +176,18 @@ def _read_jsonl(path: Path, text_field: str, skip: Skip | None = None) -> Iterat
         for line_no, line in _lines(path, f, skip):
             if not line.strip():
                 continue
-            try:
-                item = _parse_json_line(line, text_field, f"{path} line {line_no}")
-            except ValueError as exc:
-                if skip is None:
-                    raise
-                skip("malformed", str(exc))
-                item = None
-            yield item
+            yield _parsed_or_skipped(lambda: _parse_json_line(line, text_field, f"{path} line {line_no}"), skip)
+
+
+def _parsed_or_skipped(parse: Callable[[], tuple], skip: Skip | None):
+    """``parse()``; a ValueError is raised, or with ``skip`` counted as "malformed" and the record is None."""
+    try:
+        return parse()
+    except ValueError as exc:
+        if skip is None:
+            raise
+        skip("malformed", str(exc))
+        return None
 
 
 def _parse_json_line(line: str, text_field: str, where: str) -> tuple[str | None, str, dict]:
@@ -237,14 +241,7 @@ def _read_parquet(path: Path, text_field: str, skip: Skip | None = None,
                     record["meta"] = json.loads(record["meta"])
                 except json.JSONDecodeError:
                     pass
-            try:
-                item = _from_record(record, text_field, f"{path} row {row}")
-            except ValueError as exc:
-                if skip is None:
-                    raise
-                skip("malformed", str(exc))
-                item = None
-            yield item
+            yield _parsed_or_skipped(lambda: _from_record(record, text_field, f"{path} row {row}"), skip)
 
 
 def read_documents(
