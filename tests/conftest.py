@@ -75,3 +75,14 @@ def assert_tiny_lm_learns(model) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 < 4 < losses[0]
+
+
+def forward_and_decode(model, x: torch.Tensor, prefill: int):
+    """(logits of one forward pass over x, the same from a ``prefill``-token prefill then one token at a time,
+    the caches) for comparing the cached path with the full one."""
+    with torch.no_grad():
+        full, _ = model(x)
+        cache = model.init_cache(x.shape[0], x.shape[1])
+        outs = [model(x[:, :prefill], cache=cache)[0]]
+        outs += [model(x[:, i : i + 1], cache=cache)[0] for i in range(prefill, x.shape[1])]
+    return full, torch.cat(outs, 1), cache

@@ -7,6 +7,7 @@ from slmforge.config import AttnConfig
 from slmforge.model.attention import Attention, attention_ref, causal_mask
 from slmforge.model.layers import RMSNorm, rms_norm_ref
 from slmforge.model.lm import LM
+from tests.conftest import forward_and_decode
 
 
 def test_rmsnorm_matches_reference():
@@ -58,13 +59,8 @@ def test_attention_is_causal(tiny_model_cfg):
 def test_decode_equals_forward(tiny_model_cfg, window, prefill):
     cfg = dataclasses.replace(tiny_model_cfg, attn=dataclasses.replace(tiny_model_cfg.attn, window=window))
     model = LM(cfg).eval()
-    x = torch.randint(0, cfg.vocab_size, (3, 25))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.init_cache(3, 25)
-        outs = [model(x[:, :prefill], cache=cache)[0]]
-        outs += [model(x[:, i : i + 1], cache=cache)[0] for i in range(prefill, 25)]
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-5)
+    full, stepwise, _ = forward_and_decode(model, torch.randint(0, cfg.vocab_size, (3, 25)), prefill)
+    torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-5)
 
 
 def test_chunked_prefill_equals_forward(tiny_model_cfg):

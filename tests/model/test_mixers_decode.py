@@ -14,6 +14,7 @@ from slmforge.model.block import MIXERS
 from slmforge.model.lm import LM
 from slmforge.plan import count_params
 from slmforge.serve.generate import generate_batch_ref
+from tests.conftest import forward_and_decode
 
 MIXED = "attn,ssm,linear,hymba"
 LAYOUTS = [*MIXERS, MIXED]
@@ -31,13 +32,8 @@ def _model(tiny_model_cfg, layers: str) -> LM:
 @pytest.mark.parametrize("layers", LAYOUTS)
 def test_decode_equals_forward(tiny_model_cfg, layers, prefill):
     model = _model(tiny_model_cfg, layers)
-    x = torch.randint(0, 97, (3, 25))
-    with torch.no_grad():
-        full, _ = model(x)
-        cache = model.init_cache(3, 25)
-        outs = [model(x[:, :prefill], cache=cache)[0]]
-        outs += [model(x[:, i : i + 1], cache=cache)[0] for i in range(prefill, 25)]
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-5)
+    full, stepwise, cache = forward_and_decode(model, torch.randint(0, 97, (3, 25)), prefill)
+    torch.testing.assert_close(stepwise, full, rtol=0, atol=1e-5)
     assert all(c.pos == 25 for c in cache)
 
 
