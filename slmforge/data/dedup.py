@@ -199,7 +199,7 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def minhash(x: np.ndarray, offsets: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Signatures (n, num_perm) uint32 of n documents whose 32-bit shingles are ``x[offsets[d]:offsets[d+1]]``;
     a document without shingles gets all 0xFFFFFFFF."""
-    return signature_kernel(np.ascontiguousarray(x, np.uint32), offsets.astype(np.int64), a, b)
+    return signature_kernel(np.ascontiguousarray(x, np.uint32), np.asarray(offsets, np.int64), a, b)
 
 
 def band_hashes(signatures: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
