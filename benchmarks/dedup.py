@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slmforge.data.dedup import DedupConfig, MinHasher, SignatureStep, build_clusters, dedup
-from slmforge.data.documents import Document, read_documents, write_jsonl
+from slmforge.curate.dedup import DedupConfig, MinHasher, SignatureStep, build_clusters, dedup
+from slmforge.curate.documents import Document, read_documents, write_jsonl
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LEVELS = (0.95, 0.9, 0.85, 0.8, 0.7, 0.5)

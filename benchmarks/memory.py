@@ -5,8 +5,8 @@ length, one batch-1 sequence goes through forward + backward (loss and all gradi
 - peak memory of forward + backward above what the model and its input already hold: on CPU the peak resident
   set (Linux VmHWM, reset through /proc/self/clear_refs just before the step) in a fresh subprocess per point, so
   no point inherits another's allocator state; on CUDA ``torch.cuda.max_memory_allocated``;
-- decoding-state bytes per sequence in bf16 (``slmforge.model.info.state_bytes``, equal to the real caches'
-  tensor sizes, checked in tests/model/test_info.py): attention's KV cache grows with the length, the SSM and
+- decoding-state bytes per sequence in bf16 (``slmforge.info.state_bytes``, equal to the real caches'
+  tensor sizes, checked in tests/test_info.py): attention's KV cache grows with the length, the SSM and
   linear-attention states do not;
 - tokens/s of forward + backward (the fastest of ``--repeats`` steps, after a short warm-up).
 Prints a markdown table and writes memory.json and memory.png (log-log, one line per mixer) to ``--out``.
@@ -171,7 +171,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from slmforge.model.info import state_bytes
+    from slmforge.info import state_bytes
     from slmforge.runs import write_json
 
     rows = []

@@ -34,7 +34,7 @@ def prompts() -> list[str]:
 
 
 def tokenizer_for(vocab_size: int) -> Path:
-    from slmforge.data.tokenizer import train_tokenizer
+    from slmforge.tokens.tokenizer import train_tokenizer
 
     path = CACHE / f"tokenizer_{vocab_size}.json"
     if not path.exists():
@@ -57,7 +57,7 @@ def run_server(args, max_batch: int, port: int) -> None:
         model, tokenizer, _ = load_for_inference(args.run, args.device)
     else:
         from slmforge.config import preset
-        from slmforge.data.tokenizer import Tokenizer
+        from slmforge.tokens.tokenizer import Tokenizer
         from slmforge.model.lm import LM
 
         torch.manual_seed(0)

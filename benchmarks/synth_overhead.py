@@ -25,8 +25,8 @@ import httpx2
 import openai
 
 from slmforge.config import merge
-from slmforge.data.synth.jobs import SynthJob, synthesize
-from slmforge.data.synth.teacher import OpenAITeacher
+from slmforge.synth.jobs import SynthJob, synthesize
+from slmforge.synth.teacher import OpenAITeacher
 
 ANSWER = ("Question: Tom has 12 apples and buys 5 more at the market. How many apples does he have now?\n"
           "Solution: He has 12 + 5 = <<12+5=17>>17 apples.\n#### 17")

@@ -17,8 +17,8 @@ import time
 from functools import partial
 from pathlib import Path
 
-from slmforge.data.shards import tokenize_to_shards
-from slmforge.data.tokenizer import Tokenizer, train_tokenizer
+from slmforge.tokens.shards import tokenize_to_shards
+from slmforge.tokens.tokenizer import Tokenizer, train_tokenizer
 
 BOOKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg" / "books"
 

@@ -21,13 +21,13 @@ def train(cfg, resume: bool = False):
 
 
 def train_tokenizer(texts, vocab_size: int, path=None):
-    from slmforge.data.tokenizer import train_tokenizer as _train_tokenizer
+    from slmforge.tokens.tokenizer import train_tokenizer as _train_tokenizer
 
     return _train_tokenizer(texts, vocab_size, path)
 
 
 def synthesize(job, progress: bool = True):
-    from slmforge.data.synth.jobs import synthesize as _synthesize
+    from slmforge.synth.jobs import synthesize as _synthesize
 
     return _synthesize(job, progress=progress)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from slmforge.data.mixture import MixtureConfig
+from slmforge.tokens.mixture import MixtureConfig
 
 
 @dataclass
@@ -172,7 +172,7 @@ class DataConfig:
     num_workers: int = 2  # processes for tokenization
     tokenizer: str = ""  # tokenizer.json; "" = <run_dir>/tokenizer.json (trained by `slmforge run`)
     shards_dir: str = ""  # holds train/ and validation/ token shards; "" = <run_dir>/shards
-    # Multi-stage data mixture over token-shard sources (slmforge/data/mixture.py); no stages = train on
+    # Multi-stage data mixture over token-shard sources (slmforge/tokens/mixture.py); no stages = train on
     # <shards_dir>/train. Validation always uses <shards_dir>/validation.
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     # Named corpora built side by side (one shared tokenizer, shards in <shards_dir>/<name>/), each a mapping of

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slmforge.config import DataConfig, RunConfig, dump_yaml, merge
-from slmforge.data.mixture import MixtureConfig, Source
+from slmforge.tokens.mixture import MixtureConfig, Source
 from slmforge.runs import write_json, write_text
 
 SPLITS = ("train", "validation", "test")
@@ -29,10 +29,10 @@ def _log(msg: str) -> None:
 
 def _corpus(d: DataConfig, where: str = "data") -> dict[str, list]:
     """``{split: [Document]}`` of one corpus described by data keys (source, families, paths, ...)."""
-    from slmforge.data.documents import read_documents
+    from slmforge.curate.documents import read_documents
 
     if d.source == "procedural":
-        from slmforge.data.synth.procedural import build_corpus
+        from slmforge.synth.procedural import build_corpus
 
         return build_corpus(d.families, d.num_train_docs, d.num_val_docs, d.num_test_docs, d.seed)
     if d.source != "files":
@@ -66,7 +66,7 @@ def build_data(cfg: RunConfig) -> dict[str, Path]:
 
     With ``data.sources`` each source is written to <run_dir>/data/<name>/, and <run_dir>/data/ holds them all.
     """
-    from slmforge.data.documents import write_jsonl
+    from slmforge.curate.documents import write_jsonl
 
     out = {s: cfg.run_dir / "data" / f"{s}.jsonl" for s in SPLITS}
     if all(p.exists() for p in out.values()):
@@ -96,8 +96,8 @@ def tokenizer_path(cfg: RunConfig) -> Path:
 
 
 def build_tokenizer(cfg: RunConfig, data: dict[str, Path] | None) -> Path:
-    from slmforge.data.documents import read_documents
-    from slmforge.data.tokenizer import train_tokenizer
+    from slmforge.curate.documents import read_documents
+    from slmforge.tokens.tokenizer import train_tokenizer
 
     path = tokenizer_path(cfg)
     if path.exists():
@@ -120,8 +120,8 @@ def shard_dirs(cfg: RunConfig) -> dict[str, Path]:
 
 
 def build_shards(cfg: RunConfig, data: dict[str, Path] | None, tokenizer: Path) -> dict[str, Path]:
-    from slmforge.data.documents import read_documents
-    from slmforge.data.shards import tokenize_to_shards
+    from slmforge.curate.documents import read_documents
+    from slmforge.tokens.shards import tokenize_to_shards
 
     out = shard_dirs(cfg)
     for key, shard_dir in out.items():
@@ -171,7 +171,7 @@ def stage_summary(records: list[dict]) -> list[dict]:
 
 def unigram_entropy(shard_dir: Path) -> float:
     """Entropy of the token frequency distribution, nats/token: the loss of the best context-free model."""
-    from slmforge.data.shards import load_shards
+    from slmforge.tokens.shards import load_shards
 
     counts = np.bincount(np.asarray(load_shards(shard_dir).tokens), minlength=1).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
@@ -183,7 +183,7 @@ def evaluate_run(cfg: RunConfig, shards: dict[str, Path]) -> dict:
 
     import torch
 
-    from slmforge.data.shards import TokenLoader, load_shards
+    from slmforge.tokens.shards import TokenLoader, load_shards
     from slmforge.train.checkpoint import load_for_inference
     from slmforge.train.loop import evaluate
 

@@ -3,7 +3,7 @@
 import json
 
 from slmforge.cli import main
-from slmforge.data.documents import Document, read_documents, write_jsonl
+from slmforge.curate.documents import Document, read_documents, write_jsonl
 
 TEXT = ("The farmer walked to the market with a basket of apples and pears, and he sold them to the baker who "
         "lived near the river with his wife and three children. In the evening the whole family sat by the fire, "

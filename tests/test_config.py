@@ -51,7 +51,7 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_every_recipe_loads():
     from pathlib import Path
 
-    from slmforge.data.synth.jobs import SynthJob, load_job
+    from slmforge.synth.jobs import SynthJob, load_job
     from slmforge.science import ForecastConfig, MixConfig
     from slmforge.science import load_config as load_science
 

@@ -9,9 +9,9 @@ from slmforge.config import dump_yaml
 
 
 def cmd_synth(args) -> None:
-    from slmforge.data.documents import write_jsonl
-    from slmforge.data.synth.jobs import load_job, preview, synthesize
-    from slmforge.data.synth.procedural import build_corpus
+    from slmforge.curate.documents import write_jsonl
+    from slmforge.synth.jobs import load_job, preview, synthesize
+    from slmforge.synth.procedural import build_corpus
 
     if args.job:
         job = load_job(args.job, args.overrides)
@@ -32,8 +32,8 @@ def cmd_synth(args) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from slmforge.data.documents import read_documents
-    from slmforge.data.tokenizer import train_tokenizer
+    from slmforge.curate.documents import read_documents
+    from slmforge.tokens.tokenizer import train_tokenizer
 
     texts = (d.text for d in read_documents(args.inputs, text_field=args.text_field, text_split=args.text_split))
     tok = train_tokenizer(texts, args.vocab_size, args.out)
@@ -41,8 +41,8 @@ def cmd_tokenizer(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    from slmforge.data.documents import ReadStats, read_documents
-    from slmforge.data.shards import tokenize_to_shards
+    from slmforge.curate.documents import ReadStats, read_documents
+    from slmforge.tokens.shards import tokenize_to_shards
 
     stats = ReadStats()
     texts = (d.text for d in read_documents(args.inputs, args.text_field, args.text_split, stats=stats))
@@ -52,7 +52,7 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_dedup(args) -> None:
-    from slmforge.data.dedup import DedupConfig, bands_of, check_config, dedup
+    from slmforge.curate.dedup import DedupConfig, bands_of, check_config, dedup
 
     cfg = stage_config(DedupConfig, args)
     if args.dry_run:
@@ -62,7 +62,7 @@ def cmd_dedup(args) -> None:
 
 
 def cmd_filter(args) -> None:
-    from slmforge.data.filters import FilterConfig, filter_corpus
+    from slmforge.curate.filters import FilterConfig, filter_corpus
 
     cfg = stage_config(FilterConfig, args)
     if args.dry_run:

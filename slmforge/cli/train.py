@@ -19,7 +19,7 @@ def cmd_plan(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from slmforge.model.info import format_info, info, load_model_config
+    from slmforge.info import format_info, info, load_model_config
 
     print(format_info(info(load_model_config(args.config, args.overrides))))
 

@@ -121,7 +121,7 @@ def load_problems(source: str, split: str, run_dir: str | Path | None = None) ->
     ``source``: "hub" (openai/gsm8k through ``datasets``), "procedural" (``<run_dir>/data/<split>.jsonl``) or a
     JSONL path, either GSM8K's (question, answer per line) or our documents (arithmetic ones are kept).
     """
-    from slmforge.data.documents import read_documents
+    from slmforge.curate.documents import read_documents
 
     if source == "hub":
         import datasets

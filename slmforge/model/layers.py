@@ -1,59 +1,18 @@
 """Small building blocks shared by mixers and FFNs: linear, RMSNorm, rotary embeddings, the loss, initialisation.
 
-Two CPU fast paths sit beside their plain references (compared in ``tests/model/test_speed_paths.py``):
-``linear`` (float32 through oneDNN; reference ``F.linear``) and ``cross_entropy`` (block by block; reference
-``cross_entropy_ref``). RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
+``linear``, ``RMSNorm`` and ``cross_entropy`` choose between a CPU fast path (``ops/cpu.py``) and the plain
+reference beside them here (``F.linear``, ``rms_norm_ref``, ``cross_entropy_ref``; compared in
+``tests/model/test_speed_paths.py``). RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
 Shapes: B batch, T time, H heads, D head dim, I/O in/out features, N rows, V vocabulary.
 """
 
 from __future__ import annotations
 
-import platform
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmforge.model.ops import gemv
-
-# float32 matmuls on x86 CPUs go through oneDNN (see ``linear``); set False to use torch's default BLAS.
-ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-
-
-@torch.library.custom_op("slmforge::linear_onednn", mutates_args=())
-def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` with oneDNN's float32 GEMM. x: (..., I), weight: (O, I) -> (..., O).
-
-    A custom op, so that torch.compile calls it as it is (inductor's own lowering of this oneDNN op
-    assumes frozen weights).
-    """
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-
-
-@linear_onednn.register_fake
-def _(x, weight):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-def _linear_onednn_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _linear_onednn_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    grad_x = grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_x = linear_onednn(grad, weight.t())  # (..., O) @ (O, I)
-    if ctx.needs_input_grad[1]:
-        # (I, N) @ (N, O), transposed: oneDNN runs this orientation up to 2x faster than (O, N) @ (N, I).
-        grad_weight = linear_onednn(x.flatten(0, -2).t(), grad.flatten(0, -2).t()).t()
-    return grad_x, grad_weight
-
-
-linear_onednn.register_autograd(_linear_onednn_backward, setup_context=_linear_onednn_setup)
-
+from slmforge.model.ops import cpu
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (the reference), except float32 on CPU, which goes through oneDNN.
@@ -62,41 +21,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     where the CPU has it: 2x on the block matmuls and about 1.5x on a whole float32 training step of the 10m
     preset on a Zen 5 CPU. bf16 autocast already reaches oneDNN through ``F.linear``.
     """
-    if (ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
+    if (cpu.ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu")):
         if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _linear_inference(x, weight)
-        return linear_onednn(x, weight)
+            return cpu.linear_inference(x, weight)
+        return cpu.linear_onednn(x, weight)
     return F.linear(x, weight)
-
-
-# Small batches read every weight once per step, so their speed is how fast the weights stream from memory.
-# Times of the 121 matmuls of a SmolLM2-135M-shaped decoding step on a 2-core Zen 4 (537 MB of weights):
-#   rows                        1      2      4      8      16
-#   oneDNN, weight as stored   17.5   20.0   20.2   22.8    -     (it re-blocks the weight on every call)
-#   oneDNN, weight pre-blocked 15.0   15.0   14.6   16.6   18.4
-#   ops/gemv.py (numba)        12.5   13.0   16.7   31.1    -
-PACKED_MAX_ROWS = 16
-# id(weight) -> (weak reference to it, its version, blocked copy); an entry leaves with its weight. (Not a
-# WeakKeyDictionary: that compares keys with ==, which on tensors is elementwise.)
-_PACKED: dict[int, tuple] = {}
-
-
-def _linear_inference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Without autograd: the fastest float32 path for the number of rows (table above). A few rows keep a
-    oneDNN-blocked copy of the weight, made once per weight version (so it doubles the weights' memory while
-    the model decodes small batches; an optimizer step makes a new one)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if gemv.usable(x, weight):
-        return gemv.small_linear(x, weight)
-    if rows <= PACKED_MAX_ROWS and weight.is_contiguous():
-        key = id(weight)
-        hit = _PACKED.get(key)
-        if hit is None or hit[0]() is not weight or hit[1] != weight._version:
-            ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
-            hit = _PACKED[key] = (ref, weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8))
-        weight = hit[2]
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 class RMSNorm(nn.Module):
@@ -108,46 +38,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             if not torch.is_grad_enabled():  # inference: the same numbers without autograd.Function's overhead
-                return _rms_norm_cpu(x, self.weight, self.eps)[0]
-            return _RMSNormCPU.apply(x, self.weight, self.eps)
+                return cpu.rms_norm_cpu(x, self.weight, self.eps)[0]
+            return cpu.RMSNormCPU.apply(x, self.weight, self.eps)
         # F.rms_norm dispatches to one fused kernel where the backend has one.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm with a hand-written backward: 3 passes forward, 6 backward.
-
-    On CPU ``F.rms_norm`` is a chain of small ops (pow, mean, add, rsqrt, mul, mul) and autograd
-    differentiates each; this is about 2x faster forward + backward (21 norms per step in the 10m preset).
-    Computed in float32 at least, like ``rms_norm_ref``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        y, xf, rstd = _rms_norm_cpu(x, weight, eps)
-        ctx.save_for_backward(xf, weight, rstd)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        xf, weight, rstd = ctx.saved_tensors
-        g = grad.to(xf.dtype)
-        x_hat = xf * rstd
-        grad_weight = torch.linalg.vecdot(g.flatten(0, -2), x_hat.flatten(0, -2), dim=0)  # sum over rows
-        g_hat = g * weight
-        # d/dx of x * rstd(x): rstd * (g_hat - x_hat * mean(g_hat * x_hat))
-        dot = torch.linalg.vecdot(g_hat, x_hat, dim=-1).unsqueeze(-1).div_(xf.shape[-1])
-        grad_x = torch.addcmul(g_hat, x_hat, dot, value=-1).mul_(rstd)
-        return grad_x.to(grad.dtype), grad_weight.to(weight.dtype), None
-
-
-def _rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(y, x in float32 at least, 1 / rms) for ``_RMSNormCPU``'s forward and for inference."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    # vector_norm is one fused reduction; mean(x^2) = norm^2 / C
-    rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    return (xf * rstd * weight).to(x.dtype), xf, rstd
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -183,52 +77,12 @@ def apply_rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean next-token loss over rows with a target, in float32, a block of rows at a time.
-
-    The full (N, V) float32 copy of the logits, its log-softmax and their gradients are never materialised:
-    each block is converted, reduced and differentiated while it is still in cache, and the gradient is written
-    straight back in the logits' dtype. Forward keeps only the logits (already alive) for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        n, vocab = logits.shape
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        rows = max(1, 2**20 // vocab)  # a block of about 4 MiB in float32
-        picked = targets.clamp(min=0)[:, None]  # (N, 1); ignored rows pick token 0 and are masked below
-        nll = torch.empty(n, dtype=acc, device=logits.device)
-        for i in range(0, n, rows):
-            logp = torch.log_softmax(logits[i : i + rows], -1, dtype=acc)
-            nll[i : i + rows] = -logp.gather(1, picked[i : i + rows]).squeeze(1)
-        valid = targets != ignore_index
-        count = valid.sum()
-        ctx.save_for_backward(logits, picked, valid, count)
-        ctx.rows = rows
-        return (nll * valid).sum() / count
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor):
-        logits, picked, valid, count = ctx.saved_tensors
-        acc = torch.promote_types(logits.dtype, torch.float32)
-        # d loss / d logits = (softmax - one_hot(target)) * grad / count, zero on ignored rows.
-        scale = (valid * (grad_loss / count)).to(acc)[:, None]  # (N, 1)
-        grad = torch.empty_like(logits)
-        minus_one = torch.full((min(ctx.rows, logits.shape[0]), 1), -1.0, dtype=acc, device=logits.device)
-        for i in range(0, logits.shape[0], ctx.rows):
-            p = torch.softmax(logits[i : i + ctx.rows], -1, dtype=acc)
-            p.scatter_add_(1, picked[i : i + ctx.rows], minus_one[: p.shape[0]])
-            torch.mul(p, scale[i : i + ctx.rows], out=grad[i : i + ctx.rows])
-        return grad, None, None
-
-
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy of (N, V) logits against (N,) targets, log-softmax in float32 whatever the logits' dtype."""
     if torch.compiler.is_compiling():
         # Inductor fuses the plain version into a few passes; it would unroll the loop over blocks instead.
         return cross_entropy_ref(logits, targets, ignore_index)
-    return _ChunkedCrossEntropy.apply(logits, targets, ignore_index)
+    return cpu.ChunkedCrossEntropy.apply(logits, targets, ignore_index)
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

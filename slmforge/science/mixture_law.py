@@ -158,7 +158,7 @@ def mix_run(base: RunConfig, sweep_dir: Path, names: list[str], h: np.ndarray, p
 
     ``seed`` > 0 shifts the model's and the mixture's seeds (run ``<prefix>_<mix>_s<seed>``).
     """
-    from slmforge.data.mixture import SourceWeight, Stage
+    from slmforge.tokens.mixture import SourceWeight, Stage
     from slmforge.science.sweep import with_run
     from slmforge.train.schedule import tokens_per_step
 

@@ -102,7 +102,7 @@ def eval_losses(run_dir: Path, shards: dict[str, Path], seq_len: int, batch_size
     """
     import torch
 
-    from slmforge.data.shards import TokenLoader
+    from slmforge.tokens.shards import TokenLoader
     from slmforge.train.checkpoint import load_for_inference
 
     if not shards:

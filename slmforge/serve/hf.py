@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from slmforge.config import AttnConfig, ModelConfig, RunConfig, dump_yaml
-from slmforge.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from slmforge.tokens.tokenizer import SPECIAL_TOKENS, Tokenizer
 from slmforge.model.lm import LM
 from slmforge.runs import atomic_path, write_json, write_text
 

@@ -114,7 +114,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer=None, info=Non
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """A run folder or a checkpoint folder -> (model in eval mode, tokenizer, RunConfig)."""
     from slmforge.config import load_config
-    from slmforge.data.tokenizer import Tokenizer
+    from slmforge.tokens.tokenizer import Tokenizer
     from slmforge.model.lm import LM
 
     path = Path(path)

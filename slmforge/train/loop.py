@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from slmforge.config import RunConfig
-from slmforge.data.shards import TokenLoader, load_shards
+from slmforge.tokens.shards import TokenLoader, load_shards
 from slmforge.model.lm import LM
 from slmforge.runs import MetricsLog, save_config, write_json
 from slmforge.train import distributed as dist
@@ -102,7 +102,7 @@ def _peak_flops(device: torch.device) -> float | None:
 def build_train_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
     """The mixture loader when the recipe declares stages, else one TokenLoader over <shards_dir>/train."""
     if cfg.data.mixture.stages:
-        from slmforge.data.mixture import MixtureLoader
+        from slmforge.tokens.mixture import MixtureLoader
 
         return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, rank, world_size,
                              mode=cfg.data.packing)

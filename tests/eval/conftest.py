@@ -13,9 +13,9 @@ def make_run(root: Path, name: str = "run") -> Path:
     """config.yaml, data/{train,test}.jsonl, tokenizer.json and a checkpoint of an untrained tiny model."""
     import torch
 
-    from slmforge.data.documents import write_jsonl
-    from slmforge.data.synth.procedural import build_corpus
-    from slmforge.data.tokenizer import train_tokenizer
+    from slmforge.curate.documents import write_jsonl
+    from slmforge.synth.procedural import build_corpus
+    from slmforge.tokens.tokenizer import train_tokenizer
     from slmforge.model.lm import LM
     from slmforge.runs import save_config
     from slmforge.train.checkpoint import save_checkpoint

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmforge.model import attention, layers
+from slmforge.model import attention
+from slmforge.model.ops import cpu
 from slmforge.model.attention import Attention, attention_matmul, attention_ref, causal_mask
 from slmforge.model.layers import (RMSNorm, apply_rope, apply_rope_ref, cross_entropy, cross_entropy_ref, linear,
                                    rms_norm_ref, rope_tables)
@@ -101,7 +102,7 @@ def test_small_linear_matches_f_linear(shape, transposed):
         torch.testing.assert_close(linear(x, w), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+@pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
 def test_prepacked_weights_follow_in_place_updates():
     # 3-16 rows use a oneDNN-blocked copy of the weight; an optimizer step (in place) must make a new one.
     w = torch.nn.Parameter(torch.randn(300, 24))
@@ -113,9 +114,9 @@ def test_prepacked_weights_follow_in_place_updates():
     with torch.inference_mode():
         torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
     key = id(w)
-    assert key in layers._PACKED
+    assert key in cpu._PACKED
     del w
-    assert key not in layers._PACKED  # the blocked copy leaves with its weight
+    assert key not in cpu._PACKED  # the blocked copy leaves with its weight
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -159,7 +160,7 @@ def test_cross_entropy_all_ignored_is_nan_like_reference():
     assert cross_entropy(logits, targets).isnan() and cross_entropy_ref(logits, targets).isnan()
 
 
-@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+@pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
 @pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)], ids=["2d", "3d"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
 def test_onednn_linear_matches_f_linear(shape, transposed):
@@ -175,7 +176,7 @@ def test_onednn_linear_matches_f_linear(shape, transposed):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not layers.ONEDNN_LINEAR, reason="torch built without oneDNN")
+@pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
 def test_onednn_linear_compiles():
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(8, 16, requires_grad=True)
@@ -201,7 +202,7 @@ def test_lm_fast_paths_equal_references(tiny_model_cfg, monkeypatch):
         return loss, grads
 
     fast_loss, fast_grads = run()
-    monkeypatch.setattr(layers, "ONEDNN_LINEAR", False)
+    monkeypatch.setattr(cpu, "ONEDNN_LINEAR", False)
     monkeypatch.setattr(attention, "MATMUL_ATTN_MAX_KEYS", 0)
     monkeypatch.setattr("slmforge.model.lm.cross_entropy", cross_entropy_ref)
     ref_loss, ref_grads = run()

@@ -76,7 +76,7 @@ def test_import_of_a_transformers_model(tmp_path, run_dir):
 
 def test_foreign_tokenizer_is_shifted(tmp_path, run_dir):
     """A tokenizer without our special tokens at 0..6 (as SmolLM2's): ids move up by 7, logits stay put."""
-    from slmforge.data.tokenizer import SPECIAL_TOKENS
+    from slmforge.tokens.tokenizer import SPECIAL_TOKENS
 
     tok_json = json.loads((run_dir / "tokenizer.json").read_text())
     # Rename our specials so the file looks foreign: "<|eos|>" -> "<|endoftext|>" and so on.

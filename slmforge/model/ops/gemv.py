@@ -17,7 +17,7 @@ import numba
 import numpy as np
 import torch
 
-MAX_ROWS = 2  # above this, oneDNN's GEMM on a pre-blocked weight is faster (``layers._linear_inference``)
+MAX_ROWS = 2  # above this, oneDNN's GEMM on a pre-blocked weight is faster (``cpu.linear_inference``)
 # numba's "workqueue" threading layer (its fallback where OpenMP is missing) must not run two parallel kernels
 # at once; decoding runs on one thread, but a lock costs nothing next to a matmul.
 _LOCK = threading.Lock()

@@ -165,7 +165,7 @@ class MixtureLoader:
     def __init__(self, cfg: MixtureConfig, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  mode: str = "window"):
         # Imported here, not at the top, so that config.py can import the dataclasses without loading torch.
-        from slmforge.data.shards import TokenLoader
+        from slmforge.tokens.shards import TokenLoader
 
         cfg.validate()
         self.cfg, self.seq_len, self.batch_size = cfg, seq_len, batch_size

@@ -62,8 +62,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from slmforge.data.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
-from slmforge.data.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
+from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
+from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.registry import lookup
 from slmforge.runs import atomic_path, save_config, write_json
 

@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from slmforge.data.synth import procedural
+from slmforge.synth import procedural
 
 
 @dataclass

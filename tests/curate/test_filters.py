@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmforge.data.documents import Document, read_documents, write_jsonl
-from slmforge.data.filters import (GSM8K_TEST, STOP_WORDS, Decontaminator, FilterConfig, QualityFilter, basic_signals,
+from slmforge.curate.documents import Document, read_documents, write_jsonl
+from slmforge.curate.filters import (GSM8K_TEST, STOP_WORDS, Decontaminator, FilterConfig, QualityFilter, basic_signals,
                                    filter_corpus, gopher_signals, load_eval_items, quality_failure)
 
 WORDS = ("river stone garden window market winter summer yellow silver orange doctor teacher farmer writer "

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import httpx
 
 from slmforge.config import merge
-from slmforge.data.synth.jobs import SynthJob, synthesize
+from slmforge.synth.jobs import SynthJob, synthesize
 from tests.eval.conftest import make_run
 
 

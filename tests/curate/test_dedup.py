@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from slmforge.data.dedup import (DedupConfig, MinHasher, _components, band_hashes, candidate_probability, dedup,
+from slmforge.curate.dedup import (DedupConfig, MinHasher, _components, band_hashes, candidate_probability, dedup,
                                  jaccard_sorted, lsh_params, minhash, minhash_ref, shingle_hashes, shingle_sets,
                                  shingles_ref)
-from slmforge.data.minhash_kernels import pair_jaccard
-from slmforge.data.documents import Document, read_documents, write_jsonl
+from slmforge.curate.minhash_kernels import pair_jaccard
+from slmforge.curate.documents import Document, read_documents, write_jsonl
 
 NGRAM = 5
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import slmforge.data.tokenizer as tokenizer_module
-from slmforge.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
+import slmforge.tokens.tokenizer as tokenizer_module
+from slmforge.tokens.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 TINYSTORIES = SHARED_DATA / "tinystories" / "validation_sample.txt"
@@ -37,7 +37,7 @@ TRICKY = [
 def _corpus() -> str:
     if TINYSTORIES.is_file():
         return TINYSTORIES.read_text(encoding="utf-8")[:200_000]
-    from slmforge.data.synth.procedural import build_corpus  # without ../shared/data: varied enough for 512
+    from slmforge.synth.procedural import build_corpus  # without ../shared/data: varied enough for 512
 
     return "\n\n".join(d.text for d in build_corpus(["arithmetic", "narrative", "facts"], 2000, 0, 0, seed=0)["train"])
 

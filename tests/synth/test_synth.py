@@ -19,12 +19,12 @@ import pytest
 import yaml
 
 from slmforge.config import merge
-from slmforge.data.synth.jobs import Store, SynthJob, clean, load_job, plan_requests, request_id, synthesize
-from slmforge.data.synth.prompts import Reject, check_math, load_template, parse_answer
-from slmforge.data.synth.teacher import (OpenAITeacher, Request, RequestRejected, RetriesExhausted,
+from slmforge.synth.jobs import Store, SynthJob, clean, load_job, plan_requests, request_id, synthesize
+from slmforge.synth.prompts import Reject, check_math, load_template, parse_answer
+from slmforge.synth.teacher import (OpenAITeacher, Request, RequestRejected, RetriesExhausted,
                                          RetryBudgetExhausted, TeacherConfig, TeacherSetupError, backoff_delay,
                                          parse_retry_after)
-from tests.data.synth_fault_server import EXPECTED_RETRIES, REJECTED_CLASSES, FaultServer, id_class, math_answer
+from tests.synth.synth_fault_server import EXPECTED_RETRIES, REJECTED_CLASSES, FaultServer, id_class, math_answer
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(model="mock", concurrency=4, timeout=1.0, backoff_base=0.01, backoff_max=0.05, max_retries=4)
@@ -190,7 +190,7 @@ def test_sigkill_mid_run_then_rerun_has_every_id_exactly_once(tmp_path):
     with FaultServer(plan=lambda rid, attempt: "ok", delay=0.03) as server:
         job = math_job(out, server.base_url, num_topics=60)
         path.write_text(yaml.safe_dump(dataclasses.asdict(job)))
-        proc = subprocess.Popen([sys.executable, "-m", "slmforge.data.synth.jobs", str(path), "--no-progress"],
+        proc = subprocess.Popen([sys.executable, "-m", "slmforge.synth.jobs", str(path), "--no-progress"],
                                 cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
         shard = out / "shards" / "00000.jsonl"
         deadline = time.time() + 60

@@ -28,7 +28,7 @@ import re
 from fractions import Fraction
 from typing import Callable, NamedTuple
 
-from slmforge.data.documents import Document
+from slmforge.curate.documents import Document
 from slmforge.registry import lookup
 
 SPLITS = ("train", "validation", "test")

@@ -42,11 +42,11 @@ from typing import Iterator
 from tqdm import tqdm
 
 from slmforge.config import merge, parse_overrides, read_yaml
-from slmforge.data.documents import read_documents
-from slmforge.data.filters import GSM8K_TEST
-from slmforge.data.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
+from slmforge.curate.documents import read_documents
+from slmforge.curate.filters import GSM8K_TEST
+from slmforge.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
                                          render_messages, training_text)
-from slmforge.data.synth.teacher import (TEACHERS, Completion, Request, RequestRejected, RetriesExhausted,
+from slmforge.synth.teacher import (TEACHERS, Completion, Request, RequestRejected, RetriesExhausted,
                                          RetryBudgetExhausted, TeacherConfig)
 from slmforge.registry import lookup
 from slmforge.runs import save_config, write_json
@@ -334,8 +334,8 @@ def clean(job: SynthJob) -> dict:
     Reads ``shards/``, writes ``dedup/`` and ``decontam/`` (rebuilt on every call: the shards grow between runs)
     and returns the counts and ``clean_dir``, the folder whose JSONL files hold the surviving records.
     """
-    from slmforge.data.dedup import DedupConfig, dedup
-    from slmforge.data.filters import FilterConfig, filter_corpus
+    from slmforge.curate.dedup import DedupConfig, dedup
+    from slmforge.curate.filters import FilterConfig, filter_corpus
 
     out = Path(job.out_dir)
     inputs, report = str(out / "shards"), {}
@@ -354,10 +354,10 @@ def clean(job: SynthJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m slmforge.data.synth.jobs JOB.yaml [key=value ...]``; exit status 1 if ids are left to do."""
+    """``python -m slmforge.synth.jobs JOB.yaml [key=value ...]``; exit status 1 if ids are left to do."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m slmforge.data.synth.jobs", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m slmforge.synth.jobs", description=__doc__.split("\n")[0])
     p.add_argument("job", help="job YAML (see recipes/synth_*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. teacher.concurrency=16 max_requests=10")
     p.add_argument("--no-progress", action="store_true")

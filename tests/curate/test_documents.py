@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.data.documents import (Document, ReadStats, expand_paths, read_documents, shard_of, write_documents,
+from slmforge.curate.documents import (Document, ReadStats, expand_paths, read_documents, shard_of, write_documents,
                                      write_jsonl, write_parquet)
 
 GSM8K_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"

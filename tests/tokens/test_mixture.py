@@ -13,9 +13,9 @@ import torch
 import yaml
 
 from slmforge.config import dump_yaml, merge
-from slmforge.data.mixture import MixtureConfig, MixtureLoader, SourceWeight, Stage
-from slmforge.data.shards import _ShardWriter, tokenize_to_shards
-from slmforge.data.tokenizer import train_tokenizer
+from slmforge.tokens.mixture import MixtureConfig, MixtureLoader, SourceWeight, Stage
+from slmforge.tokens.shards import _ShardWriter, tokenize_to_shards
+from slmforge.tokens.tokenizer import train_tokenizer
 from slmforge.runs import write_json
 
 T, B = 8, 4  # seq_len and batch_size of most tests

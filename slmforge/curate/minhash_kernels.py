@@ -1,7 +1,7 @@
 """Compiled (numba) kernels for MinHash: shingle hashing and signatures, one pass over the bytes each.
 
 They compute exactly what ``dedup.py``'s docstring defines and its ``shingles_ref`` / ``minhash_ref`` loops
-check; ``tests/data/test_dedup.py`` compares them on the same texts. Why compiled code: with numpy every step
+check; ``tests/curate/test_dedup.py`` compares them on the same texts. Why compiled code: with numpy every step
 (word edges, prefix sums, span hashes, the (permutations x shingles) products) is a separate pass over a large
 temporary array, and shingling ran at ~90 MB per CPU-second; a fused loop keeps the working set in registers
 and cache. Numba, not C: it installs as a wheel, compiles on first use (cached on disk), and the loops stay

@@ -1,4 +1,4 @@
-"""model/info.py: parameters and decoding-state bytes, checked against the real model and its caches."""
+"""info.py: parameters and decoding-state bytes, checked against the real model and its caches."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slmforge.config import ScalingConfig, preset
-from slmforge.model.info import format_info, info, load_model_config, state_bytes
+from slmforge.info import format_info, info, load_model_config, state_bytes
 from slmforge.model.lm import LM
 from slmforge.plan import count_params
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import slmforge.data.shards as shards_module
-from slmforge.data.shards import TokenLoader, _ShardWriter, load_shards, tokenize_to_shards
-from slmforge.data.tokenizer import Tokenizer, train_tokenizer
+import slmforge.tokens.shards as shards_module
+from slmforge.tokens.shards import TokenLoader, _ShardWriter, load_shards, tokenize_to_shards
+from slmforge.tokens.tokenizer import Tokenizer, train_tokenizer
 from slmforge.runs import write_json
 
 TINYSTORIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories" / "validation_sample.txt"

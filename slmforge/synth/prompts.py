@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from slmforge.config import merge
-from slmforge.data.synth.procedural import safe_eval, verify_arithmetic
+from slmforge.synth.procedural import safe_eval, verify_arithmetic
 from slmforge.registry import lookup
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slmforge.data.tokenizer import Tokenizer, _json_path
+from slmforge.tokens.tokenizer import Tokenizer, _json_path
 from slmforge.runs import atomic_path, write_json
 
 # ---------------------------------------------------------------- writing shards

@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from slmforge.data.dedup import WORD_RE, shingle_hashes, skip_reason
-from slmforge.data.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
+from slmforge.curate.dedup import WORD_RE, shingle_hashes, skip_reason
+from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
 from slmforge.runs import atomic_path, save_config, write_json
 
 # The repository's copy of GSM8K test (../shared/data from the repository root).

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from slmforge.data.synth.procedural import (FAMILIES, build_corpus, check_sorting, safe_eval, sorting,
+from slmforge.synth.procedural import (FAMILIES, build_corpus, check_sorting, safe_eval, sorting,
                                             verify_arithmetic)
 
 # lm-eval-harness gsm8k's answer extraction ("strict-match").
@@ -149,7 +149,7 @@ def test_generation_speed():
 
 
 def test_corpus_round_trips_through_parquet(corpus, tmp_path):
-    from slmforge.data.documents import read_documents, write_documents
+    from slmforge.curate.documents import read_documents, write_documents
 
     write_documents(tmp_path / "val.parquet", corpus["validation"])
     back = list(read_documents(tmp_path / "val.parquet"))
