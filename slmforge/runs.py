@@ -1,4 +1,8 @@
-"""Run folders: resolved-config dump, atomic writes (temporary file, then rename), JSONL metrics."""
+"""Run folders: where each file of a run lives (``RunDir``), atomic writes (temporary file, then rename),
+the resolved-config dump and the JSONL metrics file.
+
+``RunDir`` is the one place that spells out a run folder's layout; every stage asks it for paths.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,74 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run folder. ``tokenizer`` and ``shards`` may live elsewhere (``data.tokenizer``,
+    ``data.shards_dir``); everything else sits under ``root``.
+
+    runs/<name>/ config.yaml  data/{split}.jsonl  tokenizer.json  shards/{split}/  checkpoints/step_*/
+                 metrics.jsonl  loss.png  train_result.json  report.{json,md}
+    """
+
+    root: Path
+    tokenizer: Path
+    shards: Path
+
+    @classmethod
+    def at(cls, root: str | Path, tokenizer: str | Path = "", shards: str | Path = "") -> RunDir:
+        root = Path(root)
+        return cls(root, Path(tokenizer) if tokenizer else root / "tokenizer.json",
+                   Path(shards) if shards else root / "shards")
+
+    @classmethod
+    def of(cls, cfg) -> RunDir:
+        """The run folder of a RunConfig: <out_dir>/<name>, with its data.tokenizer / data.shards_dir if set."""
+        return cls.at(Path(cfg.out_dir) / cfg.name, cfg.data.tokenizer, cfg.data.shards_dir)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def train_result(self) -> Path:
+        return self.root / "train_result.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    def split_data(self, split: str) -> Path:
+        """The corpus split as JSONL: ``train`` -> data/train.jsonl, ``math/train`` -> data/math/train.jsonl."""
+        return self.data / f"{split}.jsonl"
+
+    def split_shards(self, split: str) -> Path:
+        """The token shards of a split: ``train`` -> shards/train, ``math/validation`` -> shards/math/validation."""
+        return self.shards / split
 
 
 @contextmanager

@@ -61,3 +61,13 @@ def residual_out_std(cfg: ModelConfig) -> float:
     # Residual-output projections are scaled down by depth (layer applications, shared or not) so the residual
     # stream's variance stays O(1) at init (GPT-2, arXiv 2005.14165 sec. 2.3).
     return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Raise a one-line ValueError (with did-you-mean) for an unknown mixer in ``model.layers`` or FFN in
+    ``model.ffn``; callers run it as soon as a config is loaded, before any work starts."""
+    if not [p for p in cfg.layers.split(",") if p.strip()]:
+        raise ValueError("model.layers is empty; give a comma-separated pattern of token mixers, e.g. attn,ssm")
+    for kind in dict.fromkeys(p.strip() for p in cfg.layers.split(",") if p.strip()):
+        lookup(MIXERS, kind, "token mixer in model.layers")
+    lookup(FFNS, cfg.ffn, "FFN in model.ffn")
