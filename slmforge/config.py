@@ -215,6 +215,15 @@ class TrainConfig:
 
 
 @dataclass
+class CurateConfig:
+    # Optional curation stages of `slmforge run`, between the corpus and the tokenizer (slmforge/curate/):
+    # each reads the previous stage's kept documents and writes <run_dir>/curate/<stage>/.
+    dedup: bool = False  # exact + MinHash near-duplicate removal
+    quality: bool = False  # Gopher quality rules
+    decontaminate: bool = False  # drop documents sharing a 13-gram with an evaluation set (GSM8K test)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -222,6 +231,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     sample_prompts: list[str] = field(default_factory=lambda: ["Question: Tom has 3 apples"])
     sample_tokens: int = 64
 
