@@ -52,7 +52,7 @@ def run_server(args, max_batch: int, port: int) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.run:
-        from slmforge.train.checkpoint import load_for_inference
+        from slmforge.checkpoint import load_for_inference
 
         model, tokenizer, _ = load_for_inference(args.run, args.device)
     else:

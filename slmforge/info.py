@@ -3,63 +3,31 @@
 The state is what decoding keeps per sequence, counted exactly as the mixers allocate it (``init_cache``):
 attention keeps keys and values for every position (``KVCache``, which also allocates all ``max_len`` slots
 under a sliding window), the SSM and linear attention a fixed-size state (``RecurrentCache``, kept in at least
-float32) plus the SSM's last conv inputs; Hymba both. Each layer application has its own cache, also when it
-shares weights with another layer. ``tests/model/test_info.py`` checks these numbers against real caches.
-Pure arithmetic on the config: no torch import. Shapes: T tokens, K kv heads, D head dim, H heads, P head dim,
-N state size, k conv kernel.
+float32) plus the SSM's last conv inputs; Hymba both. Each mixer class states its own bytes
+(``state_bytes(cfg, tokens, nbytes)``), found through ``model.block.MIXERS``, which imports torch; no tensor
+is made. Each layer application has its own cache, also when it shares weights with another layer.
+``tests/test_info.py`` and ``tests/model/test_mixer_table.py`` check these numbers against real caches.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from pathlib import Path
 
-from slmforge.config import ModelConfig
+from slmforge.config import PRESETS, ModelConfig, load_config
+from slmforge.model.block import MIXERS
 from slmforge.plan import count_params
+from slmforge.registry import lookup
+from slmforge.runs import RunDir
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
-def _kv_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
-    return 2 * tokens * cfg.attn.num_kv_heads * cfg.head_dim * nbytes  # k and v: (K, T, D) each
-
-
-def _ssm_heads_bytes(cfg: ModelConfig, width: int, nbytes: int) -> int:
-    s = cfg.ssm
-    state = (width // s.head_dim) * s.head_dim * s.state_dim * max(nbytes, 4)  # (H, P, N), at least fp32
-    conv = (s.conv_kernel - 1) * (width + 2 * s.state_dim) * nbytes  # (k-1, x + B + C channels)
-    return state + conv
-
-
-def attn_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
-    return _kv_bytes(cfg, tokens, nbytes)
-
-
-def ssm_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
-    return _ssm_heads_bytes(cfg, cfg.ssm.expand * cfg.d_model, nbytes)
-
-
-def linear_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
-    c = cfg.linear
-    return int(cfg.d_model * c.expand_k) * int(cfg.d_model * c.expand_v) // c.num_heads * max(nbytes, 4)  # (H, K, V)
-
-
-def hymba_state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
-    return _kv_bytes(cfg, tokens, nbytes) + _ssm_heads_bytes(cfg, cfg.attn.num_heads * cfg.head_dim, nbytes)
-
-
-# Adding a mixer means one entry here, as in plan.MIXER_COSTS.
-STATE_BYTES: dict[str, Callable[[ModelConfig, int, int], int]] = {
-    "attn": attn_state_bytes, "ssm": ssm_state_bytes, "linear": linear_state_bytes, "hymba": hymba_state_bytes}
-
-
 def state_bytes(cfg: ModelConfig, tokens: int, dtype: str = "bf16") -> dict[str, int]:
     """Decoding-state bytes of one sequence of ``tokens`` tokens, summed per mixer kind, plus ``total``."""
-    from slmforge.registry import lookup
-
     nbytes = lookup(DTYPE_BYTES, dtype, "dtype")
     kinds = cfg.block_kinds()
-    per_block = [lookup(STATE_BYTES, kind, "token mixer")(cfg.block_config(j), tokens, nbytes)
+    per_block = [lookup(MIXERS, kind, "token mixer (model.layers)").state_bytes(cfg.block_config(j), tokens, nbytes)
                  for j, kind in enumerate(kinds)]
     out: dict[str, int] = {}
     for j in cfg.block_index():
@@ -112,9 +80,14 @@ def format_info(result: dict) -> str:
 
 
 def load_model_config(spec: str, overrides: list[str] | None = None) -> ModelConfig:
-    """A preset name (``tiny``, ``100m``, ...) or a recipe YAML, then ``key=value`` overrides (``model.layers=ssm``)."""
-    from slmforge.config import PRESETS, load_config
-
+    """A preset name (``tiny``, ``100m``, ...), a recipe YAML or a run folder (its resolved ``config.yaml``), then
+    ``key=value`` overrides (``model.layers=ssm``)."""
     if spec in PRESETS:
         return load_config(None, [f"preset={spec}", *(overrides or [])]).model
+    if Path(spec).is_dir():
+        path = RunDir.at(spec).config
+        if not path.is_file():
+            raise ValueError(f"{spec}: a folder without config.yaml; expected a preset ({', '.join(PRESETS)}), "
+                             f"a recipe YAML or a run folder")
+        return load_config(path, overrides).model
     return load_config(spec, overrides).model

@@ -3,6 +3,9 @@
 - Parameters are counted from a ``ModelConfig`` by the same recipe ``model/lm.py`` follows (Llama-style, no
   biases) and checked against the instantiated model in ``tests/test_plan.py``. A parameter shared by several
   layers (``model.share_ffn``, ``model.block_repeat``) counts once; FLOPs and activations count every use.
+- Each mixer and FFN states its own per-token cost (``cost(cfg, seq_len) -> LayerCost``, ``model/cost.py``) in
+  its class, which this module finds through ``model.block.MIXERS`` / ``FFNS``. Reading that table imports the
+  model modules, hence torch; the arithmetic itself touches no tensor.
 - FLOPs per token follow PaLM's MFU formula (Chowdhery et al. 2022, arXiv 2204.02311, appendix B):
   2 FLOPs per matmul weight in the forward, plus the attention-score term, times 3 for training.
 - Compute-optimal sizes come from Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models"
@@ -17,10 +20,12 @@ N parameters, D training tokens, C training FLOPs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from slmforge.config import PRESETS, ModelConfig, preset
+from slmforge.config import PRESETS, ModelConfig, check_choice, check_min, preset
+from slmforge.model.block import FFNS, MIXERS
+from slmforge.model.cost import LayerCost
 from slmforge.registry import lookup
 
 GIB = 2**30
@@ -52,109 +57,12 @@ USABLE_MEMORY_FRACTION = 0.9
 # ---------------------------------------------------------------- parameter counts
 
 
-@dataclass
-class LayerCost:
-    """What one mixer or FFN adds to a block, per token."""
-
-    params: int
-    matmul_params: int  # weights used in a matmul: 2 forward FLOPs per token each
-    context_flops: float = 0.0  # forward FLOPs per token that grow with the context (scores and AV)
-    context_flops_causal: float = 0.0
-    activation_bytes: int = 0  # bytes per token kept for the backward pass (bf16)
-
-
-def _mean_keys(seq_len: int, window: int, causal: bool) -> float:
-    """Keys each query attends to, averaged over the sequence."""
-    w = min(window, seq_len) if window else seq_len
-    if not causal:
-        return w
-    # query i (1-based) sees min(i, w) keys
-    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
-
-
-def attn_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
-    h, a = cfg.d_model, cfg.attn
-    q_dim, kv_dim = a.num_heads * cfg.head_dim, a.num_kv_heads * cfg.head_dim
-    params = h * q_dim + 2 * h * kv_dim + q_dim * h  # wq, wk, wv, wo
-    # QK^T and AV: 2 FLOPs per multiply-add, q_dim per key, two matmuls
-    per_key = 2 * 2 * q_dim
-    # Saved for backward: the normed input (shared by wq/wk/wv), Q, K, V, the attention output (also wo's input),
-    # and SDPA's fp32 log-sum-exp per head. Flash attention recomputes the s x s scores instead of storing them.
-    act = 2 * (h + q_dim + 2 * kv_dim + q_dim) + 4 * a.num_heads
-    return LayerCost(params, params, per_key * _mean_keys(seq_len, a.window, False),
-                     per_key * _mean_keys(seq_len, a.window, True), act)
-
-
-def dense_ffn_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
-    h, f = cfg.d_model, cfg.ffn_dim
-    params = 3 * h * f  # SwiGLU: w1, w3 (h -> f), w2 (f -> h)
-    # Saved: the normed input, w1 and w3 outputs, silu(w1 x) and the product (w2's input).
-    return LayerCost(params, params, activation_bytes=2 * (h + 4 * f))
-
-
-def _ssm_heads_cost(cfg: ModelConfig, width: int, seq_len: int) -> LayerCost:
-    """``model/ssm.py``'s SSMHeads of inner width ``width``: everything up to the output projection."""
-    s = cfg.ssm
-    heads, n, chunk = width // s.head_dim, s.state_dim, min(s.chunk_size, seq_len)
-    conv_dim = width + 2 * n  # x, B, C
-    proj = cfg.d_model * (width + conv_dim + heads)  # in_proj: z, x, B, C, dt
-    params = proj + conv_dim * (s.conv_kernel + 1) + 3 * heads + width  # conv weight+bias, dt_bias/A_log/D, norm
-    # Chunked scan per token: the C.B scores and their use on x within a chunk, the state each token adds and the
-    # state it reads, and the conv. It grows with the chunk length, not the context.
-    scan = 2 * chunk * (n + width) + 2 * 2 * width * n + 2 * s.conv_kernel * conv_dim
-    # Saved (bf16): the input, the in_proj output, the conv output, the gated and the normed output; in fp32 the
-    # scan output and the decay mask within a chunk (chunk values per head).
-    act = 2 * (cfg.d_model + width + conv_dim + heads + conv_dim + 2 * width) + 4 * width + 4 * heads * chunk
-    return LayerCost(params, proj, scan, scan, act)
-
-
-def ssm_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
-    width = cfg.ssm.expand * cfg.d_model
-    heads = _ssm_heads_cost(cfg, width, seq_len)
-    out = width * cfg.d_model  # out_proj
-    return LayerCost(heads.params + out, heads.matmul_params + out, heads.context_flops, heads.context_flops_causal,
-                     heads.activation_bytes)
-
-
-def linear_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
-    c, h = cfg.linear, cfg.d_model
-    keys, values, chunk = int(h * c.expand_k), int(h * c.expand_v), min(c.chunk_size, seq_len)
-    # in_proj (q, k, v, gate, decay down), decay up, out_proj
-    matmul = h * (2 * keys + 2 * values + c.decay_rank) + c.decay_rank * keys + values * h
-    params = matmul + keys + values // c.num_heads  # + the decay bias and the per-head norm
-    # Per token: q.k scores and their use on v within a chunk, and the state each token adds and reads.
-    scan = 2 * chunk * (keys + values) + 2 * 2 * keys * values // c.num_heads
-    # Saved (bf16): the input, the in_proj output, the decay, the normed and gated outputs; fp32 scan output.
-    act = 2 * (h + 2 * keys + 2 * values + c.decay_rank + keys + 2 * values) + 4 * values
-    return LayerCost(params, matmul, scan, scan, act)
-
-
-def hymba_cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
-    attn = attn_cost(replace(cfg, attn=replace(cfg.attn, window=cfg.hymba.window)), seq_len)
-    width = cfg.attn.num_heads * cfg.head_dim
-    ssm = _ssm_heads_cost(cfg, width, seq_len)
-    return LayerCost(attn.params + ssm.params + width,  # + the attention branch's norm (beta1)
-                     attn.matmul_params + ssm.matmul_params, attn.context_flops + ssm.context_flops,
-                     attn.context_flops_causal + ssm.context_flops_causal,
-                     attn.activation_bytes + ssm.activation_bytes + 2 * width)
-
-
-# Adding a mixer (or FFN) to the planner means one function returning its LayerCost and one entry here.
-MIXER_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {
-    "attn": attn_cost, "ssm": ssm_cost, "linear": linear_cost, "hymba": hymba_cost}
-FFN_COSTS: dict[str, Callable[[ModelConfig, int], LayerCost]] = {"dense": dense_ffn_cost}
-
-
 def _block_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
     """(mixer, FFN) cost of each unique block, from its own config (OpenELM scaling changes it per block)."""
-    for kind, table in ((cfg.ffn, FFN_COSTS), *((k, MIXER_COSTS) for k in dict.fromkeys(cfg.block_kinds()))):
-        if kind not in table:
-            raise NotImplementedError(
-                f"plan.py cannot count layer kind {kind!r} yet (known: {', '.join(table)}); "
-                f"add a cost function to {'FFN_COSTS' if table is FFN_COSTS else 'MIXER_COSTS'}")
+    ffn = lookup(FFNS, cfg.ffn, "FFN (model.ffn)")
+    mixers = {kind: lookup(MIXERS, kind, "token mixer (model.layers)") for kind in dict.fromkeys(cfg.block_kinds())}
     configs = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
-    return [(MIXER_COSTS[kind](c, seq_len), FFN_COSTS[cfg.ffn](c, seq_len))
-            for c, kind in zip(configs, cfg.block_kinds())]
+    return [(mixers[kind].cost(c, seq_len), ffn.cost(c, seq_len)) for c, kind in zip(configs, cfg.block_kinds())]
 
 
 def _layer_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
@@ -273,7 +181,7 @@ def memory_gib(cfg: ModelConfig, seq_len: int, micro_batch_size: int, num_gpus: 
 class PlanConfig:
     flops: float = 0  # training budget in FLOPs; 0 = from gpu_hours
     gpu_hours: float = 0  # total GPU-hours, summed over all GPUs
-    gpu: str = "h100"
+    gpu: str = "h100"  # a GPUS key
     num_gpus: int = 1
     mfu: float = 0.4  # model FLOPs utilisation, PaLM convention
     seq_len: int = 2048
@@ -281,6 +189,15 @@ class PlanConfig:
     preset: str = ""  # plan for this preset instead of the nearest one
     fsdp: bool = False  # shard weights, gradients and optimizer state over num_gpus
     activation_checkpointing: bool = False
+
+    def validate(self, prefix: str = "") -> None:
+        """Run by ``config.load``: GPU and preset names against their tables, and sizes that must be positive."""
+        check_choice(f"{prefix}gpu", self.gpu, list(GPUS))
+        if self.preset:
+            check_choice(f"{prefix}preset", self.preset, list(PRESETS))
+        check_min(self, prefix, 1, "num_gpus seq_len micro_batch_size")
+        if not 0 < self.mfu <= 1:
+            raise ValueError(f"{prefix}mfu={self.mfu}: expected a fraction in (0, 1]")
 
 
 def plan(cfg: PlanConfig) -> dict:

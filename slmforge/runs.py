@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from slmforge.config import dump_yaml
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -21,7 +23,7 @@ class RunDir:
     ``data.shards_dir``); everything else sits under ``root``.
 
     runs/<name>/ config.yaml  data/{split}.jsonl  tokenizer.json  shards/{split}/  checkpoints/step_*/
-                 metrics.jsonl  loss.png  train_result.json  report.{json,md}
+                 metrics.jsonl  loss.png  train_result.json  report.{json,md}  eval/<name>  sweep.json
     """
 
     root: Path
@@ -48,6 +50,11 @@ class RunDir:
         return self.root / "data"
 
     @property
+    def curate(self) -> Path:
+        """The optional curation stages' outputs: curate/<stage>/<key>/ (kept/, report.json, ...)."""
+        return self.root / "curate"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
@@ -70,6 +77,15 @@ class RunDir:
     @property
     def report_md(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def sweep_result(self) -> Path:
+        """Written last by a science sweep (config, report, evaluation losses): the run is finished."""
+        return self.root / "sweep.json"
+
+    def eval_output(self, name: str) -> Path:
+        """What an evaluation writes: ``gsm8k`` -> eval/gsm8k/, ``perplexity.json`` -> eval/perplexity.json."""
+        return self.root / "eval" / name
 
     def split_data(self, split: str) -> Path:
         """The corpus split as JSONL: ``train`` -> data/train.jsonl, ``math/train`` -> data/math/train.jsonl."""
@@ -108,9 +124,7 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def save_config(run_dir: str | Path, cfg) -> Path:
-    from slmforge.config import dump_yaml
-
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir.at(run_dir).config
     write_text(path, dump_yaml(cfg))
     return path
 

@@ -39,11 +39,10 @@ def tiny_run_config(out_dir, name="run", **train):
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory):
     """Tokenizer + token shards of a small procedural corpus, built once per test session."""
-    from slmforge.pipeline import build_data, build_shards, build_tokenizer
+    from slmforge.pipeline import prepare
 
     cfg = tiny_run_config(tmp_path_factory.mktemp("corpus"), name="corpus")
-    data = build_data(cfg)
-    build_shards(cfg, data, build_tokenizer(cfg, data))
+    prepare(cfg)
     return cfg.run_dir
 
 

@@ -52,17 +52,28 @@ def test_run_writes_report_and_skips_finished_stages(run_dir, capsys):
 
 
 def test_generate_and_chat(run_dir, capsys, monkeypatch):
-    assert main(["generate", str(run_dir), "--prompt", "Question:", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert main(["generate", str(run_dir), "prompt=Question: Tom", "max_new_tokens=5", "seed=1"]) == 0
     assert len(capsys.readouterr().out) > 0
     answers = iter(["hello", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
-    assert main(["chat", str(run_dir), "--max-new-tokens", "4"]) == 0
+    assert main(["chat", str(run_dir), "max_new_tokens=4"]) == 0
     assert "model>" in capsys.readouterr().out
+
+
+def test_generate_old_flags_are_aliases_of_the_keys(run_dir, capsys):
+    greedy = ["prompt=Question: Tom", "max_new_tokens=6", "temperature=0"]
+    assert main(["generate", str(run_dir), *greedy]) == 0
+    full = capsys.readouterr().out
+    # The old flags are hidden aliases of the same keys, with a note on stderr.
+    assert main(["generate", str(run_dir), "--prompt", "Question: Tom", "--max-new-tokens", "6",
+                 "--temperature", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert out == full and "--prompt is deprecated; write prompt=" in err
 
 
 def test_stop_strings_are_cut(run_dir):
     from slmforge.serve.generate import generate
-    from slmforge.train.checkpoint import load_for_inference
+    from slmforge.checkpoint import load_for_inference
 
     model, tok, _ = load_for_inference(run_dir)
     full = generate(model, tok, "Question:", 20, temperature=0)
@@ -90,9 +101,9 @@ def test_synth_tokenizer_tokenize(tmp_path, capsys):
                  "data.num_val_docs=20", "data.num_test_docs=20"]) == 0
     train_file = tmp_path / "corpus" / "train.jsonl"
     assert sum(1 for _ in train_file.open()) == 200
-    assert main(["tokenizer", str(train_file), "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]) == 0
-    assert main(["tokenize", str(tmp_path / "corpus" / "*.jsonl"), "--tokenizer", str(tmp_path / "tok.json"),
-                 "--out", str(tmp_path / "shards"), "--workers", "1"]) == 0
+    assert main(["tokenizer", str(train_file), "vocab_size=300", f"out={tmp_path / 'tok.json'}"]) == 0
+    assert main(["tokenize", str(tmp_path / "corpus" / "*.jsonl"), f"tokenizer={tmp_path / 'tok.json'}",
+                 f"out={tmp_path / 'shards'}", "num_workers=1"]) == 0
     meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
     assert meta["num_docs"] == 240
 
@@ -106,14 +117,14 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys, content
     bad = tmp_path / ("bad.jsonl" if b"{" in content else "bad.txt")
     bad.write_bytes(content)
     out = tmp_path / "tok.json"
-    assert main(["tokenizer", str(bad), "--vocab-size", "300", "--out", str(out)]) == 2
+    assert main(["tokenizer", str(bad), "vocab_size=300", f"out={out}"]) == 2
     err = capsys.readouterr().err
     assert "bad." in err and message in err
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
 
 def test_glob_matching_nothing(tmp_path, capsys):
-    assert main(["tokenize", str(tmp_path / "*.jsonl"), "--tokenizer", "x.json", "--out", str(tmp_path / "s")]) == 2
+    assert main(["tokenize", str(tmp_path / "*.jsonl"), "tokenizer=x.json", f"out={tmp_path / 's'}"]) == 2
     assert "*.jsonl" in capsys.readouterr().err
 
 

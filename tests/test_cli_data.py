@@ -27,7 +27,7 @@ def test_dedup_cli(tmp_path, capsys):
     assert [d.id for d in read_documents(out / "kept")] == ["a", "d"]
     assert json.loads((out / "report.json").read_text())["config"]["threshold"] == 0.7
     assert main(["dedup", f"inputs={path}", f"out_dir={out}", "shingle=sentence"]) == 2
-    assert "unknown shingle 'sentence'" in capsys.readouterr().err
+    assert "shingle='sentence': choose one of word, char" in capsys.readouterr().err
 
 
 def test_filter_cli(tmp_path, capsys):

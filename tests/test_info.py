@@ -75,3 +75,16 @@ def test_format_and_spec_loading(tmp_path):
     with pytest.raises(ValueError, match="unknown key"):
         load_model_config("tiny", ["model.block_repeats=2"])
     assert dataclasses.replace(from_preset, scaling=ScalingConfig(enabled=True)).block_config(0).attn.num_heads == 2
+
+
+def test_run_folder_spec(tmp_path):
+    from slmforge.config import load_config
+    from slmforge.runs import save_config
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["preset=tiny", "model.layers=attn,linear", "model.d_model=96"])
+    save_config(run, cfg)
+    assert load_model_config(str(run)) == cfg.model
+    assert load_model_config(str(run), ["model.num_layers=2"]).num_layers == 2
+    with pytest.raises(ValueError, match="folder without config.yaml.*tiny"):
+        load_model_config(str(tmp_path))

@@ -40,9 +40,11 @@ def test_hand_count_tiny():
     assert count_params(cfg).total == 10 * 8 + 2 * layer + 8
 
 
-def test_unknown_mixer_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="mine"):
-        count_params(ModelConfig(layers="attn,mine"))
+def test_unknown_layer_kind_lists_the_table():
+    with pytest.raises(ValueError, match="token mixer.*'ssn'.*attn, hymba, linear, ssm.*Did you mean ssm"):
+        count_params(ModelConfig(layers="attn,ssn"))
+    with pytest.raises(ValueError, match="FFN.*'mine'.*dense"):
+        flops_per_token(ModelConfig(ffn="mine"), 64)
 
 
 def test_flops_per_token():

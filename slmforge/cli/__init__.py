@@ -1,19 +1,27 @@
-"""Command line: one subcommand per stage. Handlers only parse, merge the config and call the API.
+"""Command line: one subcommand per stage. Handlers only load the config and call the API.
 
-Subcommands are registered by group: ``train`` (plan, info, run, mix, forecast, anneal, train), ``data`` (synth, tokenizer, tokenize, dedup,
-filter) and ``model`` (generate, chat, serve, export, import, eval); ``common`` holds what they share.
+Subcommands are registered by group: ``train`` (plan, info, run, mix, forecast, anneal, train), ``data`` (synth,
+tokenizer, tokenize, dedup, filter) and ``model`` (generate, chat, serve, export, import, eval); ``common`` holds
+what they share. Every config key is a ``key=value`` item (``slmforge generate RUN prompt="Q: 3" temperature=0``),
+and ``slmforge CMD --help`` lists them. Handlers import their stage when they run, so that ``--help`` and a
+mistyped key answer without loading torch and every stage.
+
+A user error (a bad key or value, a missing or malformed file) is one line on stderr,
+``slmforge CMD: error: ...``, and exit status 2; never a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+import yaml
+
 from slmforge.cli import data, model, train
+from slmforge.cli.common import Parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slmforge", description="Build small language models end to end.")
+def build_parser() -> Parser:
+    parser = Parser(prog="slmforge", description="Build small language models end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (train, data, model):
         group.register(sub)
@@ -24,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (ValueError, OSError) as exc:
-        print(f"slmforge {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, KeyError, yaml.YAMLError) as exc:
+        # KeyError's text is the repr of the key; the key itself reads better.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"slmforge {args.command}: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,26 +1,113 @@
-"""What every subcommand shares: recipe and override arguments, config loading, ``--dry-run``."""
+"""What every subcommand shares: one convention for its config, its ``--help`` key list, ``--dry-run``.
+
+A subcommand's config is a dataclass, filled by ``config.load``: defaults < ``--config`` YAML (or a positional
+recipe) < ``key=value`` items. Flags are only for what is not config (``--dry-run``, ``--resume``, ``--presets``,
+the job-array plumbing). ``--help`` lists every key with its default, generated from the dataclass fields.
+The flags of earlier versions (``--max-new-tokens 5``) still work for the small CLI configs, hidden, each turned
+into its ``key=value`` with a note on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import typing
+from pathlib import Path
 
-from slmforge.config import dump_yaml, load_config, merge, parse_overrides, read_yaml
+from slmforge.config import RunConfig, describe, dump_yaml, load
+
+ALIAS = "alias:"  # argparse dest prefix of a deprecated flag
 
 
-def config_args(p: argparse.ArgumentParser, recipe_positional: bool = False) -> None:
-    if recipe_positional:
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``--help`` ends with its config keys; the config class is imported only then,
+    so that building the parser (every call of ``slmforge``) does not load torch and every stage."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        spec = self.get_default("config_cls")
+        if spec is not None and self.epilog is None:
+            prefix = self.get_default("config_prefix") or ""
+            self.epilog = f"keys (key=value; default, and the choices where fixed):\n{describe(config_class(spec), prefix)}"
+        return super().format_help()
+
+
+def config_class(spec):
+    """A config dataclass, or ``"module:Name"`` naming one (imported when first needed)."""
+    if isinstance(spec, str):
+        module, name = spec.split(":")
+        return getattr(importlib.import_module(module), name)
+    return spec
+
+
+def config_args(p: argparse.ArgumentParser, cls, recipe: str | None = "flag", dry_run: bool = False,
+                aliases: bool = False, overrides: bool = True) -> None:
+    """Arguments of a subcommand configured by ``cls``: the recipe (``--config`` flag, ``positional`` or None),
+    ``key=value`` items (unless the subcommand takes its own positional items), optionally ``--dry-run`` and the
+    deprecated flags of ``cls``'s fields."""
+    if recipe == "positional":
         p.add_argument("recipe", nargs="?", default=None, help="recipe YAML (e.g. recipes/tiny_cpu.yaml)")
-    else:
-        p.add_argument("--config", dest="recipe", default=None, help="recipe YAML")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=100 model.d_model=64")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and planned counts, then exit")
+    elif recipe == "flag":
+        p.add_argument("--config", dest="recipe", default=None, help="YAML file of keys (a top-level mapping)")
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, listed below")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and planned counts, then exit")
+    if aliases:
+        _add_aliases(p, cls)
+    p.set_defaults(config_cls=cls)
 
 
-def load(args):
-    recipe, overrides = args.recipe, list(args.overrides)
+def _add_aliases(p: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        repeat = typing.get_origin(hints[f.name]) is list
+        p.add_argument("--" + f.name.replace("_", "-"), dest=ALIAS + f.name, default=None,
+                       action="append" if repeat else "store", help=argparse.SUPPRESS)
+
+
+def _alias_overrides(args) -> list[str]:
+    out = []
+    for dest, value in vars(args).items():
+        if dest.startswith(ALIAS) and value is not None:
+            key = dest[len(ALIAS):]
+            print(f"slmforge {args.command}: note: --{key.replace('_', '-')} is deprecated; write {key}=...",
+                  file=sys.stderr)
+            out.append(f"{key}={json.dumps(value) if isinstance(value, list) else value}")
+    return out
+
+
+def load_args(args, overrides: list[str] | None = None):
+    """The subcommand's config from its recipe, its ``key=value`` items (or ``overrides``) and deprecated flags."""
+    recipe = getattr(args, "recipe", None)
+    items = list(args.overrides if overrides is None else overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
-        recipe, overrides = None, [recipe, *overrides]  # `slmforge run key=value ...` with no recipe
-    return load_config(recipe, overrides)
+        recipe, items = None, [recipe, *items]  # `slmforge run key=value ...` with no recipe
+    if recipe and not Path(recipe).is_file():
+        raise ValueError(f"{recipe}: no such recipe file (give a YAML file, or key=value items such as "
+                         f"train.max_steps=100)")
+    return load(config_class(args.config_cls), recipe, items + _alias_overrides(args))
+
+
+def load_run(args) -> RunConfig:
+    """A RunConfig, with mixer and FFN names checked now: a typo stops here, before any data is built."""
+    from slmforge.model.block import check_model  # torch: only for the subcommands that build a model
+
+    cfg = load_args(args)
+    check_model(cfg.model)
+    return cfg
+
+
+def split_items(items: list[str]) -> tuple[list[str], list[str]]:
+    """(files, overrides): ``key=value`` items that are not existing files are overrides."""
+    overrides = [a for a in items if "=" in a and not Path(a).exists()]
+    return [a for a in items if a not in overrides], overrides
 
 
 def dry_run(cfg) -> None:
@@ -33,9 +120,3 @@ def dry_run(cfg) -> None:
     print(dump_yaml(cfg))
     print(f"# parameters: {pc.total:,} total, {pc.non_embedding:,} non-embedding")
     print(f"# tokens: {tokens:,}; training FLOPs: {flops:.3e}")
-
-
-def stage_config(cls, args):
-    """A data stage's own config dataclass: defaults < --config YAML (a flat mapping) < key=value overrides."""
-    raw = read_yaml(args.recipe)
-    return merge(merge(cls(), raw, where=args.recipe or cls.__name__), parse_overrides(args.overrides), "override")

@@ -3,9 +3,56 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
-from slmforge.cli.common import config_args, load, stage_config
-from slmforge.config import dump_yaml
+from slmforge.cli.common import config_args, load_args, split_items
+from slmforge.config import TextSplit, check_min, dump_yaml
+
+
+@dataclass
+class TokenizerConfig:
+    """``slmforge tokenizer FILES... out=tok.json``: train a byte-level BPE on text/JSONL/Parquet files."""
+
+    inputs: list[str] = field(default_factory=list)  # files or globs; positional items fill it
+    out: str = ""  # tokenizer.json path (or its folder)
+    vocab_size: int = 8192
+    text_field: str = "text"  # JSONL/Parquet field holding the text
+    text_split: TextSplit = "file"  # how plain-text files split into documents
+
+    def validate(self, prefix: str = "") -> None:
+        _require_inputs_and_out(self, prefix)
+        check_min(self, prefix, 1, "vocab_size")
+
+
+@dataclass
+class TokenizeConfig:
+    """``slmforge tokenize FILES... tokenizer=tok.json out=shards/train``: write token shards."""
+
+    inputs: list[str] = field(default_factory=list)  # files or globs; positional items fill it
+    out: str = ""  # shard folder
+    tokenizer: str = ""  # tokenizer.json
+    num_workers: int = 2  # tokenizer processes
+    text_field: str = "text"
+    text_split: TextSplit = "file"
+
+    def validate(self, prefix: str = "") -> None:
+        _require_inputs_and_out(self, prefix)
+        if not self.tokenizer:
+            raise ValueError(f"{prefix}tokenizer is required: give tokenizer=PATH/tokenizer.json")
+        check_min(self, prefix, 1, "num_workers")
+
+
+def _require_inputs_and_out(cfg, prefix: str) -> None:
+    if not cfg.inputs:
+        raise ValueError(f"{prefix}inputs is empty: give text/JSONL/Parquet files or globs")
+    if not cfg.out:
+        raise ValueError(f"{prefix}out is required: give out=PATH")
+
+
+def _with_inputs(args):
+    """The config of tokenizer/tokenize: positional items that are not ``key=value`` are its ``inputs``."""
+    inputs, overrides = split_items(args.items)
+    return load_args(args, overrides + ([f"inputs={json.dumps(inputs)}"] if inputs else []))
 
 
 def cmd_synth(args) -> None:
@@ -24,7 +71,7 @@ def cmd_synth(args) -> None:
         return
     if not args.out:
         raise ValueError("give --job JOB.yaml (a teacher job) or --out FOLDER (the procedural corpus)")
-    d = load(args).data
+    d = load_args(args).data
     corpus = build_corpus(d.families, d.num_train_docs, d.num_val_docs, d.num_test_docs, d.seed)
     for split, docs in corpus.items():
         path = f"{args.out}/{split}.jsonl"
@@ -35,26 +82,27 @@ def cmd_tokenizer(args) -> None:
     from slmforge.curate.documents import read_documents
     from slmforge.tokens.tokenizer import train_tokenizer
 
-    texts = (d.text for d in read_documents(args.inputs, text_field=args.text_field, text_split=args.text_split))
-    tok = train_tokenizer(texts, args.vocab_size, args.out)
-    print(f"trained {tok.vocab_size} tokens -> {args.out}")
+    cfg = _with_inputs(args)
+    texts = (d.text for d in read_documents(cfg.inputs, text_field=cfg.text_field, text_split=cfg.text_split))
+    tok = train_tokenizer(texts, cfg.vocab_size, cfg.out)
+    print(f"trained {tok.vocab_size} tokens -> {cfg.out}")
 
 
 def cmd_tokenize(args) -> None:
     from slmforge.curate.documents import ReadStats, read_documents
     from slmforge.tokens.shards import tokenize_to_shards
 
-    stats = ReadStats()
-    texts = (d.text for d in read_documents(args.inputs, args.text_field, args.text_split, stats=stats))
-    meta = tokenize_to_shards(texts, args.tokenizer, args.out, num_workers=args.workers)
-    print(f"{meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents -> {args.out} "
+    cfg, stats = _with_inputs(args), ReadStats()
+    texts = (d.text for d in read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats=stats))
+    meta = tokenize_to_shards(texts, cfg.tokenizer, cfg.out, num_workers=cfg.num_workers)
+    print(f"{meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents -> {cfg.out} "
           f"({stats.num_empty_skipped} empty documents skipped)")
 
 
 def cmd_dedup(args) -> None:
-    from slmforge.curate.dedup import DedupConfig, bands_of, check_config, dedup
+    from slmforge.curate.dedup import bands_of, check_config, dedup
 
-    cfg = stage_config(DedupConfig, args)
+    cfg = load_args(args)
     if args.dry_run:
         check_config(cfg)
         return print(dump_yaml(cfg) + "# LSH: %d bands x %d rows" % bands_of(cfg))
@@ -62,9 +110,9 @@ def cmd_dedup(args) -> None:
 
 
 def cmd_filter(args) -> None:
-    from slmforge.curate.filters import FilterConfig, filter_corpus
+    from slmforge.curate.filters import filter_corpus
 
-    cfg = stage_config(FilterConfig, args)
+    cfg = load_args(args)
     if args.dry_run:
         return print(dump_yaml(cfg))
     report = filter_corpus(cfg, args.shard_index, args.num_shards)
@@ -74,30 +122,26 @@ def cmd_filter(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("synth", help="a teacher job (--job: any OpenAI-compatible endpoint, or the offline "
                                      "procedural teacher), or the procedural corpus as JSONL splits (--out)")
-    config_args(p)
-    p.add_argument("--job", default=None, help="job YAML (e.g. recipes/synth_math.yaml); key=value override its keys")
+    config_args(p, "slmforge.config:RunConfig", dry_run=True)
+    p.add_argument("--job", default=None, help="job YAML (e.g. recipes/synth_math.yaml); key=value items are its "
+                                               "keys (slmforge.synth.jobs.SynthJob); without it, RunConfig data keys")
     p.add_argument("--out", default=None, help="output folder of the procedural corpus")
     p.set_defaults(fn=cmd_synth)
 
-    for name, fn, what in (("tokenizer", cmd_tokenizer, "train a byte-level BPE tokenizer"),
-                           ("tokenize", cmd_tokenize, "write token shards")):
+    for name, fn, cls, what in (("tokenizer", cmd_tokenizer, TokenizerConfig, "train a byte-level BPE tokenizer"),
+                                ("tokenize", cmd_tokenize, TokenizeConfig, "write token shards")):
         p = sub.add_parser(name, help=what)
-        p.add_argument("inputs", nargs="+", help="text/JSONL/Parquet files or globs")
-        p.add_argument("--out", required=True, help="tokenizer.json path" if name == "tokenizer" else "shard folder")
-        p.add_argument("--text-field", default="text", help="JSONL/Parquet field holding the text")
-        p.add_argument("--text-split", default="file", choices=["file", "blank_line", "line"],
-                       help="how plain-text files split into documents")
-        if name == "tokenizer":
-            p.add_argument("--vocab-size", type=int, default=8192)
-        else:
-            p.add_argument("--tokenizer", required=True, help="tokenizer.json")
-            p.add_argument("--workers", type=int, default=2, help="tokenizer processes")
-        p.set_defaults(fn=fn)
+        p.add_argument("items", nargs="*", metavar="FILE or key=value", help="input files or globs, and config keys")
+        config_args(p, cls, aliases=True, overrides=False)
+        p.set_defaults(fn=fn, overrides=[])
 
-    for name, fn, what in (("dedup", cmd_dedup, "remove exact and near-duplicate documents (MinHash LSH)"),
-                           ("filter", cmd_filter, "Gopher quality rules and n-gram decontamination")):
+    for name, fn, cls, what in (
+            ("dedup", cmd_dedup, "slmforge.curate.dedup:DedupConfig",
+             "remove exact and near-duplicate documents (MinHash LSH)"),
+            ("filter", cmd_filter, "slmforge.curate.filters:FilterConfig",
+             "Gopher quality rules and n-gram decontamination")):
         p = sub.add_parser(name, help=what)
-        config_args(p)
+        config_args(p, cls, dry_run=True)
         p.add_argument("--shard-index", type=int, default=None, help="run this shard only (a job-array task)")
         p.add_argument("--num-shards", type=int, default=1)
         if name == "dedup":

@@ -40,8 +40,8 @@ while one band is sorted) plus about 40 per candidate pair and the ids of cluste
 byte. So 10M documents need about 2.1 GB in stage B. Disk per document: 164 bytes of arrays, the id with an
 80-character head, and with ``verify`` 4 bytes per distinct shingle (about 0.7x the text).
 
-The file is longer than 500 lines because the three stages share the hashing, and the loop references sit next
-to the vectorised code they check.
+long: about 700 lines, because the three stages share the hashing, and the loop references sit next to the
+compiled code they check (the kernels themselves are in minhash_kernels.py).
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from tqdm import tqdm
 
+from slmforge.config import TextSplit
 from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
 from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.registry import lookup
@@ -77,10 +78,10 @@ class DedupConfig:
     inputs: list[str] = field(default_factory=list)  # files, directories or globs (bad records are skipped)
     out_dir: str = "dedup"
     text_field: str = "text"  # JSONL/Parquet field holding the text
-    text_split: str = "file"  # .txt/.md inputs: "file", "blank_line" or "line"
+    text_split: TextSplit = "file"  # .txt/.md inputs
     exact: bool = True  # remove documents whose normalised text (lowercased words) is identical
     near: bool = True  # remove near-duplicates found by MinHash LSH
-    shingle: str = "word"  # "word" or "char" n-grams
+    shingle: Literal["word", "char"] = "word"  # n-grams of words or of characters (SHINGLES)
     ngram: int = 5
     num_perm: int = 128
     threshold: float = 0.8  # Jaccard similarity at which two documents count as duplicates
@@ -89,7 +90,7 @@ class DedupConfig:
     false_positive_weight: float = 0.05
     false_negative_weight: float = 0.95
     verify: bool = True  # join a candidate pair only if its exact shingle Jaccard reaches threshold
-    keep: str = "first"  # survivor of a cluster: "first" (input order) or "longest" (ties: first)
+    keep: Literal["first", "longest"] = "first"  # survivor of a cluster: first in input order, or longest (ties: first)
     max_doc_bytes: int = 10_000_000  # longer documents are skipped and counted
     num_workers: int = 0  # signature threads; 0 = one per CPU, 1 = the calling thread
     seed: int = 1

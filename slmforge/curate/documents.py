@@ -3,7 +3,8 @@
 A ``Document`` is the unit every data stage passes along: an id, the text and a free-form ``meta`` dict.
 ``read_documents`` streams documents from files or globs one at a time (a JSONL file is read line by line
 and a Parquet file in record batches, so a big corpus never sits in memory); the writers stream back out,
-atomically. A data-engine stage is a ``Step``: ``run(docs, rank, world_size)`` over an iterator of documents.
+atomically. A data-engine stage is a ``Step``: ``run(docs, rank, world_size)`` over an iterator of documents;
+``curate/steps.py`` runs a list of steps over one shard of the input.
 
 Supported inputs, chosen by suffix:
   .txt .md              plain UTF-8 text; ``text_split`` = "file" (one document per file), "blank_line"
@@ -70,7 +71,11 @@ class ReadStats:
 
 
 class Step(Protocol):
-    """A data-engine stage. Each of ``world_size`` workers calls ``run`` with its own ``rank``."""
+    """A data-engine stage. Each of ``world_size`` workers calls ``run`` with its own ``rank``.
+
+    ``curate.steps.run_steps`` drives a list of them over each shard. A step that drops documents may have an
+    ``on_drop(doc, record)`` attribute; the driver points it at the shard's log of removed documents.
+    """
 
     def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]: ...
 

@@ -21,14 +21,13 @@ exactly as ``dedup.shingle_hashes`` does (lowercase; a word is a run of ASCII le
 bytes), all documents of a batch at once; the record names the evaluation item and the n-gram.
 
 Both are steps, ``run(docs, rank, world_size)``, that yield the documents they keep and pass every dropped
-one to ``on_drop(doc, record)``. ``filter_corpus`` runs them per shard and writes kept/, removed/ and reports.
+one to ``on_drop(doc, record)``. ``filter_corpus`` runs them per shard through ``steps.run_steps``, which writes
+kept/, removed/ and reports.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from operator import itemgetter
@@ -37,9 +36,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from slmforge.curate.dedup import WORD_RE, shingle_hashes, skip_reason
-from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
-from slmforge.runs import atomic_path, save_config, write_json
+from slmforge.config import TextSplit
+from slmforge.curate.dedup import WORD_RE, shingle_hashes
+from slmforge.curate.documents import Document, read_documents
+from slmforge.curate.steps import DocumentGuard, check_shard, run_steps
+from slmforge.runs import save_config
 
 # The repository's copy of GSM8K test (../shared/data from the repository root).
 GSM8K_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -57,7 +58,7 @@ class FilterConfig:
     inputs: list[str] = field(default_factory=list)  # files, directories or globs (bad records are skipped)
     out_dir: str = "filtered"
     text_field: str = "text"
-    text_split: str = "file"
+    text_split: TextSplit = "file"
     max_doc_bytes: int = 10_000_000  # longer documents are skipped and counted
     quality: bool = True
     min_words: int = 50
@@ -290,77 +291,6 @@ class Decontaminator:
 # ---------------------------------------------------------------- running over shards
 
 
-class _DropLog:
-    """Counts drops by reason, keeps a few examples and writes every record to ``file`` (JSONL)."""
-
-    def __init__(self, num_examples: int):
-        self.num_examples, self.file = num_examples, None
-        self.counts: Counter = Counter()
-        self.eval_items: Counter = Counter()
-        self.examples: dict[str, list] = {}
-
-    def __call__(self, doc: Document, record: dict) -> None:
-        record = {"id": doc.id, **record}
-        self.counts[record["reason"]] += 1
-        if record["reason"] == "contamination":
-            self.eval_items[record["eval_item"]] += 1
-        examples = self.examples.setdefault(record["reason"], [])
-        if len(examples) < self.num_examples:
-            examples.append(dict(record, head=doc.text[:200]))
-        if self.file is not None:
-            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _guard(docs: Iterable[Document], max_doc_bytes: int, log: _DropLog, seen: list[int]) -> Iterator[Document]:
-    """Drop (and log) empty, too large and unencodable documents; count every document in ``seen[0]``."""
-    for doc in docs:
-        seen[0] += 1
-        reason = skip_reason(doc.text, max_doc_bytes)
-        if reason is None:
-            yield doc
-        else:
-            log(doc, {"reason": reason})
-
-
-def _filter_shard(cfg: FilterConfig, rank: int, world_size: int, decontaminator: Decontaminator | None) -> dict:
-    start, out, name = time.perf_counter(), Path(cfg.out_dir), f"{rank:05d}-of-{world_size:05d}"
-    stats, log, seen = ReadStats(), _DropLog(cfg.num_examples), [0]
-    docs = shard_of(read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats, on_error="skip"), rank,
-                    world_size)
-    docs = _guard(docs, cfg.max_doc_bytes, log, seen)
-    if cfg.quality:
-        docs = QualityFilter(cfg, log).run(docs, rank, world_size)
-    if decontaminator is not None:
-        decontaminator.on_drop = log
-        docs = decontaminator.run(docs, rank, world_size)
-    with atomic_path(out / "removed" / f"{name}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
-        log.file = f
-        num_kept = write_jsonl(out / "kept" / f"{name}.jsonl", docs, cfg.text_field)
-    seconds = time.perf_counter() - start
-    report = dict(num_docs=seen[0], num_kept=num_kept, num_removed=sum(log.counts.values()),
-                  removed=dict(log.counts.most_common()), read=asdict(stats), num_bytes=stats.num_bytes,
-                  eval_items=dict(log.eval_items.most_common()), examples=log.examples, seconds=round(seconds, 3))
-    write_json(out / "reports" / f"{name}.json", report)
-    return report
-
-
-def _merge_reports(reports: list[dict], cfg: FilterConfig) -> dict:
-    removed: Counter = Counter()
-    eval_items: Counter = Counter()
-    examples: dict[str, list] = {}
-    for r in reports:
-        removed.update(r["removed"])
-        eval_items.update(r["eval_items"])
-        for reason, items in r["examples"].items():
-            examples[reason] = (examples.get(reason, []) + items)[: cfg.num_examples]
-    # Every shard reads all input (shard_of), so the reader's counts are the same in each: take one.
-    return dict(num_docs=sum(r["num_docs"] for r in reports), num_kept=sum(r["num_kept"] for r in reports),
-                num_removed=sum(removed.values()), removed=dict(removed.most_common()), read=reports[0]["read"],
-                num_eval_items_matched=len(eval_items), eval_items=dict(eval_items.most_common(20)),
-                examples=examples, seconds=round(sum(r["seconds"] for r in reports), 3), num_shards=len(reports),
-                config=asdict(cfg))
-
-
 def filter_corpus(cfg: FilterConfig, shard_index: int | None = None, num_shards: int = 1) -> dict:
     """Quality-filter and decontaminate ``cfg.inputs`` into ``cfg.out_dir``; return the report.
 
@@ -370,18 +300,13 @@ def filter_corpus(cfg: FilterConfig, shard_index: int | None = None, num_shards:
     """
     if not cfg.inputs:
         raise ValueError("filter: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
-    if shard_index is not None and not 0 <= shard_index < num_shards:
-        raise ValueError(f"filter: shard_index must be in [0, {num_shards}), got {shard_index}")
+    check_shard("filter", shard_index, num_shards)
     out = Path(cfg.out_dir)
     save_config(out, cfg)
-    decontaminator = Decontaminator.from_config(cfg) if cfg.decontaminate else None
-    for rank in range(num_shards) if shard_index is None else [shard_index]:
-        report = _filter_shard(cfg, rank, num_shards, decontaminator)
-        print(f"filter {rank}-of-{num_shards}: kept {report['num_kept']:,} of {report['num_docs']:,} documents "
-              f"({report['num_bytes'] / 1e6 / max(report['seconds'], 1e-9):.1f} MB/s)")
-    paths = [out / "reports" / f"{r:05d}-of-{num_shards:05d}.json" for r in range(num_shards)]
-    if not all(p.exists() for p in paths):
-        return report
-    merged = _merge_reports([json.loads(p.read_text()) for p in paths], cfg)
-    write_json(out / "report.json", merged)
-    return merged
+    steps = [DocumentGuard(cfg.max_doc_bytes)]
+    if cfg.quality:
+        steps.append(QualityFilter(cfg))
+    if cfg.decontaminate:
+        steps.append(Decontaminator.from_config(cfg))
+    return run_steps(steps, cfg.inputs, out, shard_index, num_shards, cfg.text_field, cfg.text_split,
+                     cfg.num_examples, label="filter", config=asdict(cfg))

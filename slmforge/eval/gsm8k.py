@@ -28,7 +28,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from slmforge.runs import write_json, write_text
+import torch
+from tqdm import tqdm
+
+from slmforge.checkpoint import load_for_inference
+from slmforge.curate.documents import read_documents
+from slmforge.runs import RunDir, write_json, write_text
+from slmforge.serve.generate import generate_batch
 
 LM_EVAL_TASK = "gsm8k (lm-eval-harness tasks/gsm8k/gsm8k.yaml, version 3.0)"
 DEFAULT_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"  # <repo>/../shared/data/gsm8k
@@ -121,8 +127,6 @@ def load_problems(source: str, split: str, run_dir: str | Path | None = None) ->
     ``source``: "hub" (openai/gsm8k through ``datasets``), "procedural" (``<run_dir>/data/<split>.jsonl``) or a
     JSONL path, either GSM8K's (question, answer per line) or our documents (arithmetic ones are kept).
     """
-    from slmforge.curate.documents import read_documents
-
     if source == "hub":
         import datasets
 
@@ -130,7 +134,7 @@ def load_problems(source: str, split: str, run_dir: str | Path | None = None) ->
         return [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if source == "procedural" and run_dir is None:
         raise ValueError("data=procedural needs a run folder (its data/test.jsonl holds the problems)")
-    path = Path(run_dir) / "data" / f"{split}.jsonl" if source == "procedural" else Path(source)
+    path = RunDir.at(run_dir).split_data(split) if source == "procedural" else Path(source)
     if not path.is_file():
         raise ValueError(f"{path}: no such file (expected GSM8K JSONL or a run's data/{split}.jsonl)")
     with path.open() as f:
@@ -191,8 +195,6 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, st
 
     Prompts are batched longest first (little padding), as lm-eval's collator orders them.
     """
-    from slmforge.serve.generate import generate_batch
-
     ids = [context_ids(tokenizer, p, model.cfg.max_seq_len, max_new_tokens) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [""] * len(ids)
@@ -215,8 +217,6 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, st
 
 def evaluate(run_dir: str | Path, cfg: GSM8KConfig | None = None) -> dict:
     """Score a run folder's model (``slmforge eval gsm8k RUN_DIR key=value ...``); see ``evaluate_model``."""
-    from slmforge.train.checkpoint import load_for_inference
-
     model, tokenizer, _ = load_for_inference(run_dir)
     return evaluate_model(model, tokenizer, cfg or GSM8KConfig(), run_dir)
 
@@ -224,9 +224,6 @@ def evaluate(run_dir: str | Path, cfg: GSM8KConfig | None = None) -> dict:
 def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | None = None,
                    progress: bool = True) -> dict:
     """Score GSM8K (or the run's procedural arithmetic) and write samples.jsonl + summary.json; return the summary."""
-    import torch
-    from tqdm import tqdm
-
     data, fewshot = _sources(cfg)
     t0 = time.perf_counter()
     problems = load_problems(data, "test", run_dir)
@@ -236,7 +233,7 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     same = data == fewshot and data not in ("hub", "procedural")
     prompts = build_prompts(problems, pool, cfg.num_fewshot, cfg.fewshot_seed, same_split=same)
     default_out = "gsm8k_procedural" if data == "procedural" else "gsm8k"
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else Path(run_dir or ".") / "eval" / default_out
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else RunDir.at(run_dir or ".").eval_output(default_out)
     partial = out_dir / "samples.partial.jsonl"
     # Records of an interrupted run are reused only under the same decoding settings.
     settings = {k: v for k, v in asdict(cfg).items() if k in ("max_new_tokens", "maj_k", "temperature", "seed")}

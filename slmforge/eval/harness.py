@@ -25,6 +25,10 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from slmforge.checkpoint import load_for_inference
+from slmforge.eval.gsm8k import context_ids
+from slmforge.serve.generate import generate_batch
+
 
 @register_model("slmforge")
 class SlmforgeLM(TemplateLM):
@@ -32,8 +36,6 @@ class SlmforgeLM(TemplateLM):
                  max_batch_size: int | None = None, max_length: int | None = None, max_gen_toks: int = 256,
                  seed: int = 1234):
         super().__init__()
-        from slmforge.train.checkpoint import load_for_inference
-
         # lm-eval's CLI passes --device (default "cuda"); like its HF model, fall back to the CPU.
         if device is None or (device.startswith("cuda") and not torch.cuda.is_available()):
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,9 +109,6 @@ class SlmforgeLM(TemplateLM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from slmforge.eval.gsm8k import context_ids
-        from slmforge.serve.generate import generate_batch
-
         eos = self.tokenizer.decode([self.eot_token_id], skip_special=False)
         out: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}  # requests with the same generation settings run together

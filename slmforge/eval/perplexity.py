@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slmforge.runs import write_json
+from slmforge.checkpoint import load_for_inference
+from slmforge.runs import RunDir, write_json
 
 
 @dataclass
@@ -95,10 +96,8 @@ def _metrics(nats: float, tokens: int, num_bytes: int) -> dict:
 
 def evaluate(run_dir: str | Path, files: list[str | Path], cfg: PerplexityConfig | None = None) -> dict:
     """``perplexity`` of a run folder's model, also written as JSON (``cfg.out`` or <run_dir>/eval/perplexity.json)."""
-    from slmforge.train.checkpoint import load_for_inference
-
     cfg = cfg or PerplexityConfig()
     model, tokenizer, _ = load_for_inference(run_dir)
     result = perplexity(model, tokenizer, files, cfg)
-    write_json(cfg.out or Path(run_dir) / "eval" / "perplexity.json", result)
+    write_json(cfg.out or RunDir.at(run_dir).eval_output("perplexity.json"), result)
     return result

@@ -17,6 +17,7 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.cache import KVCache
+from slmforge.model.cost import LayerCost, mean_keys
 from slmforge.model.layers import apply_rope, init_linear, linear, rope_tables
 
 # attention_matmul keeps about half of the (B, H, T, S) scores for backward, so long sequences go to SDPA's
@@ -33,6 +34,26 @@ def causal_mask(t: int, s: int, window: int, device) -> torch.Tensor:
     if window:
         mask &= k_pos > q_pos - window
     return mask
+
+
+def padded_mask(valid: torch.Tensor, t: int, window: int) -> torch.Tensor:
+    """valid: (B, S) bool, True on slots that hold a real token, the last T the queries' -> (B, 1, T, S) bool mask
+    for left-padded rows, True = may attend.
+
+    Causal (and windowed) over slots as ``causal_mask``, and no query sees a padding key. A padding query (padding
+    comes before a row's first real token) sees itself only: an empty softmax row would be NaN, and NaN values
+    reach the real tokens through the next layer's attention (0 * NaN).
+    """
+    s = valid.shape[1]
+    if t == 1:  # a decoding step: the query sees every real slot (in the window) and itself
+        mask = valid.clone()
+        mask[:, -1] = True
+        if window:
+            mask[:, : max(0, s - window)] = False
+        return mask[:, None, None]
+    mask = causal_mask(t, s, window, valid.device) & valid[:, None, :]  # (B, T, S)
+    mask.diagonal(offset=s - t, dim1=1, dim2=2).fill_(True)
+    return mask[:, None]
 
 
 def attention_ref(q, k, v, mask) -> torch.Tensor:
@@ -120,29 +141,32 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         return linear(self.heads(x, cache), self.wo.weight)
 
-    def heads(self, x: torch.Tensor, cache: KVCache | None = None, rope: tuple | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Everything but the output projection: (B, T, C) -> the heads' outputs (B, T, H*D).
 
-        Batched decoding of left-padded rows (``serve.generate.PaddedDecoder``) gives each row its own RoPE
-        positions, ``rope`` = (cos, sin) of shape (B, T, 1, D/2), and a boolean key ``mask`` broadcastable to
-        (B, H, T, S); otherwise positions follow the cache and attention is causal (with the window).
+        With a left-padded cache (``cache.num_pad``: batched decoding of prompts of different lengths) each row
+        gets its own RoPE positions, counted from its first real token, and a key mask (``padded_mask``), so every
+        row attends as it would alone. Otherwise positions follow the cache and ``_attend`` picks the kernel.
         """
         b, t, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, d)
-        if rope is None:
-            cos, sin = self._rope(cache.pos if cache is not None else 0, t)
+        cos, sin = self._rope(cache.pos if cache is not None else 0, t)  # (T, D/2)
+        positions = None if cache is None else cache.positions(t)  # (B, T), or None when no row is padded
+        if positions is None:
             rope = cos[:, None], sin[:, None]
+        else:
+            rope = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
         # q and k lie side by side in the fused projection, so one rotation covers both.
         qk = apply_rope(qkv[:, :, : h + kvh], *rope).transpose(1, 2)  # (B, H+K, T, D)
         q, k = qk.split([h, kvh], dim=1)
         v = qkv[:, :, h + kvh :].transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.append(k, v)
-        if mask is None:
+        if positions is None:
             y = self._attend(q, k, v)
         else:
+            mask = padded_mask(cache.valid[:, : k.shape[2]], t, self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
         return y.transpose(1, 2).reshape(b, t, h * d)
 
@@ -157,3 +181,23 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one query sees all keys
         mask = causal_mask(t, s, self.window, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """Parameters, FLOPs and saved activations per token (``model/cost.py``)."""
+        h, a = cfg.d_model, cfg.attn
+        q_dim, kv_dim = a.num_heads * cfg.head_dim, a.num_kv_heads * cfg.head_dim
+        params = h * q_dim + 2 * h * kv_dim + q_dim * h  # wqkv (q, k, v), wo
+        # QK^T and AV: 2 FLOPs per multiply-add, q_dim per key, two matmuls
+        per_key = 2 * 2 * q_dim
+        # Saved for backward: the normed input (shared by q, k, v), Q, K, V, the attention output (also wo's input),
+        # and SDPA's fp32 log-sum-exp per head. Flash attention recomputes the s x s scores instead of storing them.
+        act = 2 * (h + q_dim + 2 * kv_dim + q_dim) + 4 * a.num_heads
+        return LayerCost(params, params, per_key * mean_keys(seq_len, a.window, False),
+                         per_key * mean_keys(seq_len, a.window, True), act)
+
+    @staticmethod
+    def state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+        """Bytes of ``init_cache`` for one sequence of ``tokens`` in a dtype of ``nbytes`` bytes: keys and values,
+        (K, T, D) each, for every slot (a sliding window allocates them all too)."""
+        return 2 * tokens * cfg.attn.num_kv_heads * cfg.head_dim * nbytes

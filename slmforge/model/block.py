@@ -1,9 +1,9 @@
 """The residual block ``x + mixer(norm(x))``, then ``x + ffn(norm(x))``, and the choice of parts.
 
-Token mixers and FFNs are picked per layer by name from the two dicts below, so grep finds every
-option. Add your own with ``MIXERS["mine"] = Mine``: a mixer takes a ModelConfig and has
-``forward(x, cache=None) -> y`` on (B, T, C) and ``init_cache(batch_size, max_len, device, dtype)``;
-an FFN has ``forward(x) -> (y, aux_loss)``. Both have ``reset_parameters(std, out_std)``.
+Token mixers and FFNs are picked per layer by name from the two tables below, so grep finds every option.
+An entry is the whole mixer: its module, its cost and its decoding state side by side in one class; the
+planner (``plan.py``) and ``info.py`` read the same table, so a new mixer is one file, one entry and one test
+(``tests/model/test_mixer_table.py`` runs every entry). Add your own with ``MIXERS["mine"] = Mine``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,19 @@ from slmforge.model.linear import GatedLinear
 from slmforge.model.ssm import SSM
 from slmforge.registry import lookup
 
+# A MIXERS entry is an nn.Module class with
+#   __init__(cfg: ModelConfig)                        reads its options from cfg (cfg.attn, cfg.ssm, ...)
+#   forward(x, cache=None) -> y                       (B, T, C) -> (B, T, C), causal; with a cache, T new tokens
+#   init_cache(batch_size, max_len, device, dtype)    a cache with ``pos``, ``nbytes()``, ``left_pad(num_pad)`` and
+#                                                     ``keep(rows)`` (model/cache.py); forward keeps left padding
+#                                                     (``cache.pad_mask``) out of the real tokens' results
+#   reset_parameters(std, out_std)                    out_std for the projection back into the residual stream
+#   @staticmethod cost(cfg, seq_len) -> LayerCost     parameters, FLOPs and activations per token (model/cost.py)
+#   @staticmethod state_bytes(cfg, tokens, nbytes) -> int   bytes of init_cache(1, tokens, ...) in that dtype
+# An FFNS entry has the same __init__, reset_parameters and cost, and forward(x) -> (y, aux_loss).
+# Options: a mixer with its own options adds an options dataclass to config.py and a ModelConfig field named
+# like the mixer (cfg.attn, cfg.ssm, cfg.linear, cfg.hymba), since config.py is the torch-free ground floor and
+# cannot import model files; a mixer reading only d_model and the like needs no config change.
 MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba}
 FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
 

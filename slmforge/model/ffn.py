@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmforge.config import ModelConfig
+from slmforge.model.cost import LayerCost
 from slmforge.model.layers import init_linear, linear
 
 
@@ -28,3 +29,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         gate, up = linear(x, self.w13.weight).chunk(2, dim=-1)  # (B, T, F) each
         return linear(F.silu(gate) * up, self.w2.weight), 0.0
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """Parameters, FLOPs and saved activations per token (``model/cost.py``); the same at every length."""
+        h, f = cfg.d_model, cfg.ffn_dim
+        params = 3 * h * f  # w1, w3 (h -> f), w2 (f -> h)
+        # Saved: the normed input, w1 and w3 outputs, silu(w1 x) and the product (w2's input).
+        return LayerCost(params, params, activation_bytes=2 * (h + 4 * f))

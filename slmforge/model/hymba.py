@@ -21,12 +21,13 @@ from torch import nn
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.cache import KVCache, RecurrentCache
+from slmforge.model.cost import LayerCost
 from slmforge.model.layers import RMSNorm, linear
 from slmforge.model.ssm import SSMHeads
 
 
 class HymbaCache:
-    """A KV cache for the attention heads and a recurrent cache for the SSM heads, advanced together."""
+    """A KV cache for the attention heads and a recurrent cache for the SSM heads, advanced (and padded) together."""
 
     def __init__(self, kv: KVCache, ssm: RecurrentCache):
         self.kv, self.ssm = kv, ssm
@@ -34,6 +35,14 @@ class HymbaCache:
     @property
     def pos(self) -> int:
         return self.kv.pos
+
+    def left_pad(self, num_pad: torch.Tensor | None) -> None:
+        self.kv.left_pad(num_pad)
+        self.ssm.left_pad(num_pad)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.kv.keep(rows)
+        self.ssm.keep(rows)
 
     def nbytes(self) -> int:
         return self.kv.nbytes() + self.ssm.nbytes()
@@ -67,3 +76,18 @@ class Hymba(nn.Module):
         a = attention_heads(self.attn, x, None if cache is None else cache.kv)  # (b, T, W)
         s = self.ssm(x, None if cache is None else cache.ssm)  # (b, T, W), normalised and scaled by beta2
         return linear(self.attn_norm(a) + s, self.attn.wo.weight)
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """Parameters, FLOPs and saved activations per token (``model/cost.py``): both branches, the attention
+        branch's norm (beta1) and its normed output."""
+        attn = Attention.cost(dataclasses.replace(cfg, attn=dataclasses.replace(cfg.attn, window=cfg.hymba.window)),
+                              seq_len)
+        width = cfg.attn.num_heads * cfg.head_dim
+        return attn + SSMHeads.heads_cost(cfg, width, seq_len) + LayerCost(width, 0, activation_bytes=2 * width)
+
+    @staticmethod
+    def state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+        """Bytes of ``init_cache`` for one sequence: the KV cache and the SSM heads' recurrent cache."""
+        width = cfg.attn.num_heads * cfg.head_dim
+        return Attention.state_bytes(cfg, tokens, nbytes) + SSMHeads.heads_state_bytes(cfg, width, nbytes)

@@ -6,7 +6,7 @@ Linear attention whose matrix state S (K x V per head) decays through a gate com
 and the division by ``linear.decay_normalizer`` keeps it close to 1 (slow forgetting) at init. Each head's output
 is RMS-normalised, gated by silu(W_gate x) and projected back. Training and prefill run ``gla_chunked`` (on CUDA,
 flash-linear-attention's kernel when installed: ``ops/kernels.py``); decoding (T = 1) runs the recurrence
-``gla_ref``. The cache is the state, of fixed size.
+``gla_ref``. The cache is the state, of fixed size; left padding enters with k = 0 and g = 0, which leaves it as is.
 Shapes: b batch, T time, d d_model, H heads, K key dim and V value dim per head, R decay rank.
 """
 
@@ -18,6 +18,7 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.cache import RecurrentCache
+from slmforge.model.cost import LayerCost
 from slmforge.model.layers import RMSNorm, init_linear, linear
 from slmforge.model.ops import gla_ref
 from slmforge.model.ops.kernels import gla_scan
@@ -59,6 +60,10 @@ class GatedLinear(nn.Module):
         g = F.logsigmoid(F.linear(low, self.decay_proj.weight, self.decay_proj.bias)) / self.decay_normalizer
         q, k, g = (u.view(b, t, h, dk).transpose(1, 2) for u in (q, k, g))  # (b, H, T, K)
         v = v.view(b, t, h, dv).transpose(1, 2)  # (b, H, T, V)
+        pad = None if cache is None else cache.pad_mask(t)  # (b, T) True on left padding, or None
+        if pad is not None:
+            # Padding leaves the state as an unpadded row's: no input (k = 0) and no decay (g = 0, exp(0) = 1).
+            k, g = (u.masked_fill(pad[:, None, :, None], 0.0) for u in (k, g))
         initial = None if cache is None else cache.state
         # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
         with torch.autocast(x.device.type, enabled=False):
@@ -71,3 +76,23 @@ class GatedLinear(nn.Module):
             cache.pos += t
         o = self.norm(o.transpose(1, 2)).reshape(b, t, h * dv) * F.silu(gate)  # (b, T, H V)
         return linear(o, self.out_proj.weight)
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """Parameters, FLOPs and saved activations per token (``model/cost.py``)."""
+        c, h = cfg.linear, cfg.d_model
+        keys, values, chunk = int(h * c.expand_k), int(h * c.expand_v), min(c.chunk_size, seq_len)
+        # in_proj (q, k, v, gate, decay down), decay up, out_proj
+        matmul = h * (2 * keys + 2 * values + c.decay_rank) + c.decay_rank * keys + values * h
+        params = matmul + keys + values // c.num_heads  # + the decay bias and the per-head norm
+        # Per token: q.k scores and their use on v within a chunk, and the state each token adds and reads.
+        scan = 2 * chunk * (keys + values) + 2 * 2 * keys * values // c.num_heads
+        # Saved (bf16): the input, the in_proj output, the decay, the normed and gated outputs; fp32 scan output.
+        act = 2 * (h + 2 * keys + 2 * values + c.decay_rank + keys + 2 * values) + 4 * values
+        return LayerCost(params, matmul, scan, scan, act)
+
+    @staticmethod
+    def state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+        """Bytes of ``init_cache`` for one sequence, the same at every length: the state (H, K, V), at least fp32."""
+        c = cfg.linear
+        return int(cfg.d_model * c.expand_k) * int(cfg.d_model * c.expand_v) // c.num_heads * max(nbytes, 4)

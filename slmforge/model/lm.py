@@ -55,25 +55,41 @@ class LM(nn.Module):
         """The block each layer runs, num_layers long (a shared block appears several times)."""
         return [self.blocks[j] for j in self.block_index]
 
-    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> list:
-        """One cache per layer application: a repeated block sees different inputs each time."""
+    def init_cache(self, batch_size: int, max_len: int, device=None, dtype=None,
+                   num_pad: torch.Tensor | None = None) -> list:
+        """One cache per layer application: a repeated block sees different inputs each time.
+
+        ``num_pad`` (B,) ints: the left padding of each row of a batch of prompts of different lengths (None = no
+        padding). Every mixer keeps padded slots out of the real tokens' results, so each row's logits are those
+        it would get alone, and each row's RoPE positions start at its first real token.
+        """
         device = device or self.tok_emb.weight.device
         dtype = dtype or self.tok_emb.weight.dtype
-        return [b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.layers()]
+        caches = [b.mixer.init_cache(batch_size, max_len, device, dtype) for b in self.layers()]
+        if num_pad is not None:
+            num_pad = torch.as_tensor(num_pad, device=device)
+            for cache in caches:
+                cache.left_pad(num_pad)
+        return caches
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens: (B, T) -> logits (B, T, V) and, given targets (B, T), the mean next-token loss.
 
-        With ``cache`` (from ``init_cache``) the tokens continue the cached sequence.
-        Targets equal to -100 are ignored. The loss includes the FFNs' auxiliary losses.
+        With ``cache`` (from ``init_cache``) the tokens continue the cached sequence, which may be left-padded.
+        ``last_only`` computes the logits of the last position only, (B, 1, V): a prefill needs no more, and the
+        (B, T, V) head matmul is its largest. Targets equal to -100 are ignored. The loss includes the FFNs'
+        auxiliary losses.
         """
         x = self.tok_emb(tokens)
         aux_total = 0.0
         for i, block in enumerate(self.layers()):
             x, aux = block(x, cache=None if cache is None else cache[i], ffn=self.ffn)
             aux_total = aux_total + aux
+        if last_only:
+            x = x[:, -1:]
         logits = linear(self.norm(x), self.head.weight)
         if targets is None:
             return logits, None

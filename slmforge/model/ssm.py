@@ -5,7 +5,8 @@ in_proj -> (z gate, x, B, C, dt); a short causal depthwise conv1d and SiLU over 
 head; the D skip; the gated RMSNorm  norm(y * silu(z))  and out_proj. B and C form one group shared by all heads.
 Training and prefill run ``ssd_chunked`` (on CUDA, mamba-ssm's kernel when installed: ``ops/kernels.py``);
 decoding (T = 1) runs the recurrence ``ssd_ref``. The cache holds the conv's last k-1 inputs and the SSM state,
-both of fixed size.
+both of fixed size. Left padding (a batch of prompts of different lengths) enters as zero conv inputs and dt = 0,
+which leaves both as they are.
 Shapes: b batch, T time, d d_model, E inner width, H heads, P head dim (E = H P), N state size, k conv kernel.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.cache import RecurrentCache
+from slmforge.model.cost import LayerCost
 from slmforge.model.layers import RMSNorm, init_linear, linear
 from slmforge.model.ops import ssd_ref
 from slmforge.model.ops.kernels import ssd_scan
@@ -81,9 +83,16 @@ class SSMHeads(nn.Module):
         b, t, _ = x.shape
         h, p, n = self.num_heads, self.head_dim, self.state_dim
         z, xbc, dt = linear(x, self.in_proj.weight).split([self.width, self.width + 2 * n, h], dim=-1)
+        pad = None if cache is None else cache.pad_mask(t)  # (b, T) True on left padding, or None
+        if pad is not None:
+            # Padding leaves the row as if it were absent: zero conv inputs (the conv window an unpadded row starts
+            # from), and below dt = 0, so the state decays by exp(0) = 1 and takes in nothing.
+            xbc = xbc.masked_fill(pad[:, :, None], 0.0)
         xs, B, C = F.silu(self._conv(xbc, cache)).split([self.width, n, n], dim=-1)
         xs = xs.view(b, t, h, p)
         dt = F.softplus(dt + self.dt_bias)  # (b, T, H)
+        if pad is not None:
+            dt = dt.masked_fill(pad[:, :, None], 0.0)
         A = -torch.exp(self.A_log)  # (H,)
         initial = None if cache is None else cache.state
         # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
@@ -97,6 +106,31 @@ class SSMHeads(nn.Module):
             cache.pos += t
         y = y + self.D[:, None] * xs  # (b, T, H, P)
         return self.norm(y.reshape(b, t, self.width) * F.silu(z))
+
+    @staticmethod
+    def heads_cost(cfg: ModelConfig, width: int, seq_len: int) -> LayerCost:
+        """Per-token cost of SSMHeads of inner width ``width``: everything up to the output projection."""
+        s = cfg.ssm
+        heads, n, chunk = width // s.head_dim, s.state_dim, min(s.chunk_size, seq_len)
+        conv_dim = width + 2 * n  # x, B, C
+        proj = cfg.d_model * (width + conv_dim + heads)  # in_proj: z, x, B, C, dt
+        params = proj + conv_dim * (s.conv_kernel + 1) + 3 * heads + width  # conv weight+bias, dt_bias/A_log/D, norm
+        # Chunked scan per token: the C.B scores and their use on x within a chunk, the state each token adds and
+        # the state it reads, and the conv. It grows with the chunk length, not the context.
+        scan = 2 * chunk * (n + width) + 2 * 2 * width * n + 2 * s.conv_kernel * conv_dim
+        # Saved (bf16): the input, the in_proj output, the conv output, the gated and the normed output; in fp32 the
+        # scan output and the decay mask within a chunk (chunk values per head).
+        act = 2 * (cfg.d_model + width + conv_dim + heads + conv_dim + 2 * width) + 4 * width + 4 * heads * chunk
+        return LayerCost(params, proj, scan, scan, act)
+
+    @staticmethod
+    def heads_state_bytes(cfg: ModelConfig, width: int, nbytes: int) -> int:
+        """Bytes of ``init_cache`` for one sequence, the same at every length: the state (H, P, N), kept in at least
+        float32, and the conv's last k-1 inputs (k-1, x + B + C channels)."""
+        s = cfg.ssm
+        state = (width // s.head_dim) * s.head_dim * s.state_dim * max(nbytes, 4)
+        conv = (s.conv_kernel - 1) * (width + 2 * s.state_dim) * nbytes
+        return state + conv
 
 
 class SSM(SSMHeads):
@@ -112,3 +146,14 @@ class SSM(SSMHeads):
 
     def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
         return linear(super().forward(x, cache), self.out_proj.weight)
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """Parameters, FLOPs and saved activations per token (``model/cost.py``): the heads, then out_proj."""
+        width = cfg.ssm.expand * cfg.d_model
+        out = width * cfg.d_model
+        return SSMHeads.heads_cost(cfg, width, seq_len) + LayerCost(out, out)
+
+    @staticmethod
+    def state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
+        return SSMHeads.heads_state_bytes(cfg, cfg.ssm.expand * cfg.d_model, nbytes)

@@ -13,8 +13,10 @@ import dataclasses
 from pathlib import Path
 
 from slmforge.config import RunConfig
+from slmforge.corpus import shard_dirs
 from slmforge.eval.gsm8k import GSM8KConfig, evaluate
-from slmforge.runs import write_json
+from slmforge.runs import RunDir, write_json
+from slmforge.science.sweep import SHARED, mean_and_stderr, run_sweep, share_data, with_run
 
 
 def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batches: int = 20) -> dict:
@@ -23,9 +25,6 @@ def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batch
     ``gsm8k``: how to score arithmetic (its ``data`` and ``out_dir`` are set here); the default is zero-shot on
     200 problems with 128 new tokens, which fits a 256-token context.
     """
-    from slmforge.pipeline import shard_dirs
-    from slmforge.science.sweep import mean_and_stderr, run_sweep, share_data, with_run
-
     stages = cfg.data.mixture.stages
     names = [s.name for s in stages]
     if cfg.train.anneal_stage not in names[1:]:
@@ -43,12 +42,13 @@ def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batch
                    **{f"{n}/validation": shards[f"{n}/validation"] for n in base.data.sources}}
     runs = run_sweep([with_run(base, sweep_dir, "anneal"), control], eval_shards, eval_batches)
     # The problems are the shared corpus' held-out arithmetic; zero-shot fits the tiny models' context.
-    problems = sweep_dir / "shared" / "data" / "test.jsonl"
+    problems = RunDir.at(sweep_dir / SHARED).split_data("test")
     gsm8k = gsm8k or GSM8KConfig(num_fewshot=0, limit=200, max_new_tokens=128)
     out = {}
     for r in runs:
-        gsm = evaluate(r.cfg.run_dir, dataclasses.replace(gsm8k, data=str(problems),
-                                                          out_dir=str(r.cfg.run_dir / "eval" / "arithmetic")))
+        run = RunDir.of(r.cfg)
+        gsm = evaluate(run.root, dataclasses.replace(gsm8k, data=str(problems),
+                                                     out_dir=str(run.eval_output("arithmetic"))))
         out[r.cfg.name] = {
             "val_loss": {key: mean_and_stderr(v)[0] for key, v in r.eval_losses.items()},
             "stages": r.report.get("stages"),

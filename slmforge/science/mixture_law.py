@@ -32,7 +32,11 @@ from pathlib import Path
 import numpy as np
 
 from slmforge.config import RunConfig
+from slmforge.corpus import shard_dirs
+from slmforge.metrics import tokens_per_step
 from slmforge.runs import atomic_path, write_json
+from slmforge.science.sweep import mean_and_stderr, run_sweep, share_data, with_run
+from slmforge.tokens.mixture import SourceWeight, Stage
 
 
 @dataclass
@@ -158,10 +162,6 @@ def mix_run(base: RunConfig, sweep_dir: Path, names: list[str], h: np.ndarray, p
 
     ``seed`` > 0 shifts the model's and the mixture's seeds (run ``<prefix>_<mix>_s<seed>``).
     """
-    from slmforge.tokens.mixture import SourceWeight, Stage
-    from slmforge.science.sweep import with_run
-    from slmforge.train.schedule import tokens_per_step
-
     tokens = base.train.max_steps * tokens_per_step(base)
     stage = Stage(name="mix", tokens=tokens,
                   weights=[SourceWeight(n, float(w)) for n, w in zip(names, h) if w > 0])
@@ -189,10 +189,6 @@ def _check(cfg: MixConfig, names: list[str]) -> np.ndarray:
 
 def mix(cfg: MixConfig) -> dict:
     """Train one proxy per ratio, fit the law, predict the best mixture (and train it); JSON + PNG in the sweep."""
-    from slmforge.pipeline import shard_dirs
-    from slmforge.science.sweep import mean_and_stderr, run_sweep, share_data
-    from slmforge.train.schedule import tokens_per_step
-
     names = list(cfg.base.data.sources)
     h = _check(cfg, names)
     target = cfg.target or names

@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 
 from slmforge.config import RunConfig, merge
+from slmforge.corpus import shard_dirs
+from slmforge.plan import count_params
 from slmforge.runs import atomic_path, write_json
+from slmforge.science.sweep import run_sweep, share_data, with_run
 
 
 @dataclass
@@ -105,8 +108,6 @@ def bootstrap(n: np.ndarray, batch_losses: list[np.ndarray], n_eval: np.ndarray,
 
 
 def _num_params(model_cfg, which: str) -> int:
-    from slmforge.plan import count_params
-
     if which not in ("non_embedding", "total"):
         raise ValueError(f"forecast: params={which!r}: choose 'non_embedding' or 'total'")
     return getattr(count_params(model_cfg), which)
@@ -114,9 +115,6 @@ def _num_params(model_cfg, which: str) -> int:
 
 def forecast(cfg: ForecastConfig) -> dict:
     """Train each scale on the same tokens, fit both laws, forecast the target (and train it to check)."""
-    from slmforge.pipeline import shard_dirs
-    from slmforge.science.sweep import run_sweep, share_data, with_run
-
     if len(cfg.scales) < 3:
         raise ValueError(f"forecast: scales has {len(cfg.scales)} sizes; a 3-parameter law needs at least 3")
     if not cfg.target:

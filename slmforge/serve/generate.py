@@ -4,12 +4,12 @@
 ``generate`` works on text with a tokenizer and stop strings; ``generate_batch`` continues prompts of different
 lengths in one left-padded batch. Sampling: temperature, top-k, top-p.
 
-Fast path (``PaddedDecoder``, attention-only models): the blocks run here, through ``Attention.heads`` with a
-per-row key mask and per-row RoPE positions, so left-padded rows decode exactly as they would alone; prefill
+Cached decoding (``PaddedDecoder``) runs ``LM.forward`` on caches that know each row's left padding, for every
+mixer: attention masks padded keys and gives each row its own RoPE positions, the recurrent mixers leave their
+state untouched on padding (``model/cache.py``), so left-padded rows decode exactly as they would alone. Prefill
 computes logits for the last position only, the KV cache is preallocated, and finished rows leave the batch.
-Other models go through ``LM.forward`` with its caches, one row at a time when prompts differ in length.
-``use_cache=False`` (full recompute through ``LM.forward``) is the reference the tests compare both with.
-Shapes: B batch, T prompt length (padded), S keys, H query heads, K kv heads, D head dim, V vocabulary.
+``generate_batch_ref`` (one prompt at a time, full recompute through ``LM.forward``) is the reference the tests
+compare it with. Shapes: B batch, T prompt length (padded), V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,9 +17,6 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
-
-from slmforge.model.attention import Attention
-from slmforge.model.layers import linear, rope_tables
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -42,57 +39,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 
 
 class PaddedDecoder:
-    """KV-cached decoding of left-padded rows through attention-only models.
+    """KV-cached decoding of a batch of prompts of any lengths, left-padded, through ``LM.forward``.
 
     ``prefill()`` -> logits (B, V) of each prompt's last token; ``step(ids)`` appends one token per row and
-    returns the next logits; ``keep(rows, ids)`` drops the other rows from the batch. Row i's tokens sit at RoPE
-    positions 0, 1, ... from its first real token, and its queries never see its padding, so every row gets
-    the logits it would get alone (up to float rounding).
+    returns the next logits; ``keep(rows, ids)`` drops the other rows from the batch. The caches carry each row's
+    left padding (``LM.init_cache(num_pad=...)``) and every mixer keeps padding out of the real tokens' results,
+    so every row gets the logits it would get alone (up to float rounding).
     """
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
         if not prompts or not all(prompts):
             raise ValueError("generation needs at least one prompt and no empty prompt")
         self.model = model
-        param = next(model.parameters())
+        device = next(model.parameters()).device
         length = max(map(len, prompts))
-        self.num_pad = torch.tensor([length - len(p) for p in prompts], device=param.device)  # (B,)
-        self.tokens = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], device=param.device)
-        total = length + max_new_tokens
-        self.caches = model.init_cache(len(prompts), total)
-        # (B, total) True where a slot holds a real token (left padding is False; new tokens are real)
-        self.valid = torch.arange(total, device=param.device)[None, :] >= self.num_pad[:, None]
-        self.padded = bool(self.num_pad.any())
-        a = model.blocks[0].mixer
-        self.cos, self.sin = rope_tables(a.head_dim, total, a.theta, device=param.device)  # (total, D/2)
-        self.window = a.window
-        self.pos = 0  # slots filled so far
+        self.tokens = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], device=device)
+        num_pad = torch.tensor([length - len(p) for p in prompts], device=device)  # (B,)
+        self.caches = model.init_cache(len(prompts), length + max_new_tokens, num_pad=num_pad)
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        t = self.tokens.shape[1]
-        slots = torch.arange(t, device=self.tokens.device)
-        positions = slots[None, :] - self.num_pad[:, None]  # (B, T); negative on padding
-        if not self.padded and not self.window:
-            return self._forward(self.tokens, positions, None)
-        mask = slots[None, :] <= slots[:, None]  # (T, S) causal over slots
-        if self.window:
-            mask &= slots[None, :] > slots[:, None] - self.window
-        mask = mask & self.valid[:, None, :t]  # (B, T, S)
-        # A padding query sees itself only, so no softmax row is empty (that would give NaN).
-        mask |= torch.eye(t, dtype=torch.bool, device=mask.device)
-        return self._forward(self.tokens, positions, mask[:, None])
+        return self.model(self.tokens, cache=self.caches, last_only=True)[0][:, -1]
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
-        s = self.pos + 1
-        mask = None
-        if self.padded or (self.window and s > self.window):
-            mask = self.valid[:, :s].clone()  # (B, S)
-            if self.window:
-                mask[:, : max(0, s - self.window)] = False
-            mask = mask[:, None, None, :]  # (B, 1, 1, S)
-        return self._forward(ids[:, None], (self.pos - self.num_pad)[:, None], mask)
+        return self.model(ids[:, None], cache=self.caches)[0][:, -1]
 
     def keep(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
         """Drop every row but ``rows`` (batch indices, ascending) from the batch; returns their ``ids``."""
@@ -100,28 +71,8 @@ class PaddedDecoder:
             return ids
         index = torch.tensor(rows, device=ids.device)
         for cache in self.caches:
-            cache.k, cache.v = cache.k[index], cache.v[index]
-        self.valid, self.num_pad = self.valid[index], self.num_pad[index]
-        self.padded = bool(self.num_pad.any())
+            cache.keep(index)
         return ids[index]
-
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask) -> torch.Tensor:
-        """tokens, positions: (B, T); mask: (B, 1, T, S) bool or None (every key) -> last logits (B, V)."""
-        model = self.model
-        positions = positions.clamp(min=0)
-        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]  # (B, T, 1, D/2)
-        x = model.tok_emb(tokens)
-        for block, cache in zip(model.layers(), self.caches):  # a repeated block once per layer it runs
-            x = x + linear(block.mixer.heads(block.mixer_norm(x), cache, (cos, sin), mask), block.mixer.wo.weight)
-            ffn = block.ffn if model.ffn is None else model.ffn
-            x = x + ffn(block.ffn_norm(x))[0]
-        self.pos += tokens.shape[1]
-        return linear(model.norm(x[:, -1]), model.head.weight)
-
-
-def fast_path(model) -> bool:
-    """True when ``PaddedDecoder`` can run the model: every token mixer is attention."""
-    return all(type(block.mixer) is Attention for block in model.blocks)
 
 
 @torch.no_grad()
@@ -130,21 +81,19 @@ def stream_ids(model, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
                return_logits: bool = False) -> Iterator:
     """Yield next ids (B,) one step at a time (with their logits (B, V) if ``return_logits``)."""
     model.eval()
-    if use_cache and fast_path(model):
+    if use_cache:
         decoder = PaddedDecoder(model, prompt.tolist(), max_new_tokens)
         step = decoder.step
         last = decoder.prefill()
     else:
         tokens = prompt
-        cache = model.init_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens) if use_cache else None
 
         def step(nxt):
             nonlocal tokens
-            if not use_cache:
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            return model(nxt[:, None] if use_cache else tokens, cache=cache)[0][:, -1]
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            return model(tokens)[0][:, -1]
 
-        last = model(prompt, cache=cache)[0][:, -1]
+        last = model(prompt)[0][:, -1]
     for i in range(max_new_tokens):
         nxt = sample_next(last, temperature, top_k, top_p, generator)
         yield (nxt, last) if return_logits else nxt
@@ -160,13 +109,9 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
     """Continue prompts of any lengths in one left-padded batch; return each row's new ids.
 
     A row ends at ``eos_id`` (not included), once ``stop(new_ids)`` is true (checked after every token; the
-    ids are kept), or after ``max_new_tokens``; finished rows leave the batch. Models without the fast path
-    run one prompt at a time.
+    ids are kept), or after ``max_new_tokens``; finished rows leave the batch.
     """
     model.eval()
-    if not fast_path(model):
-        return generate_batch_ref(model, prompts, max_new_tokens, eos_id, temperature, top_k, top_p, generator,
-                                  stop, use_cache=True)
     decoder = PaddedDecoder(model, prompts, max_new_tokens)
     new: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # batch row -> prompt index

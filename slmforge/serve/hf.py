@@ -21,10 +21,11 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from slmforge.config import AttnConfig, ModelConfig, RunConfig, dump_yaml
-from slmforge.tokens.tokenizer import SPECIAL_TOKENS, Tokenizer
+from slmforge.checkpoint import load_for_inference, write_checkpoint
+from slmforge.config import AttnConfig, ModelConfig, RunConfig
 from slmforge.model.lm import LM
-from slmforge.runs import atomic_path, write_json, write_text
+from slmforge.runs import RunDir, atomic_path, save_config, write_json
+from slmforge.tokens.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 # Keys of a Llama config.json that change the network; anything not in the first group must have these values.
 SUPPORTED_VALUES = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
@@ -120,8 +121,6 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig,
 def _model_and_tokenizer(source) -> tuple[LM, Tokenizer | None]:
     if isinstance(source, LM):
         return source, None
-    from slmforge.train.checkpoint import load_for_inference
-
     model, tok, _ = load_for_inference(source)
     return model, tok
 
@@ -256,17 +255,13 @@ def import_hf(folder: str | Path) -> tuple[LM, Tokenizer, ModelConfig]:
 def import_hf_run(folder: str | Path, run_dir: str | Path) -> Path:
     """``import_hf`` written as a run folder (config.yaml, tokenizer.json, checkpoints/) that generate, chat and
     eval load like a trained run."""
-    from slmforge.train.checkpoint import save_weights
-
     model, tokenizer, cfg = import_hf(folder)
-    run_dir = Path(run_dir)
-    run_cfg = RunConfig(name=run_dir.name, out_dir=str(run_dir.parent), model=cfg)
+    run = RunDir.at(run_dir)
+    run_cfg = RunConfig(name=run.root.name, out_dir=str(run.root.parent), model=cfg)
     run_cfg.data.seq_len = min(run_cfg.data.seq_len, cfg.max_seq_len)
-    tokenizer.save(run_dir / "tokenizer.json")
-    ckpt = run_dir / "checkpoints" / "step_000000"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    save_weights(model, ckpt / "model.safetensors")
-    torch.save({"step": 0, "imported_from": str(Path(folder).resolve())}, ckpt / "state.pt")
-    write_text(run_dir / "checkpoints" / "latest", ckpt.name + "\n")
-    write_text(run_dir / "config.yaml", dump_yaml(run_cfg))
-    return run_dir
+    tokenizer.save(run.tokenizer)
+    # keep=0: an import removes none of the folder's other checkpoints.
+    state = {"step": 0, "imported_from": str(Path(folder).resolve())}
+    write_checkpoint(run.checkpoints, 0, model.state_dict(), state, keep=0, tied=cfg.tie_embeddings)
+    save_config(run.root, run_cfg)
+    return run.root

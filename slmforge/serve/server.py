@@ -16,8 +16,8 @@ its events, ("text", piece) ... ("done", finish_reason, num_tokens), to its requ
 Requests do not join a batch that is already decoding (continuous batching): ``PaddedDecoder`` cannot add rows,
 and batching what arrives together already gives the speedup at a handful of clients. Instead, after a batch of
 k > 1 rows the worker waits up to ``batch_window_s`` for k jobs, because clients that send their next request just
-after their answer would otherwise split into ever smaller batches. Models with non-attention mixers have no
-padded fast path and decode one request at a time through ``LM.forward`` with its caches.
+after their answer would otherwise split into ever smaller batches. Every model batches so, whatever its mixers:
+the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
-from slmforge.serve.generate import PaddedDecoder, fast_path, sample_next
+from slmforge.serve.generate import PaddedDecoder, sample_next
 
 CHAT_STOP_TOKENS = ("<|end|>", "<|user|>")
 
@@ -98,31 +98,12 @@ class Job:
         return True
 
 
-class _OneRow:
-    """One prompt through ``LM.forward`` with its caches: the decoder for models without the padded fast path."""
-
-    def __init__(self, model, prompt: list[int], max_new_tokens: int):
-        self.model = model
-        self.prompt = torch.tensor([prompt], device=next(model.parameters()).device)
-        self.cache = model.init_cache(1, len(prompt) + max_new_tokens)
-
-    def prefill(self) -> torch.Tensor:
-        return self.model(self.prompt, cache=self.cache)[0][:, -1]
-
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids[:, None], cache=self.cache)[0][:, -1]
-
-    def keep(self, rows: list[int], ids: torch.Tensor) -> torch.Tensor:
-        return ids  # called only while its one row is alive
-
-
 class Worker:
     """The one thread that runs the model; ``submit`` jobs from any thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.fast = fast_path(model)
-        self.max_batch = max_batch if self.fast else 1
+        self.max_batch = max_batch
         self.batch_window_s = batch_window_s
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="slmforge-model", daemon=True)
@@ -179,10 +160,7 @@ class Worker:
         """Decode ``jobs`` together until each has finished or been cancelled."""
         self.num_batches += 1
         self.num_rows += len(jobs)
-        if self.fast:
-            decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
-        else:
-            decoder = _OneRow(self.model, jobs[0].ids, jobs[0].max_tokens)
+        decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
         logits = decoder.prefill()  # (B, V)
         while True:
             nxt = _sample(logits, jobs)  # (B,)
@@ -454,7 +432,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY."""
     import uvicorn
 
-    from slmforge.train.checkpoint import load_for_inference
+    from slmforge.checkpoint import load_for_inference
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     app = build_app(model, tokenizer, model_name or cfg.name, api_key or os.environ.get("SLMFORGE_API_KEY"),

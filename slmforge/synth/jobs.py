@@ -37,11 +37,11 @@ import time
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 from tqdm import tqdm
 
-from slmforge.config import merge, parse_overrides, read_yaml
+from slmforge.config import TextSplit, check_choice, load
 from slmforge.curate.documents import read_documents
 from slmforge.curate.filters import GSM8K_TEST
 from slmforge.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
@@ -63,14 +63,14 @@ class SynthJob:
     styles: list[str] = field(default_factory=lambda: ["a clear, friendly textbook"])
     inputs: list[str] = field(default_factory=list)  # document templates: files, directories or globs
     text_field: str = "text"
-    text_split: str = "blank_line"  # .txt/.md inputs: "file", "blank_line" or "line"
+    text_split: TextSplit = "blank_line"  # .txt/.md inputs
     max_seed_docs: int = 0  # 0 = all
     min_passage_chars: int = 0  # shorter seed documents (headings, captions) are skipped
     max_passage_chars: int = 4000  # longer passages are cut at a word boundary
     samples_per_item: int = 1
     max_requests: int = 0  # new requests per run; 0 = all
     records_per_shard: int = 10_000
-    math_check: str = "annotations"  # gsm8k templates: "annotations", "strict" or "none"
+    math_check: Literal["annotations", "strict", "none"] = "annotations"  # gsm8k templates (prompts.MATH_CHECKS)
     retry_rejects: bool = False  # ask again for ids in rejects.jsonl
     dedup: bool = False  # after the run: exact + MinHash near dedup of the shards into clean/
     decontaminate: bool = False  # after the run: drop records sharing a 13-gram with eval_paths
@@ -79,9 +79,11 @@ class SynthJob:
 
 
 def load_job(path: str | Path | None = None, overrides: list[str] | None = None) -> SynthJob:
-    """Defaults < job YAML < ``key=value`` overrides (dotted, e.g. ``teacher.concurrency=16``)."""
-    job = merge(SynthJob(), read_yaml(path), where=str(path or "job"))
-    return merge(job, parse_overrides(overrides or []), where="override")
+    """Defaults < job YAML < ``key=value`` overrides (dotted, e.g. ``teacher.concurrency=16``); the teacher name
+    is checked here against ``TEACHERS``, the table it names."""
+    job = load(SynthJob, path, overrides)
+    check_choice("teacher.name", job.teacher.name, TEACHERS)
+    return job
 
 
 def request_id(job_name: str, seed_key: str, template: str, sample: int) -> str:

@@ -14,8 +14,8 @@ Question-answer documents read ``"Question: ...\\nAnswer: ..."``, lm-eval-harnes
 normalised question, the invented entity, or the text) and each unique key goes to the split picked by a
 stable hash of it, so no problem lands in two splits, whatever the seed.
 
-At about 600 lines this file is past the 400-line target: most of it is vocabularies and sentence templates,
-data that reads best beside the code that fills it. Split it per family (synth/arithmetic.py, ...) if it grows.
+long: about 600 lines, past the 400-line target: most of it is vocabularies and sentence templates, data that
+reads best beside the code that fills it. Split it per family (synth/arithmetic.py, ...) if it grows.
 """
 
 from __future__ import annotations

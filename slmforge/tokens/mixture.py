@@ -39,120 +39,18 @@ Shapes: B = batch_size, T = seq_len; the loader yields ``x, y`` of shape (B, T),
 
 from __future__ import annotations
 
-import bisect
-import dataclasses
 import warnings
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slmforge.registry import lookup
+# The dataclasses live in config (the ground floor); re-exported here, where they are used.
+from slmforge.config import MixtureConfig, Source, SourceWeight, Stage
+from slmforge.tokens.shards import TokenLoader
 
-
-@dataclass
-class Source:
-    name: str = ""
-    shards: str = ""  # token-shard folder written by tokenize_to_shards
-
-
-@dataclass
-class SourceWeight:
-    source: str = ""
-    weight: float = 0.0
-
-
-@dataclass
-class Stage:
-    name: str = ""
-    tokens: int = 0  # budget: training tokens of all ranks together spent in this stage
-    weights: list[SourceWeight] = field(default_factory=list)  # sources left out get weight 0
-
-    def __post_init__(self):
-        self.weights = [_as(SourceWeight, w, f"stage {self.name!r}.weights[{i}]") for i, w in enumerate(self.weights)]
-
-
-@dataclass
-class MixtureConfig:
-    sources: list[Source] = field(default_factory=list)
-    stages: list[Stage] = field(default_factory=list)  # empty = no mixture
-    on_exhausted: str = "repeat"  # a source at the end of an epoch: "repeat" it (warns once) or "stop" (error)
-    after_last: str = "continue"  # after the last budget: "continue" with the last stage, or "stop" iterating
-    seed: int = 0
-
-    def __post_init__(self):
-        self.sources = [_as(Source, s, f"mixture.sources[{i}]") for i, s in enumerate(self.sources)]
-        self.stages = [_as(Stage, s, f"mixture.stages[{i}]") for i, s in enumerate(self.stages)]
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(stage.tokens for stage in self.stages)
-
-    def stage_at(self, tokens_seen: int) -> tuple[int, Stage]:
-        """(index, stage) that the token after ``tokens_seen`` global tokens belongs to; the last stage past the end."""
-        ends = np.cumsum([stage.tokens for stage in self.stages])
-        index = min(bisect.bisect_right(ends, tokens_seen), len(self.stages) - 1)
-        return index, self.stages[index]
-
-    def normalised_weights(self) -> np.ndarray:
-        """(num_stages, num_sources) weights, each row summing to 1, sources in ``self.sources`` order."""
-        column = {source.name: i for i, source in enumerate(self.sources)}
-        table = np.zeros((len(self.stages), len(self.sources)))
-        for k, stage in enumerate(self.stages):
-            for w in stage.weights:
-                table[k, column[w.source]] = w.weight
-        return table / table.sum(axis=1, keepdims=True)
-
-    def validate(self) -> None:
-        """Raise a ValueError naming the key for any mistake that does not need the shard folders to see."""
-        for key, choices in (("on_exhausted", ("repeat", "stop")), ("after_last", ("continue", "stop"))):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"mixture.{key}={getattr(self, key)!r}: choose {' or '.join(map(repr, choices))}")
-        if not self.sources:
-            raise ValueError("mixture.sources is empty: list the token-shard folders to mix (name, shards)")
-        if not self.stages:
-            raise ValueError("mixture.stages is empty: a mixture needs at least one stage (name, tokens, weights)")
-        names = [source.name for source in self.sources]
-        for i, source in enumerate(self.sources):
-            if not source.name or not source.shards:
-                raise ValueError(f"mixture.sources[{i}]: needs a name and a shards folder, got {source}")
-            if names.index(source.name) != i:
-                raise ValueError(f"mixture.sources[{i}]: source name {source.name!r} is used twice")
-        stage_names = [stage.name for stage in self.stages]
-        for k, stage in enumerate(self.stages):
-            key = f"mixture.stages[{k}] ({stage.name!r})"
-            if not stage.name or stage_names.index(stage.name) != k:
-                raise ValueError(f"{key}: stages need distinct, non-empty names")
-            if stage.tokens <= 0:
-                raise ValueError(f"{key}.tokens={stage.tokens}: expected a positive token budget")
-            seen = set()
-            for w in stage.weights:
-                try:
-                    lookup(dict.fromkeys(names), w.source, "source")
-                except ValueError as exc:
-                    raise ValueError(f"{key}.weights: {exc}") from None
-                if w.source in seen:
-                    raise ValueError(f"{key}.weights: source {w.source!r} is listed twice")
-                seen.add(w.source)
-                if not w.weight >= 0:
-                    raise ValueError(f"{key}.weights: source {w.source!r} has weight {w.weight}; expected >= 0")
-            if sum(w.weight for w in stage.weights) <= 0:
-                raise ValueError(f"{key}.weights sum to 0: give at least one source a positive weight")
-
-
-def _as(cls, value, where: str):
-    """A dataclass from a YAML mapping: ``config.merge`` hands list items over as they come from YAML."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        keys = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ValueError(f"{where}: expected a mapping with keys {keys}, got {value!r}")
-    # Imported here because config.py imports this module for its dataclasses.
-    from slmforge.config import merge
-
-    return merge(cls(), value, where)
+__all__ = ["MixtureConfig", "MixtureLoader", "Source", "SourceWeight", "Stage"]
 
 
 class MixtureLoader:
@@ -164,9 +62,6 @@ class MixtureLoader:
 
     def __init__(self, cfg: MixtureConfig, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  mode: str = "window"):
-        # Imported here, not at the top, so that config.py can import the dataclasses without loading torch.
-        from slmforge.tokens.shards import TokenLoader
-
         cfg.validate()
         self.cfg, self.seq_len, self.batch_size = cfg, seq_len, batch_size
         self.rank, self.world_size = rank, world_size

@@ -1,28 +1,35 @@
 """``train(cfg)``: build the model, loop over batches, evaluate, checkpoint — in reading order.
 
-The loop knows nothing of data formats (it reads token shards through ``TokenLoader``) and the
-model knows nothing of the loop. ``loss_fn`` lets alignment stages reuse this loop unchanged.
+``train`` reads top to bottom like torchtitan's ``Trainer.train``: ``setup`` (seed, model, optimizer, loaders,
+resume), then per step ``train_step`` (micro-batches, clipping, the update) and ``_log_step`` (metrics,
+evaluation, checkpoint), then ``_finish`` (the result, the loss plot). The loop knows nothing of data formats (it
+reads token shards through ``TokenLoader``) and the model knows nothing of the loop. ``loss_fn`` lets alignment
+stages reuse this loop unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from slmforge.config import RunConfig
-from slmforge.tokens.shards import TokenLoader, load_shards
+from slmforge.checkpoint import latest_checkpoint
+from slmforge.config import RunConfig, TrainConfig
+from slmforge.metrics import bits_per_byte, evaluate_loss, tokens_per_step
 from slmforge.model.lm import LM
-from slmforge.runs import MetricsLog, save_config, write_json
+from slmforge.plan import GPUS, flops_per_token
+from slmforge.runs import MetricsLog, RunDir, save_config, write_json
+from slmforge.tokens.mixture import MixtureLoader
+from slmforge.tokens.shards import TokenLoader, load_shards
 from slmforge.train import distributed as dist
-from slmforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import anneal_aligned, lr_at
 
@@ -67,23 +74,6 @@ def default_loss(model, batch) -> torch.Tensor:
     return model(x, targets=y)[1]
 
 
-def shard_paths(cfg: RunConfig) -> tuple[Path, Path]:
-    root = Path(cfg.data.shards_dir) if cfg.data.shards_dir else cfg.run_dir / "shards"
-    return root / "train", root / "validation"
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, amp_dtype) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with _autocast(device, amp_dtype):
-            total += model(x.to(device), targets=y.to(device))[1].item()
-        count += 1
-    model.train()
-    return total / max(count, 1)
-
-
 def _autocast(device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
@@ -93,8 +83,6 @@ def _autocast(device, amp_dtype):
 def _peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    from slmforge.plan import GPUS
-
     name = torch.cuda.get_device_name(device).lower()
     return next((spec.peak_flops for key, spec in GPUS.items() if key in name), None)
 
@@ -102,13 +90,10 @@ def _peak_flops(device: torch.device) -> float | None:
 def build_train_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
     """The mixture loader when the recipe declares stages, else one TokenLoader over <shards_dir>/train."""
     if cfg.data.mixture.stages:
-        from slmforge.tokens.mixture import MixtureLoader
-
         return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, rank, world_size,
                              mode=cfg.data.packing)
-    train_dir, _ = shard_paths(cfg)
-    return TokenLoader(train_dir, cfg.data.seq_len, cfg.train.batch_size, seed=cfg.data.seed, rank=rank,
-                       world_size=world_size, mode=cfg.data.packing)
+    return TokenLoader(RunDir.of(cfg).split_shards("train"), cfg.data.seq_len, cfg.train.batch_size,
+                       seed=cfg.data.seed, rank=rank, world_size=world_size, mode=cfg.data.packing)
 
 
 def reshard_loader_state(state: dict, batch_size: int, world_size: int) -> dict:
@@ -123,125 +108,192 @@ def reshard_loader_state(state: dict, batch_size: int, world_size: int) -> dict:
     return {**state, "batch_size": batch_size, "world_size": world_size}
 
 
+@dataclass
+class Trainer:
+    """What one training run holds between steps; built by ``setup``."""
+
+    cfg: RunConfig
+    t: TrainConfig  # cfg.train, with the WSD decay aligned to the anneal stage
+    info: dist.DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    run: RunDir
+    model: LM  # the bare model: clipping, evaluation and checkpoints read it
+    train_model: nn.Module  # the model as parallelized (DDP wrapper, FSDP2, compiled blocks): steps run it
+    optimizer: torch.optim.Optimizer
+    loader: Any  # TokenLoader or MixtureLoader
+    val_batches: list
+    tokens_per_byte: float  # validation shards' tokens per UTF-8 byte, for bits per byte
+    metrics: MetricsLog
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None  # None: no MFU (CPU, or a GPU not in plan.GPUS)
+    step: int = 0
+
+    def stage_name(self) -> str | None:
+        return self.loader.current_stage[1].name if self.cfg.data.mixture.stages else None
+
+
+@dataclass
+class StepOutput:
+    lr: float
+    loss: float  # mean over micro-batches and ranks
+    grad_norm: float  # before clipping
+
+
 def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True) -> RunResult:
-    t = cfg.train
-    info = dist.init(resolve_device(t.device).type)
+    """Train ``cfg``'s model on its token shards; ``resume`` continues exactly from the latest checkpoint."""
+    info = dist.init(resolve_device(cfg.train.device).type)
+    tr = setup(cfg, info, resume)
+    batches = iter(tr.loader)
+    bar = tqdm(total=tr.t.max_steps, initial=tr.step, disable=not (progress and info.is_main), desc="train",
+               dynamic_ncols=True)
+    start_time, start_step = time.perf_counter(), tr.step
+    train_loss = val_loss = float("nan")
+    exhausted = False
+    while tr.step < tr.t.max_steps:
+        t0 = time.perf_counter()
+        stage = tr.stage_name()
+        out = train_step(tr, batches, loss_fn)
+        if out is None:  # a mixture with after_last="stop" has spent its last budget
+            exhausted = True
+            break
+        record = _log_step(tr, out, time.perf_counter() - t0, stage)
+        train_loss, val_loss = out.loss, record.get("val_loss", val_loss)
+        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
+                        **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+        bar.update(1)
+    bar.close()
+    if exhausted and tr.step > start_step:  # ended early: evaluate and save where we stopped
+        val_loss = _evaluate(tr)
+        if tr.step % tr.t.ckpt_every:
+            _save(tr)
+    return _finish(tr, start_step, time.perf_counter() - start_time, train_loss, val_loss)
+
+
+def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
+    """Seed, write config.yaml, build the model, optimizer and loaders; restore the latest checkpoint if asked."""
     t = anneal_aligned(cfg, info.world_size)
     device = dist.device_for(info, t.device)
     amp_dtype = autocast_dtype(t.dtype, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
-    run_dir = cfg.run_dir
+    run = RunDir.of(cfg)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(run_dir, cfg)
-    progress = progress and info.is_main
-
-    train_dir, val_dir = shard_paths(cfg)
-    mix = cfg.data.mixture
-    for folder in [s.shards for s in mix.sources] if mix.stages else [train_dir]:
-        vocab = load_shards(folder).meta["vocab_size"]
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(run.root, cfg)
+    _check_vocab(cfg, run)
     model = LM(cfg.model).to(device)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
     loader = build_train_loader(cfg, info.rank, info.world_size)
+    val_dir = run.split_shards("validation")
     val_meta = load_shards(val_dir).meta
-    val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False), t.eval_batches))
-    # Bits per byte: nats/token * tokens/byte / ln 2 — comparable across tokenizers.
-    tokens_per_byte = val_meta["num_tokens"] / max(val_meta["num_bytes"], 1)
-
-    step, metrics = 0, MetricsLog(run_dir / "metrics.jsonl")
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False),
+                                        t.eval_batches))
+    tr = Trainer(cfg, t, info, device, amp_dtype, run, model, train_model, optimizer, loader, val_batches,
+                 tokens_per_byte=val_meta["num_tokens"] / max(val_meta["num_bytes"], 1),
+                 metrics=MetricsLog(run.metrics), tokens_per_step=tokens_per_step(cfg, info.world_size),
+                 flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["train"],
+                 peak_flops=_peak_flops(device))
+    ckpt = latest_checkpoint(run.checkpoints) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, info)
-        step = state["step"]
+        tr.step = state["step"]
         loader.load_state_dict(reshard_loader_state(state["loader"], t.batch_size, info.world_size))
     if info.is_main:
-        metrics.truncate_after(step)
+        # A replayed step is not logged twice.
+        tr.metrics.truncate_after(tr.step)
+    return tr
 
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.data.seq_len * info.world_size
-    from slmforge.plan import flops_per_token
 
-    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
-    peak = _peak_flops(device)
-    batches = iter(loader)
-    bar = tqdm(total=t.max_steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
-    start_time, start_step = time.perf_counter(), step
-    train_loss = val_loss = float("nan")
-    exhausted = False
-    while step < t.max_steps:
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum, exhausted = 0.0, False
-        stage = loader.current_stage[1].name if mix.stages else None
-        for micro in range(t.grad_accum):
-            try:
-                x, y = next(batches)
-            except StopIteration:  # a mixture with after_last="stop" has spent its last budget
-                exhausted = True
-                break
-            with dist.no_sync(train_model, micro == t.grad_accum - 1), _autocast(device, amp_dtype):
-                loss = loss_fn(train_model, (x.to(device), y.to(device))) / t.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-        if exhausted:
-            optimizer.zero_grad(set_to_none=True)
-            break
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_loss = dist.all_reduce_mean(loss_sum, info)
-        dt = time.perf_counter() - t0
-        record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": step * tokens_per_step, "tokens_per_second": tokens_per_step / dt}
-        if stage is not None:
-            record["stage"] = stage
-            if step % t.log_every == 0 or step == t.max_steps:
-                record["mixture_tokens"] = loader.realised()
-        if peak:
-            record["mfu"] = flops_tok * tokens_per_step / dt / peak
-        # The last step of a stage is evaluated too, so the report can show each stage's effect (the anneal's).
-        stage_ends = stage is not None and loader.current_stage[1].name != stage
-        if step % t.eval_every == 0 or step == t.max_steps or stage_ends:
-            val_loss = evaluate(model, val_batches, device, amp_dtype)
-            record.update(val_loss=val_loss, val_bits_per_byte=val_loss * tokens_per_byte / math.log(2))
-        if info.is_main:
-            metrics.log(record)
-        if step % t.ckpt_every == 0 or step == t.max_steps:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()},
-                            info=info)
-        bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_second']:.0f}",
-                        **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-        bar.update(1)
-    bar.close()
-    if exhausted and step > start_step:  # ended early: evaluate and save where we stopped
-        val_loss = evaluate(model, val_batches, device, amp_dtype)
-        if step % t.ckpt_every:
-            save_checkpoint(run_dir / "checkpoints", step, model, optimizer, {"loader": loader.state_dict()},
-                            info=info)
-    seconds = time.perf_counter() - start_time
+def _check_vocab(cfg: RunConfig, run: RunDir) -> None:
+    mix = cfg.data.mixture
+    for folder in [s.shards for s in mix.sources] if mix.stages else [run.split_shards("train")]:
+        vocab = load_shards(folder).meta["vocab_size"]
+        if vocab > cfg.model.vocab_size:
+            raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
+
+
+def train_step(tr: Trainer, batches, loss_fn: Callable) -> StepOutput | None:
+    """One optimizer step: ``grad_accum`` micro-batches, clipping, the update. None when the data ran out."""
+    t = tr.t
+    lr = lr_at(tr.step, t)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(t.grad_accum):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            tr.optimizer.zero_grad(set_to_none=True)
+            return None
+        # Gradients are all-reduced on the last micro-batch only.
+        with dist.no_sync(tr.train_model, micro == t.grad_accum - 1), _autocast(tr.device, tr.amp_dtype):
+            loss = loss_fn(tr.train_model, (x.to(tr.device), y.to(tr.device))) / t.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
+    # Under FSDP2 the norm is a DTensor; its full value is the same on every rank.
+    grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.step += 1
+    return StepOutput(lr, dist.all_reduce_mean(loss_sum, tr.info), grad_norm)
+
+
+def _log_step(tr: Trainer, out: StepOutput, seconds: float, stage: str | None) -> dict:
+    """The step's metrics record (written by rank 0), with an evaluation and a checkpoint when they are due."""
+    t, step = tr.t, tr.step
+    record = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
+              "tokens": step * tr.tokens_per_step, "tokens_per_second": tr.tokens_per_step / seconds}
+    if stage is not None:
+        record["stage"] = stage
+        if step % t.log_every == 0 or step == t.max_steps:
+            record["mixture_tokens"] = tr.loader.realised()
+    if tr.peak_flops:
+        record["mfu"] = tr.flops_per_token * tr.tokens_per_step / seconds / tr.peak_flops
+    # The last step of a stage is evaluated too, so the report can show each stage's effect (the anneal's).
+    stage_ends = stage is not None and tr.stage_name() != stage
+    if step % t.eval_every == 0 or step == t.max_steps or stage_ends:
+        val_loss = _evaluate(tr)
+        record.update(val_loss=val_loss, val_bits_per_byte=bits_per_byte(val_loss, tr.tokens_per_byte))
+    if tr.info.is_main:
+        tr.metrics.log(record)
+    if step % t.ckpt_every == 0 or step == t.max_steps:
+        _save(tr)
+    return record
+
+
+def _evaluate(tr: Trainer) -> float:
+    with _autocast(tr.device, tr.amp_dtype):
+        return evaluate_loss(tr.model, tr.val_batches, tr.device)
+
+
+def _save(tr: Trainer) -> None:
+    save_checkpoint(tr.run.checkpoints, tr.step, tr.model, tr.optimizer, {"loader": tr.loader.state_dict()},
+                    info=tr.info)
+
+
+def _finish(tr: Trainer, start_step: int, seconds: float, train_loss: float, val_loss: float) -> RunResult:
+    """The run's result, also written (with the loss plot) by rank 0."""
     result = RunResult(
-        run_dir=str(run_dir), steps=step, tokens=step * tokens_per_step, seconds=seconds,
-        tokens_per_second=(step - start_step) * tokens_per_step / max(seconds, 1e-9),
-        train_loss=train_loss, val_loss=val_loss,
-        val_bits_per_byte=val_loss * tokens_per_byte / math.log(2), num_params=sum(p.numel() for p in model.parameters()),
+        run_dir=str(tr.run.root), steps=tr.step, tokens=tr.step * tr.tokens_per_step, seconds=seconds,
+        tokens_per_second=(tr.step - start_step) * tr.tokens_per_step / max(seconds, 1e-9),
+        train_loss=train_loss, val_loss=val_loss, val_bits_per_byte=bits_per_byte(val_loss, tr.tokens_per_byte),
+        num_params=sum(p.numel() for p in tr.model.parameters()),
     )
-    if info.is_main:
-        plot_losses(metrics.read(), run_dir / "loss.png")
-        write_json(run_dir / "train_result.json", result.__dict__)
-    dist.barrier(info)
+    if tr.info.is_main:
+        plot_losses(tr.metrics.read(), tr.run.loss_plot)
+        write_json(tr.run.train_result, result.__dict__)
+    dist.barrier(tr.info)
     return result
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
+    # matplotlib is imported here: it is slow to import and only this plot needs it.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,6 +10,7 @@ import math
 from dataclasses import replace
 
 from slmforge.config import RunConfig, TrainConfig
+from slmforge.metrics import tokens_per_step
 from slmforge.registry import lookup
 
 
@@ -51,10 +52,6 @@ def cosine(step: int, cfg: TrainConfig) -> float:
 
 
 SCHEDULES = {"wsd": wsd, "cosine": cosine}
-
-
-def tokens_per_step(cfg: RunConfig, world_size: int = 1) -> int:
-    return cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len * world_size
 
 
 def anneal_aligned(cfg: RunConfig, world_size: int = 1) -> TrainConfig:

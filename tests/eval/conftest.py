@@ -39,6 +39,6 @@ def eval_run(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def loaded(eval_run):
-    from slmforge.train.checkpoint import load_for_inference
+    from slmforge.checkpoint import load_for_inference
 
     return load_for_inference(eval_run)[:2]

@@ -1,4 +1,4 @@
-"""Batched, left-padded generation (``serve.generate``'s fast path) against one-prompt-at-a-time full recompute.
+"""Batched, left-padded generation (``serve.generate.PaddedDecoder``) against one-prompt-at-a-time full recompute.
 
 (Here rather than in tests/serve/test_generate.py because the eval code is its main user.)
 """
@@ -58,13 +58,13 @@ def test_eos_and_stop_rows_leave_the_batch():
     assert len(got[1]) <= 3 and eos not in got[1]
 
 
-def test_sampling_is_seeded_and_models_without_fast_path_fall_back(monkeypatch):
+def test_sampling_is_seeded_and_a_user_mixer_batches_too(monkeypatch):
     model, prompts = _model(), _prompts()
     a = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(5))
     b = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(5))
     assert a == b
 
-    class Other(Attention):  # any mixer but plain attention takes the one-row-at-a-time path
+    class Other(Attention):  # a mixer added to MIXERS whose cache is one of model/cache.py's
         pass
 
     monkeypatch.setitem(MIXERS, "other", Other)

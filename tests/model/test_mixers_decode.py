@@ -16,7 +16,7 @@ from slmforge.plan import count_params
 from slmforge.serve.generate import generate_batch_ref
 from tests.conftest import forward_and_decode
 
-MIXED = "attn,ssm,linear,hymba"
+MIXED = ",".join(MIXERS)  # every mixer in one model
 LAYOUTS = [*MIXERS, MIXED]
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from slmforge.config import merge
-from slmforge.science import ForecastConfig, MixConfig, forecast, load_config, mix
+from slmforge.config import load, merge
+from slmforge.science import ForecastConfig, MixConfig, forecast, mix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_run_config  # noqa: E402
@@ -84,10 +84,10 @@ def test_mix_sweep_fits_predicts_and_validates(tmp_path):
 
 @pytest.mark.parametrize("name,cls", [("mix_cpu.yaml", MixConfig), ("forecast_cpu.yaml", ForecastConfig)])
 def test_science_recipes_load(name, cls):
-    cfg = load_config(cls, RECIPES / name, ["base.train.max_steps=7"])
+    cfg = load(cls, RECIPES / name, ["base.train.max_steps=7"])
     assert cfg.base.train.max_steps == 7
     with pytest.raises(ValueError, match="unknown key"):
-        load_config(cls, RECIPES / name, ["base.train.max_stepz=7"])
+        load(cls, RECIPES / name, ["base.train.max_stepz=7"])
 
 
 def test_anneal_recipe_aligns_its_decay():

@@ -104,13 +104,13 @@ def test_foreign_tokenizer_is_shifted(tmp_path, run_dir):
 
 def test_run_round_trip_and_cli(tmp_path, run_dir, capsys):
     from slmforge.serve.generate import generate, generate_ids
-    from slmforge.train.checkpoint import load_for_inference
+    from slmforge.checkpoint import load_for_inference
 
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["export", str(run_dir), f"out={tmp_path / 'hf'}"]) == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (1, 2, 0)
     assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 2
-    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "runs" / "back")]) == 0
+    assert main(["import", str(tmp_path / "hf"), f"out={tmp_path / 'runs' / 'back'}"]) == 0
     a, tok_a, _ = load_for_inference(run_dir)
     b, tok_b, cfg_b = load_for_inference(tmp_path / "runs" / "back")
     assert cfg_b.model == a.cfg and tok_b.vocab_size == tok_a.vocab_size

@@ -26,7 +26,7 @@ PROMPTS = ["Tom has 3 apples", "A", "Question: how many pens does Mia have left 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     """(model, tokenizer) of an untrained tiny run folder, loaded the way ``serve`` loads a checkpoint."""
-    from slmforge.train.checkpoint import load_for_inference
+    from slmforge.checkpoint import load_for_inference
 
     return load_for_inference(make_run(tmp_path_factory.mktemp("serve"), "serve"))[:2]
 
@@ -207,17 +207,20 @@ def test_client_disconnect_mid_stream_frees_the_worker(server, loaded):
     assert _post(url, "/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
-def test_non_attention_model_is_served_one_request_at_a_time(loaded):
+def test_every_mixer_is_served_in_batches(loaded):
+    """A model with SSM, linear-attention and Hymba layers batches too (the padding lives in its caches): prompts of
+    different lengths decode in one batch, each row as it would alone."""
     _, tok = loaded
-    cfg = dataclasses.replace(loaded[0].cfg, layers="attn,ssm", ssm=SSMConfig(state_dim=8, head_dim=16, chunk_size=8))
+    cfg = dataclasses.replace(loaded[0].cfg, layers="attn,ssm,linear,hymba", num_layers=4,
+                              ssm=SSMConfig(state_dim=8, head_dim=16, chunk_size=8))
     model = LM(cfg).eval()
-    app = build_app(model, tok, model_name=NAME, max_batch=8)
-    assert app.state.worker.max_batch == 1
-    results = {}
-    with running_server(app) as url:
-        def client(i):
-            results[i] = _post(url, "/v1/completions", {"model": NAME, "prompt": PROMPTS[i], "max_tokens": 6,
-                                                         "temperature": 0}, key=None)
-        _in_threads(client, 4)
-    assert [results[i].json()["choices"][0]["text"] for i in range(4)] == \
-        [_alone((model, tok), p, 6) for p in PROMPTS]
+    worker = Worker(model, tok, max_batch=8)
+    assert worker.max_batch == 8
+    events = [[] for _ in PROMPTS]
+    jobs = [Job([tok.eos_id] + tok.encode(p), 6, events[i].append, stop_ids=(tok.eos_id,))
+            for i, p in enumerate(PROMPTS)]
+    with torch.inference_mode():
+        worker.run_batch(jobs)
+    assert (worker.num_batches, worker.num_rows) == (1, len(PROMPTS))
+    got = ["".join(e[1] for e in ev if e[0] == "text") for ev in events]
+    assert got == [_alone((model, tok), p, 6) for p in PROMPTS]

@@ -25,7 +25,7 @@ def slmforge_serve(run_dir, *args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "slmforge", "serve", str(run_dir), "--port", str(port), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "slmforge", "serve", str(run_dir), f"port={port}", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -50,7 +50,7 @@ def test_job_against_slmforge_server_every_id_once(tmp_path):
     template.write_text("seed: grid\nparser: section\nuser: 'Write about {topic} for {audience} as {style}.'\n"
                         "min_words: 0\n")
     out = tmp_path / "out"
-    with slmforge_serve(run_dir, "--model-name", "tiny", "--max-batch", "8") as url:
+    with slmforge_serve(run_dir, "model_name=tiny", "max_batch=8") as url:
         job = merge(SynthJob(), dict(
             name="serve", template=str(template), out_dir=str(out), topics=[f"topic {i}" for i in range(25)],
             audiences=["children", "adults"], styles=["a story", "a list"], samples_per_item=2,

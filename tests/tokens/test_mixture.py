@@ -126,7 +126,7 @@ def _bad(dirs, key):
     ("missing_folder", r"mixture.sources\[1\] \('math'\).shards: no folder .*math-missing"),
     ("duplicate_source", r"mixture.sources\[1\]: source name 'web' is used twice"),
     ("zero_tokens", r"mixture.stages\[0\] \('stable'\).tokens=0"),
-    ("on_exhausted", r"mixture.on_exhausted='skip': choose 'repeat' or 'stop'"),
+    ("on_exhausted", r"on_exhausted='skip': choose one of repeat, stop"),
 ])
 def test_bad_configs_are_clear_errors(dirs, key, message):
     with pytest.raises(ValueError, match=message):

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from slmforge.train.checkpoint import latest_checkpoint, load_checkpoint
+from slmforge.checkpoint import latest_checkpoint
+from slmforge.train.checkpoint import load_checkpoint
 from slmforge.train.loop import train
 from tests.conftest import tiny_run_config
 

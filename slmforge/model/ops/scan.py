@@ -146,8 +146,7 @@ def gla_chunked(q, k, v, g, chunk_size: int, scale: float | None = None,
     """
     acc = _acc(q.dtype)
     qs, k, v, g = (u.to(acc) for u in (q, k, v, g))
-    b, h, t, dk = qs.shape
-    dv = v.shape[-1]
+    (b, h, t, dk), dv = qs.shape, v.shape[-1]
     qs = qs * (dk**-0.5 if scale is None else scale)
     # A short sequence makes one chunk, rounded up to whole sub-chunks.
     chunk = min(chunk_size, -(-t // GLA_SUB_CHUNK) * GLA_SUB_CHUNK)
@@ -155,11 +154,10 @@ def gla_chunked(q, k, v, g, chunk_size: int, scale: float | None = None,
     qs, k, v, g = (_pad_time(u, 2, pad) for u in (qs, k, v, g))
     c = (t + pad) // chunk
     sub = math.gcd(chunk, GLA_SUB_CHUNK)
-    m = chunk // sub
+    m = chunk // sub  # sub-chunks per chunk
 
     # 1. Chunks, and the log decay from each chunk's start to each step, inclusive (<= 0, nonincreasing).
-    qs, k, g = (u.view(b, h, c, chunk, dk) for u in (qs, k, g))
-    v = v.view(b, h, c, chunk, dv)
+    qs, k, g, v = (u.view(b, h, c, chunk, -1) for u in (qs, k, g, v))
     gc = g.cumsum(3)
 
     # 2. Within a sub-chunk (diagonal blocks), pairwise per channel: A_ij = sum_k q_ik k_jk exp(gc_ik - gc_jk), j <= i.
@@ -187,8 +185,7 @@ def gla_chunked(q, k, v, g, chunk_size: int, scale: float | None = None,
     local = (k * torch.exp(last[..., None, :] - gc)).transpose(-1, -2) @ v  # (b, H, c, K, V)
 
     # 5. Pass states between chunks in order (the decay is per key channel, so this is a short loop over chunks).
-    state = qs.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(acc)
-    entering = []
+    state, entering = (qs.new_zeros(b, h, dk, dv) if initial_state is None else initial_state.to(acc)), []
     for z in range(c):
         entering.append(state)
         state = last[:, :, z, :, None].exp() * state + local[:, :, z]

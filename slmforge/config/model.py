@@ -1,0 +1,185 @@
+"""Model configuration: the LM's sizes, the per-mixer sub-configs, OpenELM layer-wise scaling, and the presets.
+
+Mixer and FFN names (``layers``, ``ffn``) are checked against the model's own tables by
+``slmforge.model.block.check_model``: config imports nothing from ``slmforge.model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmforge.config.loading import check_min, merge
+from slmforge.registry import lookup
+
+
+@dataclass
+class AttnConfig:
+    num_heads: int = 4
+    num_kv_heads: int = 2  # GQA: num_heads must be a multiple; 1 = MQA, num_heads = MHA
+    head_dim: int = 0  # 0 = d_model // num_heads
+    rope_theta: float = 10000.0
+    window: int = 0  # sliding-window size in tokens; 0 = full causal attention
+
+
+@dataclass
+class SSMConfig:
+    # Mamba-2 selective SSM (slmforge/model/ssm.py): inner width expand * d_model, in heads of head_dim.
+    state_dim: int = 64  # N, the state size per head
+    head_dim: int = 32  # P; heads = expand * d_model // head_dim
+    expand: int = 2
+    conv_kernel: int = 4  # causal depthwise conv over x, B and C
+    chunk_size: int = 64  # block length of the chunked scan (training and prefill)
+
+
+@dataclass
+class LinearConfig:
+    # Gated linear attention (slmforge/model/linear.py): key width expand_k * d_model, value width expand_v * d_model.
+    num_heads: int = 4
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    decay_rank: int = 16  # rank of the projection that makes the per-channel decay
+    decay_normalizer: float = 16.0  # log decay = logsigmoid(.) / decay_normalizer, keeping decays near 1
+    chunk_size: int = 32  # block length of the chunked form; 32 trains fastest on CPU (pairwise decays are costly)
+
+
+@dataclass
+class HymbaConfig:
+    # Hybrid heads (slmforge/model/hymba.py): attention heads from `attn`, SSM heads from `ssm`, same width.
+    window: int = 0  # sliding window of the attention heads in hymba layers; 0 = full causal attention
+
+
+@dataclass
+class ScalingConfig:
+    # OpenELM layer-wise scaling (Mehta et al. 2024, arXiv 2404.14619, sec. 2.1): unique block i of N gets
+    #   alpha_i = alpha_min + (alpha_max - alpha_min) * i / (N - 1),   beta_i likewise,
+    #   n_h^i = alpha_i * d_model / head_dim query heads,   m^i = beta_i * d_model FFN hidden units,
+    # with OpenELM's rounding (multipliers to 2 decimals, widths by make_divisible). head_dim and the query heads
+    # per kv head stay those of `attn`.
+    enabled: bool = False
+    alpha_min: float = 0.5
+    alpha_max: float = 1.0
+    beta_min: float = 0.5
+    beta_max: float = 4.0
+    ffn_multiple: int = 32  # FFN widths are multiples of this (OpenELM uses 256, too coarse for tiny models)
+
+
+def make_divisible(value: float, divisor: int) -> int:
+    """OpenELM's (from MobileNet) rounding: nearest multiple of ``divisor``, at least ``divisor``, and never
+    more than 10% below ``value``."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 128
+    num_layers: int = 4
+    ffn_hidden: int = 0  # 0 = 8/3 * d_model rounded up to a multiple of 32 (Llama's SwiGLU sizing)
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # On CUDA, the mamba-ssm / flash-linear-attention kernels when installed (model/ops/kernels.py); CPU: ours.
+    fast_kernels: bool = True
+    # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm,ssm", ...); mixers:
+    # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side).
+    # Names are checked against the model's tables by slmforge.model.block.check_model (config cannot import model).
+    layers: str = "attn"
+    ffn: str = "dense"
+    init_std: float = 0.02
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    hymba: HymbaConfig = field(default_factory=HymbaConfig)
+    # Parameter sharing. num_layers is always the depth (layer applications); the parameters live in
+    # num_layers / block_repeat unique blocks, and the `layers` pattern is tiled over the unique blocks.
+    share_ffn: bool = False  # MobiLlama (arXiv 2402.16840): one FFN shared by every layer
+    block_repeat: int = 1  # MobileLLM (arXiv 2402.14905): each unique block runs this many times in a row
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def validate(self, prefix: str = "model.") -> None:
+        """Sizes that would otherwise fail deep in the model code; mixer and FFN names: ``model.block.check_model``."""
+        check_min(self, prefix, 1, "vocab_size d_model num_layers max_seq_len block_repeat attn.num_heads "
+                                   "attn.num_kv_heads ssm.state_dim ssm.head_dim ssm.expand ssm.conv_kernel "
+                                   "ssm.chunk_size linear.num_heads linear.decay_rank linear.chunk_size")
+        check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window")
+        if self.num_layers % self.block_repeat:
+            raise ValueError(f"{prefix}num_layers={self.num_layers}: expected a multiple of "
+                             f"{prefix}block_repeat={self.block_repeat}")
+        if self.attn.num_heads % self.attn.num_kv_heads:
+            raise ValueError(f"{prefix}attn.num_heads={self.attn.num_heads}: expected a multiple of "
+                             f"{prefix}attn.num_kv_heads={self.attn.num_kv_heads}")
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        return -(-int(8 * self.d_model / 3) // 32) * 32
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn.head_dim or self.d_model // self.attn.num_heads
+
+    @property
+    def num_unique_blocks(self) -> int:
+        if self.block_repeat < 1 or self.num_layers % self.block_repeat:
+            raise ValueError(f"model.num_layers={self.num_layers} must be a multiple of "
+                             f"model.block_repeat={self.block_repeat} (a positive integer)")
+        return self.num_layers // self.block_repeat
+
+    def block_index(self) -> list[int]:
+        """Layer i runs unique block ``block_index()[i]`` (MobileLLM's immediate repeat: 0, 0, 1, 1, ...)."""
+        return [i // self.block_repeat for i in range(self.num_layers)]
+
+    def block_kinds(self) -> list[str]:
+        """The token mixer of each unique block."""
+        pattern = [p.strip() for p in self.layers.split(",") if p.strip()]
+        return [pattern[j % len(pattern)] for j in range(self.num_unique_blocks)]
+
+    def layer_kinds(self) -> list[str]:
+        """The token mixer of each layer (application), num_layers long."""
+        kinds = self.block_kinds()
+        return [kinds[j] for j in self.block_index()]
+
+    def block_config(self, j: int) -> ModelConfig:
+        """The config unique block ``j`` is built from: this one, or with OpenELM's per-block heads and FFN width."""
+        s = self.scaling
+        if not s.enabled:
+            return self
+        if self.share_ffn:
+            raise ValueError("model.share_ffn and model.scaling.enabled cannot be combined: "
+                             "one shared FFN cannot have a different width in every layer")
+        # np.linspace(min, max, N) as OpenELM computes it, rounded to 2 decimals as there
+        frac = j / (self.num_unique_blocks - 1) if self.num_unique_blocks > 1 else 0.0
+        alpha = round(s.alpha_min + (s.alpha_max - s.alpha_min) * frac, 2)
+        beta = round(s.beta_min + (s.beta_max - s.beta_min) * frac, 2)
+        head_dim, groups = self.head_dim, self.attn.num_heads // self.attn.num_kv_heads
+        # Query width a multiple of head_dim * groups keeps every kv head with the same number of query heads.
+        num_heads = make_divisible(alpha * self.d_model, head_dim * groups) // head_dim
+        attn = dataclasses.replace(self.attn, num_heads=num_heads, num_kv_heads=num_heads // groups, head_dim=head_dim)
+        return dataclasses.replace(self, attn=attn, ffn_hidden=make_divisible(beta * self.d_model, s.ffn_multiple),
+                                   scaling=ScalingConfig())
+
+
+# Model presets. Parameter counts are exact and checked against the instantiated model in tests;
+# `slmforge plan --preset NAME` prints them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, d_model=128, num_layers=4, max_seq_len=256,
+                 attn=dict(num_heads=4, num_kv_heads=2)),
+    "10m": dict(vocab_size=8192, d_model=256, num_layers=10, max_seq_len=1024,
+                attn=dict(num_heads=4, num_kv_heads=2)),
+    "50m": dict(vocab_size=32768, d_model=512, num_layers=12, max_seq_len=2048,
+                attn=dict(num_heads=8, num_kv_heads=4)),
+    "100m": dict(vocab_size=32768, d_model=768, num_layers=12, max_seq_len=2048, ffn_hidden=2048,
+                 attn=dict(num_heads=12, num_kv_heads=4)),
+    "300m": dict(vocab_size=32768, d_model=1024, num_layers=24, max_seq_len=2048, ffn_hidden=2816,
+                 attn=dict(num_heads=16, num_kv_heads=8)),
+    "1b": dict(vocab_size=32768, d_model=2048, num_layers=16, max_seq_len=4096, ffn_hidden=7168,
+               attn=dict(num_heads=32, num_kv_heads=8, rope_theta=500000.0)),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    return merge(ModelConfig(), lookup(PRESETS, name, "preset"), where=f"preset {name}")
