@@ -1,0 +1,163 @@
+"""The model worker of ``slmforge.serve.server``: one thread that owns the model and decodes queued jobs in batches.
+
+Design. The HTTP side (``server.py``) is asyncio; the model runs on one ``Worker`` thread that owns it, so it
+never runs from two threads at once (and that thread sets torch's inference mode). A request is validated and
+tokenized on the event loop, becomes a ``Job`` and goes into the worker's queue. The worker takes the first job
+waiting plus the others already queued, up to ``max_batch``, and decodes them in one left-padded batch
+(``generate.PaddedDecoder``), streamed or not, greedy or sampled: each row samples with its own temperature, top-p
+and seeded generator, and a row that finishes (EOS, a stop token or string, ``max_tokens``, or a client gone away)
+leaves the batch. Rows decode as they would alone, so batching changes no result (the tests check it). A job sends
+its events, ("text", piece) ... ("done", finish_reason, num_tokens), through its ``emit`` callback, which the
+server points at its request's asyncio queue with ``call_soon_threadsafe``.
+Requests do not join a batch that is already decoding (continuous batching): ``PaddedDecoder`` cannot add rows,
+and batching what arrives together already gives the speedup at a handful of clients. Instead, after a batch of
+k > 1 rows the worker waits up to ``batch_window_s`` for k jobs, because clients that send their next request just
+after their answer would otherwise split into ever smaller batches. Every model batches so, whatever its mixers:
+the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from slmforge.serve.generate import PaddedDecoder, sample_next
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation. ``emit`` receives ("text", str), then ("done", finish_reason, num_tokens)
+    or ("error", message); it is called on the worker thread."""
+
+    ids: list[int]
+    max_tokens: int
+    emit: Callable[[tuple], None] | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_ids: tuple[int, ...] = ()
+    generator: torch.Generator | None = None
+    cancelled: bool = False  # set by the request side when its client goes away
+    new: list[int] = field(default_factory=list)
+    emitted: str = ""
+    num_tokens: int = 0
+
+    def push(self, token: int, decode: Callable[[list[int]], str]) -> bool:
+        """Take one sampled token and emit the text that is now certain; True when the job has finished.
+
+        Like ``generate.stream_text``: stop tokens and strings are not emitted, and the end of the text is held
+        back while it may be the start of a stop string or an incomplete UTF-8 character.
+        """
+        self.num_tokens += 1
+        if token in self.stop_ids:
+            return self._finish(decode(self.new), "stop")
+        self.new.append(token)
+        text = decode(self.new)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            return self._finish(text[:cut], "stop")
+        if self.num_tokens == self.max_tokens:
+            return self._finish(text, "length")
+        safe = len(text) - max((len(s) for s in self.stop), default=0)
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        if safe > len(self.emitted):
+            self.emit(("text", text[len(self.emitted):safe]))
+            self.emitted = text[:safe]
+        return False
+
+    def _finish(self, text: str, reason: str) -> bool:
+        if len(text) > len(self.emitted):
+            self.emit(("text", text[len(self.emitted):]))
+        self.emit(("done", reason, self.num_tokens))
+        return True
+
+
+class Worker:
+    """The one thread that runs the model; ``submit`` jobs from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="slmforge-model", daemon=True)
+        self.num_batches = self.num_rows = self.num_cancelled = 0
+        self._last_batch_size = 1
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while (jobs := self._take()) is not None:
+                try:
+                    self.run_batch(jobs)
+                except Exception as e:  # a failing batch must not take the worker (and the server) down
+                    for job in jobs:
+                        job.emit(("error", f"{type(e).__name__}: {e}"))
+
+    def _take(self) -> list[Job] | None:
+        """Block for a job, then add the jobs already waiting; None = stop.
+
+        After a batch of several rows, wait up to ``batch_window_s`` until as many jobs have come as that batch had.
+        """
+        jobs: list[Job] = []
+        while not jobs:
+            job = self.queue.get()
+            if job is None:
+                return None
+            if not job.cancelled:
+                jobs.append(job)
+        deadline = time.monotonic() + self.batch_window_s
+        while len(jobs) < self.max_batch:
+            wait = deadline - time.monotonic() if len(jobs) < self._last_batch_size else 0.0
+            try:
+                job = self.queue.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                break
+            if job is None:  # finish this batch first, then stop
+                self.queue.put(None)
+                break
+            if not job.cancelled:
+                jobs.append(job)
+        self._last_batch_size = len(jobs)
+        return jobs
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        """Decode ``jobs`` together until each has finished or been cancelled."""
+        self.num_batches += 1
+        self.num_rows += len(jobs)
+        decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
+        logits = decoder.prefill()  # (B, V)
+        while True:
+            nxt = _sample(logits, jobs)  # (B,)
+            alive = []
+            for r, (job, token) in enumerate(zip(jobs, nxt.tolist())):
+                self.num_cancelled += job.cancelled
+                if not job.cancelled and not job.push(token, self.tokenizer.decode):
+                    alive.append(r)
+            if not alive:
+                return
+            nxt, jobs = decoder.keep(alive, nxt), [jobs[r] for r in alive]
+            logits = decoder.step(nxt)
+
+
+def _sample(logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,), each row with its own job's settings and generator."""
+    if all(j.temperature <= 0 for j in jobs):
+        return logits.argmax(-1)
+    return torch.cat([sample_next(logits[r : r + 1], j.temperature, 0, j.top_p, j.generator)
+                      for r, j in enumerate(jobs)])
