@@ -80,6 +80,24 @@ class Step(Protocol):
     def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]: ...
 
 
+class DropStep:
+    """A ``Step`` that keeps a document when ``why_dropped(doc)`` is None, and hands the others with that record
+    (``{"reason": ..., ...}``) to ``on_drop``: the shape of every per-document filter."""
+
+    on_drop = None
+
+    def why_dropped(self, doc: Document) -> dict | None:
+        raise NotImplementedError
+
+    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for doc in docs:
+            record = self.why_dropped(doc)
+            if record is None:
+                yield doc
+            elif self.on_drop:
+                self.on_drop(doc, record)
+
+
 def shard_of(docs: Iterable[Document], rank: int, world_size: int) -> Iterator[Document]:
     """Every ``world_size``-th document starting at ``rank``: the workers' shards are disjoint and cover all."""
     if not 0 <= rank < world_size:

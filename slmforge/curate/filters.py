@@ -38,7 +38,7 @@ import numpy as np
 
 from slmforge.config import TextSplit
 from slmforge.curate.dedup import WORD_RE, shingle_hashes
-from slmforge.curate.documents import Document, read_documents
+from slmforge.curate.documents import Document, DropStep, read_documents
 from slmforge.curate.steps import DocumentGuard, check_shard, run_steps
 from slmforge.runs import save_config
 
@@ -204,19 +204,14 @@ def quality_failure(text: str, cfg: FilterConfig) -> dict | None:
 OnDrop = Callable[[Document, dict], None]
 
 
-class QualityFilter:
+class QualityFilter(DropStep):
     """Step: yields the documents that pass every Gopher rule; ``on_drop`` gets the others with the rule broken."""
 
     def __init__(self, cfg: FilterConfig, on_drop: OnDrop | None = None):
         self.cfg, self.on_drop = cfg, on_drop
 
-    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        for doc in docs:
-            failure = quality_failure(doc.text, self.cfg)
-            if failure is None:
-                yield doc
-            elif self.on_drop:
-                self.on_drop(doc, failure)
+    def why_dropped(self, doc: Document) -> dict | None:
+        return quality_failure(doc.text, self.cfg)
 
 
 # ---------------------------------------------------------------- decontamination

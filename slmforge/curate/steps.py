@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from slmforge.curate.dedup import skip_reason
-from slmforge.curate.documents import Document, ReadStats, Step, read_documents, shard_of, write_jsonl
+from slmforge.curate.documents import Document, DropStep, ReadStats, Step, read_documents, shard_of, write_jsonl
 from slmforge.runs import atomic_path, write_json
 
 
@@ -55,19 +55,15 @@ class DropLog:
             self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-class DocumentGuard:
+class DocumentGuard(DropStep):
     """Step: drops empty, too large and unencodable documents (``dedup.skip_reason``) before any other step."""
 
     def __init__(self, max_doc_bytes: int, on_drop=None):
         self.max_doc_bytes, self.on_drop = max_doc_bytes, on_drop
 
-    def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        for doc in docs:
-            reason = skip_reason(doc.text, self.max_doc_bytes)
-            if reason is None:
-                yield doc
-            elif self.on_drop:
-                self.on_drop(doc, {"reason": reason})
+    def why_dropped(self, doc: Document) -> dict | None:
+        reason = skip_reason(doc.text, self.max_doc_bytes)
+        return None if reason is None else {"reason": reason}
 
 
 def shard_name(rank: int, num_shards: int) -> str:

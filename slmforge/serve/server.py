@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
+from slmforge.checkpoint import load_for_inference
 from slmforge.serve.worker import Job, Worker
 
 __all__ = ["CHAT_STOP_TOKENS", "APIError", "ChatRequest", "CompletionRequest", "Job", "Worker", "build_app",
@@ -304,8 +305,6 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
           model_name: str | None = None, max_batch: int = 8, device: str | None = None) -> None:
     """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY."""
     import uvicorn
-
-    from slmforge.checkpoint import load_for_inference
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     app = build_app(model, tokenizer, model_name or cfg.name, api_key or os.environ.get("SLMFORGE_API_KEY"),

@@ -41,15 +41,16 @@ from typing import Iterator, Literal
 
 from tqdm import tqdm
 
-from slmforge.config import TextSplit, check_choice, load
+from slmforge.config import TextSplit, check_choice, dump_yaml, load
 from slmforge.curate.documents import read_documents
-from slmforge.curate.filters import GSM8K_TEST
-from slmforge.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
-                                         render_messages, training_text)
-from slmforge.synth.teacher import (TEACHERS, Completion, Request, RequestRejected, RetriesExhausted,
-                                         RetryBudgetExhausted, TeacherConfig)
+from slmforge.curate.dedup import DedupConfig, dedup
+from slmforge.curate.filters import GSM8K_TEST, FilterConfig, filter_corpus
 from slmforge.registry import lookup
 from slmforge.runs import save_config, write_json
+from slmforge.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
+                                    render_messages, training_text)
+from slmforge.synth.teacher import (TEACHERS, Completion, Request, RequestRejected, RetriesExhausted,
+                                    RetryBudgetExhausted, TeacherConfig)
 
 
 @dataclass
@@ -320,8 +321,6 @@ def synthesize(job: SynthJob, progress: bool = True, teacher=None) -> dict:
 
 def preview(job: SynthJob) -> str:
     """For ``--dry-run``: the resolved job, the number of requests it plans, and the first request's messages."""
-    from slmforge.config import dump_yaml
-
     t = load_template(job.template)
     requests = plan_requests(job, t)
     first = next(requests, None)
@@ -336,9 +335,6 @@ def clean(job: SynthJob) -> dict:
     Reads ``shards/``, writes ``dedup/`` and ``decontam/`` (rebuilt on every call: the shards grow between runs)
     and returns the counts and ``clean_dir``, the folder whose JSONL files hold the surviving records.
     """
-    from slmforge.curate.dedup import DedupConfig, dedup
-    from slmforge.curate.filters import FilterConfig, filter_corpus
-
     out = Path(job.out_dir)
     inputs, report = str(out / "shards"), {}
     for folder in ("dedup", "decontam"):

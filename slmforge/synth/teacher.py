@@ -37,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from slmforge.registry import lookup
 from slmforge.synth import procedural
 
 
@@ -263,7 +264,6 @@ class ProceduralTeacher(_Accounting):
         super().__init__(cfg)
 
     async def complete(self, request: Request) -> Completion:
-        from slmforge.registry import lookup
 
         answer = lookup(PROCEDURAL_ANSWERS, request.procedural, "procedural answer (the template's 'procedural')")
         text = answer(random.Random(f"{self.cfg.seed}:{request.id}"), request)
