@@ -23,7 +23,8 @@ from torch import nn
 
 from slmforge.config import RunConfig, load_config
 from slmforge.model.lm import LM
-from slmforge.runs import RunDir, write_text
+from slmforge.runs import RunDir, atomic_path, write_text
+from slmforge.tokens.shards import recorded_tokenizer
 from slmforge.tokens.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
@@ -40,7 +41,8 @@ def checkpoint_name(step: int) -> str:
 def save_weights(weights: dict[str, torch.Tensor], path: str | Path, tied: bool = False) -> None:
     """A full state dict as a safetensors file; ``tied``: the head is the embedding and is left out."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items() if not (k == HEAD and tied)}
-    safetensors.torch.save_file(tensors, str(path))
+    with atomic_path(path) as tmp:  # safetensors writes mode 0600; atomic_path gives the umask's mode
+        safetensors.torch.save_file(tensors, str(tmp))
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -113,21 +115,41 @@ def find_checkpoint(path: str | Path) -> tuple[RunDir, Path]:
     path = Path(path)
     if (path / WEIGHTS).exists():
         return RunDir.at(path.parent.parent), path
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such run folder; give one made by `slmforge train` or `slmforge run` "
+                         f"(runs/<name>)")
     run = RunDir.at(path)
     ckpt = latest_checkpoint(run.checkpoints)
     if ckpt is None:
-        raise ValueError(f"{path}: no checkpoint found (expected {run.checkpoints / LATEST})")
+        raise ValueError(f"{path}: no checkpoint found (expected {run.checkpoints / LATEST}): not a run folder, or "
+                         f"its training has not saved one yet (every train.ckpt_every steps, and at the end)")
     return run, ckpt
+
+
+def find_tokenizer(run: RunDir, cfg: RunConfig) -> Path:
+    """The run's tokenizer: data.tokenizer when its config names one, else <run>/tokenizer.json, else the one its
+    shards record (data.shards_dir; runs trained before `slmforge train` copied it into the run folder)."""
+    candidates = [Path(p) for p in (cfg.data.tokenizer, run.tokenizer) if p]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None and cfg.data.shards_dir:
+        try:
+            found = recorded_tokenizer(RunDir.at(run.root, shards=cfg.data.shards_dir).split_shards("train"))
+        except ValueError:
+            pass
+    if found is None:
+        raise ValueError(f"{run.root}: no tokenizer (looked for {' and '.join(map(str, candidates))}); copy the "
+                         f"tokenizer.json this run was trained with to {run.tokenizer}")
+    return found
 
 
 def load_for_inference(path: str | Path, device: str = "cpu") -> tuple[LM, Tokenizer, RunConfig]:
     """A run folder or a checkpoint folder -> (model in eval mode, tokenizer, RunConfig)."""
     run, ckpt = find_checkpoint(path)
     if not run.config.exists():
-        raise ValueError(f"{run.root}: no config.yaml; pass a run folder made by `slmforge train`")
+        raise ValueError(f"{run.root}: no config.yaml, so this is not a run folder; give one made by "
+                         f"`slmforge train` or `slmforge run` (runs/<name>)")
     cfg = load_config(run.config)
+    tokenizer = Tokenizer.load(find_tokenizer(run, cfg))
     model = LM(cfg.model)
     load_model_weights(model, ckpt)
-    # The tokenizer is the run's own unless its config names another file (data.tokenizer).
-    tokenizer = Tokenizer.load(RunDir.at(run.root, tokenizer=cfg.data.tokenizer).tokenizer)
     return model.to(device).eval(), tokenizer, cfg

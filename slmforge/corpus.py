@@ -20,7 +20,7 @@ from pathlib import Path
 
 from slmforge.config import DataConfig, RunConfig, merge
 from slmforge.curate.dedup import DedupConfig, dedup
-from slmforge.curate.documents import Document, read_documents, write_jsonl
+from slmforge.curate.documents import Document, expand_paths, read_documents, write_jsonl
 from slmforge.curate.filters import GSM8K_TEST, FilterConfig, filter_corpus
 from slmforge.curate.steps import shard_name
 from slmforge.log import log
@@ -38,21 +38,79 @@ CURATION = ("dedup", "quality", "decontaminate")
 
 
 def read_corpus(d: DataConfig, where: str = "data") -> dict[str, list[Document]]:
-    """``{split: [Document]}`` of one corpus described by data keys (source, families, paths, ...)."""
+    """``{split: [Document]}`` of one corpus described by data keys (source, families, paths, ...).
+
+    source=files: a split with files in ``val_paths``/``test_paths`` is exactly their documents; the other
+    documents go to validation when a stable hash of their text falls below ``val_fraction``, to test when it
+    falls in the next ``test_fraction``, else to train. A split with neither paths nor a fraction stays empty.
+    """
     if d.source == "procedural":
         return build_corpus(d.families, d.num_train_docs, d.num_val_docs, d.num_test_docs, d.seed)
     if d.source != "files":
         raise ValueError(f"{where}.source={d.source!r}: choose 'procedural' or 'files'")
     if not d.paths:
         raise ValueError(f"{where}.source=files needs {where}.paths (files or globs of text/JSONL/Parquet)")
-    corpus = {s: [] for s in SPLITS}
-    for doc in read_documents(d.paths, text_field=d.text_field, text_split=d.text_split):
+    files = split_files(d, where)
+    corpus = {split: list(_documents(d, files[split])) if split != "train" else [] for split in SPLITS}
+    val_end = 0.0 if d.val_paths else d.val_fraction
+    test_end = val_end + (0.0 if d.test_paths else d.test_fraction)
+    for doc in _documents(d, files["train"]):
         # A stable hash decides the split, so the same document always lands in the same one.
         h = int(hashlib.sha1(doc.text.encode()).hexdigest()[:8], 16) / 2**32
-        corpus["validation" if not d.val_paths and h < d.val_fraction else "train"].append(doc)
-    if d.val_paths:
-        corpus["validation"] = list(read_documents(d.val_paths, text_field=d.text_field, text_split=d.text_split))
+        corpus["validation" if h < val_end else "test" if h < test_end else "train"].append(doc)
+    _check_splits(d, corpus, where)
     return corpus
+
+
+def _documents(d: DataConfig, files: list[Path]):
+    return read_documents(files, text_field=d.text_field, text_split=d.text_split, chunk_chars=d.chunk_chars)
+
+
+HELD_OUT = {"validation": "val", "test": "test"}  # split -> the prefix of its data keys (val_paths, val_fraction)
+
+
+def split_files(d: DataConfig, where: str = "data") -> dict[str, list[Path]]:
+    """``{split: files}``: the held-out files of ``val_paths`` and ``test_paths``, and the files of ``paths`` that
+    neither lists (compared as resolved paths), whose documents make train and the fraction-based splits."""
+    files, held = {}, {}
+    for split, key in HELD_OUT.items():
+        files[split] = _expand(getattr(d, f"{key}_paths"), f"{where}.{key}_paths")
+        for path in files[split]:
+            other = held.setdefault(path.resolve(), split)
+            if other != split:
+                raise ValueError(f"{path} is listed in both {where}.val_paths and {where}.test_paths: "
+                                 f"hold a file out once")
+    files["train"] = [p for p in _expand(d.paths, f"{where}.paths") if p.resolve() not in held]
+    if not files["train"]:
+        raise ValueError(f"{where}.paths: every file is held out by {where}.val_paths or {where}.test_paths; "
+                         f"leave some files to train on")
+    return files
+
+
+def _expand(patterns: list[str], key: str) -> list[Path]:
+    try:
+        return expand_paths(patterns) if patterns else []
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _check_splits(d: DataConfig, corpus: dict[str, list[Document]], where: str) -> None:
+    """A split that should hold documents and got none is an error naming the keys that fix it."""
+    num_docs = sum(len(docs) for docs in corpus.values())
+    fix = (f"raise {where}.{{key}}_fraction, list held-out files in {where}.{{key}}_paths, or cut plain text into "
+           f"more documents ({where}.text_split=chunk, smaller {where}.chunk_chars)")
+    if not corpus["train"]:
+        raise ValueError(f"{where}: the train split got none of the {num_docs} documents; lower "
+                         f"{where}.val_fraction and {where}.test_fraction, or cut plain text into more documents "
+                         f"({where}.text_split=chunk)")
+    for split, key in HELD_OUT.items():
+        if corpus[split]:
+            continue
+        if getattr(d, f"{key}_paths"):
+            raise ValueError(f"{where}.{key}_paths: the files hold no documents (only empty text)")
+        if getattr(d, f"{key}_fraction") > 0:
+            raise ValueError(f"{where}: the {split} split got none of the {num_docs} documents at "
+                             f"{where}.{key}_fraction={getattr(d, f'{key}_fraction')}; " + fix.format(key=key))
 
 
 def source_configs(cfg: RunConfig) -> dict[str, DataConfig]:
@@ -92,6 +150,9 @@ def build_data(cfg: RunConfig) -> dict[str, Path]:
         # Interleaved, so that the first validation batches (all the training loop scores) hold every source.
         for split in SPLITS:
             random.Random(f"{cfg.data.seed}:{split}").shuffle(corpus[split])
+    if not corpus["validation"]:
+        raise ValueError("data: the validation split is empty, and training scores one; hold out documents with "
+                         "data.val_fraction (e.g. 0.05) or data.val_paths (source=files), or data.num_val_docs")
     out = {split: run.split_data(split) for split in SPLITS}
     for split, path in out.items():
         n = write_jsonl(path, corpus[split])

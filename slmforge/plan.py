@@ -40,7 +40,8 @@ GPUS: dict[str, GPU] = {
     "b200": GPU(2250e12, 180),
     "h200": GPU(989e12, 140),
     "h100": GPU(989e12, 80),  # SXM; the PCIe card peaks at 756e12
-    "a100": GPU(312e12, 80),
+    "a100": GPU(312e12, 80),  # the 80 GB card
+    "a100-40gb": GPU(312e12, 40),
     "a10g": GPU(125e12, 24),
     "l40s": GPU(362e12, 48),
     "l4": GPU(121e12, 22.5),
@@ -124,6 +125,10 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
 
+LOSS_NOTE = ("Chinchilla-fit loss: Hoffmann et al.'s fit on MassiveText with their tokenizer (nats/token);\n"
+             "    a guide to shape, not comparable to the loss of your data and tokenizer")
+
+
 def chinchilla_loss(n_params: float, n_tokens: float) -> float:
     c = CHINCHILLA
     return c["E"] + c["A"] / n_params ** c["alpha"] + c["B"] / n_tokens ** c["beta"]
@@ -181,7 +186,7 @@ def memory_gib(cfg: ModelConfig, seq_len: int, micro_batch_size: int, num_gpus: 
 class PlanConfig:
     flops: float = 0  # training budget in FLOPs; 0 = from gpu_hours
     gpu_hours: float = 0  # total GPU-hours, summed over all GPUs
-    gpu: str = "h100"  # a GPUS key
+    gpu: str = "h100"  # GPU model (plan.GPUS): b200 h200 h100 a100 (80 GB) a100-40gb a10g l40s l4 t4 mi300x ...
     num_gpus: int = 1
     mfu: float = 0.4  # model FLOPs utilisation, PaLM convention
     seq_len: int = 2048
@@ -270,14 +275,15 @@ def format_plan(result: dict) -> str:
     on = f"{b['num_gpus']} x {b['gpu']} at {b['mfu']:.0%} MFU"
     lines = ["Budget"] + _table([
         ("compute", _si(b["flops"], "FLOP")),
+        ("GPU", f"{b['gpu']}: {m['gpu_memory']:g} GiB, {_si(b['peak_flops_per_gpu'], 'FLOP/s')} dense bf16 peak"),
         ("GPU-hours", f"{b['gpu_hours']:,.1f} h ({on})"),
         ("wall time", f"{b['wall_hours']:,.1f} h"),
     ], numeric=False)
     lines += ["", "Compute-optimal (Hoffmann et al. 2022)"] + _table([
-        ("", "params", "tokens", "tokens/param", "loss"),
+        ("", "params", "tokens", "tokens/param", "Chinchilla-fit loss*"),
         *((label, _count(r["params"]), _count(r["tokens"]), f"{r['tokens'] / r['params']:.1f}", f"{r['loss']:.3f}")
           for label, r in (("Approach 3 fit", co["chinchilla"]), ("20 tokens/param", co["tokens_20x"])))
-    ])
+    ]) + [f"  * {LOSS_NOTE}"]
     how = "as requested" if p["chosen"] == "given" else "nearest to the 20 tokens/param size"
     lines += ["", f"Preset {p['name']} ({how})"] + _table([
         ("params", f"{_count(p['params_total'])} total, {_count(p['params_non_embedding'])} non-embedding"),
@@ -285,7 +291,7 @@ def format_plan(result: dict) -> str:
                               f"(attention {p['attention_share']:.1%}; causal-only "
                               f"{_si(p['train_flops_per_token_causal'], 'FLOP')})"),
         ("tokens affordable", f"{_count(p['tokens'])} ({p['tokens_per_param']:.1f} tokens/param, "
-                              f"fitted loss {p['loss']:.3f})"),
+                              f"Chinchilla-fit loss* {p['loss']:.3f})"),
         ("wall time", f"{p['wall_hours']:,.1f} h on {on}; 20 tokens/param takes {p['wall_hours_20x']:,.1f} h"),
     ], numeric=False)
     setup = (f"micro batch {ms['micro_batch_size']} x {p['seq_len']}, {'FSDP' if ms['fsdp'] else 'no FSDP'}, "

@@ -17,6 +17,18 @@ from typing import Any, Iterator
 from slmforge.config import dump_yaml
 
 
+def _read_umask() -> int:
+    # The umask can only be read by setting it. Done once, at import, before this process starts threads that write
+    # files: a file another thread creates between the two calls would get mode 0666/0777, so no later call re-reads.
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+# Files are written as group-readable as the user's umask allows (mkstemp alone would leave them 0600).
+UMASK = _read_umask()
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of one run folder. ``tokenizer`` and ``shards`` may live elsewhere (``data.tokenizer``,
@@ -71,6 +83,11 @@ class RunDir:
         return self.root / "train_result.json"
 
     @property
+    def pipeline_time(self) -> Path:
+        """Wall time of each ``slmforge run`` invocation on this folder, so the report can show the total."""
+        return self.root / "pipeline_time.json"
+
+    @property
     def report_json(self) -> Path:
         return self.root / "report.json"
 
@@ -100,7 +117,8 @@ class RunDir:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
 
-    A crash mid-write leaves the old file (or no file) in place, never a half-written one.
+    A crash mid-write leaves the old file (or no file) in place, never a half-written one. The file gets the mode
+    a plain ``open`` would give it (0666 less the umask), not mkstemp's private 0600: runs are shared.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,6 +126,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -45,7 +45,7 @@ UPPER = frozenset({"train", "serve", "eval", "science", "pipeline", "corpus", "c
 # The one table of layering rules; docs/ARCHITECTURE.md prints the same rules.
 RULES = (
     Rule({"config"}, all_but("registry"), "config is the ground floor: it imports nothing from slmforge but registry"),
-    Rule({"registry", "log"}, all_but(), "registry and log import nothing from slmforge"),
+    Rule({"registry", "log", "progress"}, all_but(), "registry, log and progress import nothing from slmforge"),
     Rule({"model"}, all_but("config", "registry"), "model/ imports only config, registry and model/"),
     Rule({"curate", "tokens", "synth"}, UPPER,
          "curate/, tokens/ and synth/ import no train/, serve/, eval/, science/, pipeline, corpus or cli/"),

@@ -7,11 +7,14 @@ and ``slmforge CMD --help`` lists them. Handlers import their stage when they ru
 mistyped key answer without loading torch and every stage.
 
 A user error (a bad key or value, a missing or malformed file) is one line on stderr,
-``slmforge CMD: error: ...``, and exit status 2; never a traceback.
+``slmforge CMD: error: ...``, and exit status 2; never a traceback. A closed pipe (``slmforge ... | head``) ends the
+command quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import yaml
@@ -29,9 +32,29 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`slmforge plan --presets | head -1`): it has what it wanted. Point stdout at devnull
+        # so that the flush at exit does not fail again, and exit quietly as a command killed by SIGPIPE would.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file (captured in tests)
+            pass
+        return 128 + int(signal.SIGPIPE)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help, or a usage error: flush now, so that a closed pipe is seen here
+        sys.stdout.flush()
+        raise
     try:
         args.fn(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
     except (ValueError, OSError, KeyError, yaml.YAMLError) as exc:
         # KeyError's text is the repr of the key; the key itself reads better.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

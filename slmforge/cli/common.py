@@ -2,7 +2,8 @@
 
 A subcommand's config is a dataclass, filled by ``config.load``: defaults < ``--config`` YAML (or a positional
 recipe) < ``key=value`` items. Flags are only for what is not config (``--dry-run``, ``--resume``, ``--presets``,
-the job-array plumbing). ``--help`` lists every key with its default, generated from the dataclass fields.
+the job-array plumbing). ``--help`` lists every key with its default and the trailing ``# comment`` of its
+field in the dataclass source (``config.describe``).
 The flags of earlier versions (``--max-new-tokens 5``) still work for the small CLI configs, hidden, each turned
 into its ``key=value`` with a note on stderr.
 """
@@ -34,7 +35,10 @@ class Parser(argparse.ArgumentParser):
         spec = self.get_default("config_cls")
         if spec is not None and self.epilog is None:
             prefix = self.get_default("config_prefix") or ""
-            self.epilog = f"keys (key=value; default, and the choices where fixed):\n{describe(config_class(spec), prefix)}"
+            self.epilog = (f"keys (key=value, shown with its default; (a | b) lists the choices):\n"
+                           f"{describe(config_class(spec), prefix)}")
+            if any(action.dest == "dry_run" for action in self._actions):
+                self.epilog += "\n\n--dry-run prints the resolved config (defaults < preset < recipe < key=value)."
         return super().format_help()
 
 

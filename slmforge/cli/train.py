@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from slmforge.cli.common import config_args, dry_run, load_args, load_run
@@ -37,7 +38,19 @@ def cmd_train(args) -> None:
     result = train(cfg, resume=args.resume)
     shutdown()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
-        print(result)
+        print(format_result(result))
+
+
+def format_result(r) -> str:
+    """A finished training run (``RunResult``) in three lines: the work, the final losses, where it is."""
+    def loss(x: float) -> str:
+        return "-" if math.isnan(x) else f"{x:.3f}"
+
+    return (f"trained {r.steps:,} steps, {r.tokens:,} tokens, {r.num_params:,} parameters in {r.seconds:.1f} s "
+            f"({r.tokens_per_second:,.0f} tokens/s)\n"
+            f"final loss: train {loss(r.train_loss)}, validation {loss(r.val_loss)} "
+            f"({loss(r.val_bits_per_byte)} bits/byte)\n"
+            f"run folder: {r.run_dir} (try: slmforge generate {r.run_dir} prompt=\"...\")")
 
 
 def cmd_run(args) -> None:
@@ -46,7 +59,7 @@ def cmd_run(args) -> None:
     cfg = load_run(args)
     if args.dry_run:
         return dry_run(cfg)
-    run(cfg)
+    run(cfg, force=args.force)
 
 
 def _science_config(args):
@@ -90,6 +103,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")
     config_args(p, "slmforge.config:RunConfig", recipe="positional", dry_run=True)
+    p.add_argument("--force", action="store_true", help="on an existing run whose config changed a key that built "
+                   "stages depend on: delete their outputs and rebuild them (without it, the run is refused)")
     p.set_defaults(fn=cmd_run)
 
     for name, fn, cls, what in (

@@ -13,7 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -221,23 +225,67 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def describe(cls, prefix: str = "") -> str:
-    """One line per key of ``cls`` (dotted below nested configs, after ``prefix``) with its default and, for a
-    choice, the choices: the key list of a subcommand's ``--help``."""
-    lines = []
+    """The key list of a subcommand's ``--help``: one line per key of ``cls`` (dotted below nested configs, after
+    ``prefix``) with its default, its description (the field's trailing ``# comment``) and, for a choice, the
+    choices. Each nested config starts a paragraph headed by its dotted name and what it is."""
+    paragraphs: list[list[tuple[str, str]]] = []
 
-    def walk(obj, prefix: str) -> None:
-        hints = typing.get_type_hints(type(obj))
+    def walk(obj, prefix: str, heading: str) -> None:
+        hints, notes = typing.get_type_hints(type(obj)), field_comments(type(obj))
+        rows: list[tuple[str, str]] = [(heading, "")] if heading else []
+        paragraphs.append(rows)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
+                about = notes.get(f.name) or _summary(type(value))
+                walk(value, f"{prefix}{f.name}.", f"{prefix}{f.name}.*  {about}".rstrip())
                 continue
             shown = json.dumps(value) if isinstance(value, (list, dict, bool)) or value in ("", None) else value
             choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is Literal else ()
-            lines.append(f"  {prefix}{f.name}={shown}" + (f"  ({' | '.join(choices)})" if choices else ""))
+            note = " ".join(filter(None, [f"({' | '.join(choices)})" if choices else "", notes.get(f.name, "")]))
+            rows.append((f"  {prefix}{f.name}={shown}", note))
 
-    walk(cls(), prefix)
+    walk(cls(), prefix, "")
+    lines: list[str] = []
+    for rows in filter(None, paragraphs):
+        width = min(max(len(key) for key, note in rows if key.startswith("  ")), 40)
+        lines += [""] * bool(lines) + [f"{key:<{width}}  {note}".rstrip() if key.startswith("  ") else key
+                                        for key, note in rows]
     return "\n".join(lines)
+
+
+def _summary(cls) -> str:
+    """The first line of a class's own docstring ('' for the signature dataclasses make up without one)."""
+    doc = cls.__doc__ or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc.strip().split("\n")[0].replace("``", "`")
+
+
+@functools.cache
+def field_comments(cls) -> dict[str, str]:
+    """Field name -> the ``# comment`` that ends its line in the source of ``cls`` (or of a dataclass base): the
+    one-line descriptions ``--help`` shows. Empty when the source cannot be read."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        depth, head, comment = 0, [], ""  # head: the first two tokens of the statement being read
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type in (tokenize.INDENT, tokenize.DEDENT):
+                depth += 1 if tok.type == tokenize.INDENT else -1
+            elif tok.type == tokenize.COMMENT:
+                comment = comment or tok.string.lstrip("#").strip()
+            elif tok.type == tokenize.NL and not head:
+                comment = ""  # a comment line of its own describes no field
+            elif tok.type == tokenize.NEWLINE:
+                # a field: `name: type ...` directly in the class body
+                if depth == 1 and len(head) == 2 and head[0].type == tokenize.NAME and head[1].string == ":":
+                    out[head[0].string] = comment
+                head, comment = [], ""
+            elif tok.type != tokenize.NL and len(head) < 2:
+                head.append(tok)
+    return out
 
 
 def to_dict(cfg) -> dict[str, Any]:

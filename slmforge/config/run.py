@@ -20,8 +20,9 @@ from slmforge.config.loading import check_choice, check_min, choice_error, load,
 from slmforge.config.model import ModelConfig, preset
 from slmforge.registry import lookup
 
-# How plain-text files (.txt/.md) split into documents: one per file, per blank-line-separated block, or per line.
-TextSplit = Literal["file", "blank_line", "line"]
+# How plain-text files (.txt/.md) split into documents: one per file, per blank-line-separated block, per line,
+# or in chunks of about data.chunk_chars characters cut at whitespace (curate/text_split.py).
+TextSplit = Literal["file", "blank_line", "line", "chunk"]
 
 
 # ---------------------------------------------------------------- data mixture (slmforge/tokens/mixture.py)
@@ -143,10 +144,17 @@ class DataConfig:
     # "procedural" builds the embedded corpus (no teacher, no internet); "files" reads `paths`.
     source: Literal["procedural", "files"] = "procedural"
     paths: list[str] = field(default_factory=list)  # text/JSONL/Parquet files or globs (source=files)
-    val_paths: list[str] = field(default_factory=list)  # held-out files; empty = split by val_fraction
-    val_fraction: float = 0.02
+    # source=files held-out splits: the files listed in val_paths/test_paths (never trained on, even when `paths`
+    # matches them too), else the documents of `paths` whose text hashes below val_fraction (validation) or in
+    # the next test_fraction (test). An empty test split is skipped by the evaluation with a note.
+    val_paths: list[str] = field(default_factory=list)  # held-out validation files (source=files); [] = val_fraction
+    test_paths: list[str] = field(default_factory=list)  # held-out test files (source=files); [] = test_fraction
+    val_fraction: float = 0.02  # share of the documents of `paths` held out for validation, by a hash of the text
+    test_fraction: float = 0.0  # the same for the test split; 0 = no test split (the report says so)
     text_field: str = "text"  # JSONL/Parquet column holding the text
-    text_split: TextSplit = "file"  # plain-text files: one document per "file", "line" or "blank_line"-separated block
+    # Plain-text files (.txt/.md): a book becomes many documents with "chunk".
+    text_split: TextSplit = "chunk"  # plain text: one document per file, blank_line-separated block, line, or chunk
+    chunk_chars: int = 2000  # text_split=chunk: at most this many characters, cut at a blank line, line end or space
     num_train_docs: int = 20000  # procedural corpus size per split
     num_val_docs: int = 500
     num_test_docs: int = 500
@@ -169,10 +177,14 @@ class DataConfig:
         """Numbers that would fail later, and each ``sources`` entry read as data keys (typos show now, not mid-run).
 
         The mixture is checked by its loader: its sources may be filled in from ``data.sources`` first."""
-        check_min(self, prefix, 1, "seq_len")
+        check_min(self, prefix, 1, "seq_len chunk_chars")
         check_min(self, prefix, 0, "num_train_docs num_val_docs num_test_docs num_workers")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"{prefix}val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
+        for key in ("val_fraction", "test_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{prefix}{key}={getattr(self, key)}: expected a fraction in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"{prefix}val_fraction + {prefix}test_fraction = {self.val_fraction + self.test_fraction}"
+                             f": nothing would be left to train on; expected a sum below 1")
         for name, keys in self.sources.items():
             if not isinstance(keys, dict):
                 raise ValueError(f"{prefix}sources.{name}: expected a mapping of data keys, got {keys!r}")

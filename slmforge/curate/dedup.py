@@ -60,11 +60,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from slmforge.config import TextSplit
 from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
 from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
+from slmforge.progress import progress_bar
 from slmforge.registry import lookup
 from slmforge.runs import atomic_path, save_config, write_json
 
@@ -375,7 +375,7 @@ class SignatureStep:
         (out / "done.json").unlink(missing_ok=True)
         self.num_seen, self.skipped, self.pending = 0, Counter(), deque()
         arrays: dict[str, list[np.ndarray]] = {}
-        bar = tqdm(unit="B", unit_scale=True, desc=f"dedup signatures {rank}", disable=not self.progress)
+        bar = progress_bar(unit="B", unit_scale=True, desc=f"dedup signatures {rank}", disable=not self.progress)
         with ExitStack() as stack:
             ids_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "ids.jsonl")), "w",
                                                 encoding="utf-8"))

@@ -8,7 +8,9 @@ atomically. A data-engine stage is a ``Step``: ``run(docs, rank, world_size)`` o
 
 Supported inputs, chosen by suffix:
   .txt .md              plain UTF-8 text; ``text_split`` = "file" (one document per file), "blank_line"
-                        (documents separated by one or more blank lines) or "line" (one per line)
+                        (documents separated by one or more blank lines), "line" (one per line) or "chunk"
+                        (pieces of at most ``chunk_chars`` characters, cut after a blank line, a line break or
+                        a space where there is one in the second half of the piece; joined they give the file)
   .jsonl .json .jsonl.gz .json.gz
                         one JSON object per line, text under ``text_field``; an "id" key becomes the id, a
                         "meta" object and any other keys become ``meta``; blank lines are ignored
@@ -35,13 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Protocol
 
+from slmforge.curate.text_split import chunk_text, paragraphs
 from slmforge.runs import atomic_path
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
-TEXT_SPLITS = ("file", "blank_line", "line")
+TEXT_SPLITS = ("file", "blank_line", "line", "chunk")
 ON_ERRORS = ("raise", "skip")
 MAX_ERROR_MESSAGES = 10
 
@@ -170,26 +173,22 @@ def _lines(path: Path, f: IO[bytes], skip: Skip | None = None) -> Iterator[tuple
         yield line_no, (line.lstrip("\ufeff") if line_no == 1 else line)
 
 
-def _read_text(path: Path, text_split: str, skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict]]:
+def _read_text(path: Path, text_split: str, chunk_chars: int,
+               skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict]]:
     with path.open("rb") as f:
+        lines = (line for _, line in _lines(path, f, skip))
         if text_split == "line":
-            for _, line in _lines(path, f, skip):
-                yield None, line.rstrip("\r\n"), {}
+            texts = (line.rstrip("\r\n") for line in lines)
         elif text_split == "blank_line":
-            para: list[str] = []
-            for _, line in _lines(path, f, skip):
-                if line.strip():
-                    para.append(line.rstrip("\r\n"))
-                elif para:
-                    yield None, "\n".join(para), {}
-                    para = []
-            if para:
-                yield None, "\n".join(para), {}
+            texts = paragraphs(lines)
+        elif text_split == "chunk":
+            texts = chunk_text(lines, chunk_chars)
         else:
-            text = "".join(line for _, line in _lines(path, f, skip))
+            text = "".join(lines)
             # An empty file holds no document; a whitespace-only one holds an empty document.
-            if text:
-                yield None, text, {}
+            texts = [text] if text else []
+        for text in texts:
+            yield None, text, {}
 
 
 def _read_jsonl(path: Path, text_field: str, skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict] | None]:
@@ -273,6 +272,7 @@ def read_documents(
     text_split: str = "file",
     stats: ReadStats | None = None,
     on_error: str = "raise",
+    chunk_chars: int = 2000,
 ) -> Iterator[Document]:
     """Stream documents from files, directories or globs (see the module docstring for formats).
 
@@ -286,20 +286,23 @@ def read_documents(
         raise ValueError(f"text_split must be one of {', '.join(TEXT_SPLITS)}, got {text_split!r}")
     if on_error not in ON_ERRORS:
         raise ValueError(f"on_error must be one of {', '.join(ON_ERRORS)}, got {on_error!r}")
+    if chunk_chars < 1:
+        raise ValueError(f"chunk_chars must be at least 1, got {chunk_chars}")
     paths = expand_paths(patterns)
     for path in paths:
         if _suffix(path) is None:
             raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(SUFFIXES)}")
-    return _iter_documents(paths, text_field, text_split, stats if stats is not None else ReadStats(), on_error)
+    stats = stats if stats is not None else ReadStats()
+    return _iter_documents(paths, text_field, text_split, stats, on_error, chunk_chars)
 
 
 def _iter_documents(paths: list[Path], text_field: str, text_split: str, stats: ReadStats,
-                    on_error: str = "raise") -> Iterator[Document]:
+                    on_error: str = "raise", chunk_chars: int = 2000) -> Iterator[Document]:
     skip = stats.skip if on_error == "skip" else None
     for path in paths:
         suffix = _suffix(path)
         if suffix in TEXT_SUFFIXES:
-            records = _read_text(path, text_split, skip)
+            records = _read_text(path, text_split, chunk_chars, skip)
         elif suffix in JSONL_SUFFIXES:
             records = _read_jsonl(path, text_field, skip)
         else:

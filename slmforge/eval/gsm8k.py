@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from slmforge.checkpoint import load_for_inference
 from slmforge.curate.documents import read_documents
+from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, write_json, write_text
 from slmforge.serve.generate import generate_batch
 
@@ -241,7 +241,7 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     todo = [i for i in range(len(problems)) if i not in done]
     chunk = max(cfg.batch_size, 1) * 4  # problems per chunk written to samples.partial.jsonl
-    bar = tqdm(total=len(problems), initial=len(done), desc="gsm8k", disable=not progress)
+    bar = progress_bar(total=len(problems), initial=len(done), desc="gsm8k", disable=not progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), chunk):
         idx = todo[start : start + chunk]

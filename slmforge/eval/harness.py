@@ -23,10 +23,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from slmforge.checkpoint import load_for_inference
 from slmforge.eval.gsm8k import context_ids
+from slmforge.progress import progress_bar
 from slmforge.serve.generate import generate_batch
 
 
@@ -75,7 +75,7 @@ class SlmforgeLM(TemplateLM):
             rows.append((ids[:-1], ids[1:], len(cont)))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
+        for start in progress_bar(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
             batch = order[start : start + self.batch_size]
             width = len(rows[batch[0]][0])
             # Right padding: a causal model's logits at real positions never see it.
@@ -114,7 +114,7 @@ class SlmforgeLM(TemplateLM):
         groups: dict[str, list[int]] = {}  # requests with the same generation settings run together
         for i, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        bar = progress_bar(total=len(requests), disable=disable_tqdm, desc="generate_until")
         for members in groups.values():
             kwargs = normalize_gen_kwargs(requests[members[0]].args[1], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from slmforge.checkpoint import load_for_inference
+from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, write_json
 
 
@@ -52,7 +53,7 @@ def stream_nats(model, ids: list[int], seq_len: int, stride: int, batch_size: in
     model.eval()
     total, count = 0.0, 0
     spans = windows(len(ids), seq_len, stride)
-    for i in range(0, len(spans), batch_size):
+    for i in progress_bar(range(0, len(spans), batch_size), desc="perplexity", unit="batch"):
         batch = spans[i : i + batch_size]
         width = max(end - 1 - start for start, end, _ in batch)
         inputs = torch.zeros(len(batch), width, dtype=torch.long, device=device)  # right-padded

@@ -5,7 +5,7 @@ audiences x styles) or the job's seed documents. Each request's id is a hash of 
 name, sample index), so the same job plans the same ids on every run. The template's name, not its text, is
 hashed: fixing a typo in a prompt does not re-request what is done (use a new job name to start over).
 
-Output folder (``out_dir``):
+Output folder (``out_dir``; by default runs/synth/<job name>, under the git-ignored runs/):
   shards/NNNNN.jsonl   append-only records: id, template, seed, sample, prompt (the messages), raw (the teacher's
                        text), fields (parsed), text (the training text), model, usage, retries
   rejects.jsonl        id, reason, raw: answers that failed parsing or a check, and requests the server refused
@@ -45,6 +45,7 @@ from slmforge.config import TextSplit, check_choice, dump_yaml, load
 from slmforge.curate.documents import read_documents
 from slmforge.curate.dedup import DedupConfig, dedup
 from slmforge.curate.filters import GSM8K_TEST, FilterConfig, filter_corpus
+from slmforge.progress import progress_bar
 from slmforge.registry import lookup
 from slmforge.runs import save_config, write_json
 from slmforge.synth.prompts import (MATH_CHECKS, Reject, Template, load_template, parse_answer,
@@ -57,7 +58,7 @@ from slmforge.synth.teacher import (TEACHERS, Completion, Request, RequestReject
 class SynthJob:
     name: str = "synth"  # part of every request id: a new name starts a new set of ids
     template: str = "textbook"  # a built-in template name or a template YAML path
-    out_dir: str = "runs/synth"
+    out_dir: str = ""  # "" = runs/synth/<name> (runs/ is git-ignored): one folder per job, never the clone's top
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     topics: list[str] = field(default_factory=list)  # grid templates: topics x audiences x styles
     audiences: list[str] = field(default_factory=lambda: ["high-school students"])
@@ -85,6 +86,11 @@ def load_job(path: str | Path | None = None, overrides: list[str] | None = None)
     job = load(SynthJob, path, overrides)
     check_choice("teacher.name", job.teacher.name, TEACHERS)
     return job
+
+
+def output_dir(job: SynthJob) -> Path:
+    """The job's folder: ``out_dir``, else runs/synth/<name>."""
+    return Path(job.out_dir or f"runs/synth/{job.name}")
 
 
 def request_id(job_name: str, seed_key: str, template: str, sample: int) -> str:
@@ -125,7 +131,7 @@ def plan_requests(job: SynthJob, t: Template) -> Iterator[Request]:
             rid = request_id(job.name, seed_key, t.name, sample)
             if rid not in seen:
                 seen.add(rid)
-                yield Request(rid, t.name, t.procedural, render_messages(t, seed), seed, sample)
+                yield Request(rid, t.name, t.procedural, render_messages(t, seed), seed, sample, list(t.fields))
 
 
 # ---------------------------------------------------------------- append-only storage
@@ -283,7 +289,7 @@ def synthesize(job: SynthJob, progress: bool = True, teacher=None) -> dict:
     ``teacher`` replaces the one ``job.teacher`` describes (tests and benchmarks pass mock transports); it is
     closed at the end.
     """
-    start, out = time.perf_counter(), Path(job.out_dir)
+    start, out = time.perf_counter(), output_dir(job)
     lookup({m: m for m in MATH_CHECKS}, job.math_check, "math_check")
     if job.samples_per_item < 1 or job.records_per_shard < 1 or job.teacher.concurrency < 1:
         raise ValueError("samples_per_item, records_per_shard and teacher.concurrency must be at least 1")
@@ -297,7 +303,7 @@ def synthesize(job: SynthJob, progress: bool = True, teacher=None) -> dict:
         num_skipped = sum(rid in done for rid in planned)
         num_todo = len(planned) - num_skipped
         todo = (r for r in plan_requests(job, t) if r.id not in done)
-        with tqdm(total=min(num_todo, job.max_requests or num_todo), desc=f"synth {job.name}", unit="req",
+        with progress_bar(total=min(num_todo, job.max_requests or num_todo), desc=f"synth {job.name}", unit="req",
                   disable=not progress) as bar:
             run = _Run(job, t, store, teacher, bar)
             asyncio.run(_drive(run, todo, 2 * job.teacher.concurrency))
@@ -335,7 +341,7 @@ def clean(job: SynthJob) -> dict:
     Reads ``shards/``, writes ``dedup/`` and ``decontam/`` (rebuilt on every call: the shards grow between runs)
     and returns the counts and ``clean_dir``, the folder whose JSONL files hold the surviving records.
     """
-    out = Path(job.out_dir)
+    out = output_dir(job)
     inputs, report = str(out / "shards"), {}
     for folder in ("dedup", "decontam"):
         shutil.rmtree(out / folder, ignore_errors=True)

@@ -5,6 +5,8 @@ This is the embedded default corpus (``DataConfig.source = "procedural"``). Fami
   arithmetic  2-4 step word problems in GSM8K's answer format (arXiv:2110.14168): worked steps with calculator
               annotations ``48 / 2 = <<48/2=24>>24`` and a final ``#### 24``. Every problem is re-checked by
               ``verify_arithmetic`` with an ast-based evaluator (integers and + - * / only, never eval()).
+              ``arithmetic(rng, topic)`` sets a problem in a topic ("In a bakery, Ava buys 3 cupcakes ..."): the
+              offline teacher's answer to a job's topic.
   narrative   short simple stories in the style of TinyStories (arXiv:2305.07759)
   facts       an encyclopedic paragraph about an invented entity, then questions the paragraph answers
   sorting     sort, compare, alphabetise and max/min puzzles whose answers are recomputed from the question text
@@ -96,8 +98,8 @@ class _Work:
         return value
 
 
-def _shopping(rng, w):
-    p, (a, b) = _person(rng), rng.sample(GOODS, 2)
+def _shopping(rng, w, items=None):
+    p, (a, b) = _person(rng), rng.sample(items or GOODS, 2)
     qa, pa, qb, pb = rng.randint(2, 9), rng.randint(1, 20), rng.randint(2, 9), rng.randint(1, 20)
     x = w.step(f"The {a} cost @.", "*", qa, pa, money=True)
     y = w.step(f"The {b} cost @.", "*", qb, pb, money=True)
@@ -110,8 +112,8 @@ def _shopping(rng, w):
     return q + f" {p.He} pays with a ${bill} bill. How much change does {p.he} get?", bill - qa * pa - qb * pb
 
 
-def _sharing(rng, w):
-    p, obj = _person(rng), rng.choice(THINGS)
+def _sharing(rng, w, items=None):
+    p, obj = _person(rng), rng.choice(items or THINGS)
     f = _person(rng, p.name).name
     packs, size, m = rng.randint(2, 9), rng.randint(4, 25), rng.randint(2, 8)
     k = (packs * size) % m + m * rng.randint(0, 3)
@@ -210,8 +212,8 @@ def _wages(rng, w):
     return q + f" {p.He} also gets a ${bonus} bonus. How much does {p.he} get in total?", sum(hours) * h + bonus
 
 
-def _more(rng, w):
-    a, obj = _person(rng), rng.choice(THINGS)
+def _more(rng, w, items=None):
+    a, obj = _person(rng), rng.choice(items or THINGS)
     b = _person(rng, a.name)
     c = _person(rng, a.name, b.name)
     x, k = rng.randint(3, 30), rng.randint(2, 5)
@@ -237,8 +239,8 @@ def _practice(rng, w):
     return q, m * 7 * weeks // 60
 
 
-def _fraction(rng, w):
-    p, obj = _person(rng), rng.choice(THINGS)
+def _fraction(rng, w, items=None):
+    p, obj = _person(rng), rng.choice(items or THINGS)
     f = _person(rng, p.name).name
     d, word = rng.choice([(2, "half"), (3, "third"), (4, "quarter"), (5, "fifth")])
     t, more = d * rng.randint(2, 20), rng.randint(1, 30)
@@ -252,6 +254,24 @@ def _fraction(rng, w):
 
 ARITHMETIC_TEMPLATES = [_shopping, _sharing, _reading, _travel, _ages, _savings, _baking, _wages,
                         _more, _practice, _fraction]
+# A problem set in a topic (the offline teacher's job topics): one of the templates about items, the items taken
+# from the first TOPIC_ITEMS key the topic contains (else the generic lists), the question opening with the topic.
+TOPIC_TEMPLATES = [_shopping, _sharing, _more, _fraction]
+TOPIC_ITEMS = {
+    "bak": _words("cupcakes, muffins, croissants, cookies, pies, bagels, rolls, buns, doughnuts, loaves"),
+    "garden": _words("tulips, seed packets, tomato plants, flower pots, sunflowers, bulbs, carrots, roses"),
+    "toy": _words("toy cars, puzzles, kites, dolls, yo-yos, board games, teddy bears, marbles, balloons"),
+    "school": _words("pencils, notebooks, erasers, rulers, sandwiches, juice boxes, postcards, stickers"),
+    "bus": _words("bus tickets, travel passes, snacks, maps, postcards, bottles of water"),
+    "librar": _words("books, magazines, bookmarks, comics, picture books, maps, library cards"),
+    "football": _words("footballs, tickets, jerseys, scarves, water bottles, cones, team badges"),
+    "farm": _words("eggs, apples, pumpkins, carrots, potatoes, bales of hay, jars of honey, pears"),
+}
+
+
+def topic_items(topic: str) -> list[str] | None:
+    """The items of the first TOPIC_ITEMS key found in ``topic`` ("a bakery" -> cupcakes, ...), else None."""
+    return next((items for key, items in TOPIC_ITEMS.items() if key in topic.lower()), None)
 # Numbers a solution may use without them appearing in the question: half/third/quarter/fifth, days in a
 # week, minutes in an hour.
 IMPLIED_NUMBERS = {2, 3, 4, 5, 7, 60}
@@ -308,11 +328,16 @@ def verify_arithmetic(question: str, solution: str) -> int:
     return int(value)
 
 
-def arithmetic(rng: random.Random) -> Document:
+def arithmetic(rng: random.Random, topic: str = "") -> Document:
+    """A verified GSM8K-style problem; with ``topic``, one set in it (see TOPIC_TEMPLATES)."""
     while True:
-        template, work = rng.choice(ARITHMETIC_TEMPLATES), _Work()
+        template, work = rng.choice(TOPIC_TEMPLATES if topic else ARITHMETIC_TEMPLATES), _Work()
         try:
-            question, answer = template(rng, work)
+            if topic:
+                question, answer = template(rng, work, topic_items(topic))
+                question = f"In {topic}, {question}"
+            else:
+                question, answer = template(rng, work)
             break
         except _Retry:
             pass

@@ -5,9 +5,12 @@
   openai      any server speaking the chat-completions API (OpenAI, vLLM, llama.cpp, ``slmforge serve``).
               Base URL, model and key come from the config, else $OPENAI_BASE_URL, $SLMFORGE_TEACHER_MODEL and
               $OPENAI_API_KEY (keep keys out of job files).
-  procedural  no server: answers in each template's format with ``procedural.py``'s verifiable generators
-              (GSM8K-style problems whose annotations check, cloze questions quoted from the passage, facts
-              paragraphs, sorting exercises), so a job runs end to end offline. Usage counts words, not tokens.
+  procedural  no server, for trying a job offline: answers with ``procedural.py``'s verifiable generators in
+              the format the template asks for (its field labels, in order). Word problems (math, exercises)
+              are set in the job's topic with the topic's items where it knows them ("a bakery": cupcakes,
+              ...); a textbook section is headed by the topic and opens with such a worked example, the rest
+              generic (an invented entity's facts, stories); a rewrite keeps the passage as it is; a grounded
+              question is a cloze on a sentence of the passage. Usage counts words, not tokens.
 
 Retry policy (``OpenAITeacher``). The openai package's own retries are off (``max_retries=0``) so that one place
 decides. Retried: HTTP 429 (waiting at least its Retry-After / retry-after-ms), 408, 409, 5xx, an attempt
@@ -34,7 +37,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slmforge.registry import lookup
@@ -68,6 +71,7 @@ class Request:
     messages: list[dict]
     seed: dict  # the seed item: {"topic", "audience", "style"} or {"doc_id", "passage"}
     sample: int = 0
+    fields: list[str] = field(default_factory=list)  # the template's field labels, in order (offline answers use them)
 
 
 @dataclass
@@ -217,42 +221,65 @@ class OpenAITeacher(_Accounting):
 
 
 def _procedural_section(rng: random.Random, request: Request) -> str:
-    """A facts paragraph under a heading, its questions, and stories until the section has 130+ words."""
+    """A rewrite keeps the passage whole under a heading of its first words (it adds nothing). Otherwise a section
+    headed by the job's topic with a worked example set in it, then a facts paragraph, its questions, and
+    stories until it has 130+ words."""
+    passage, topic = request.seed.get("passage", "").strip(), request.seed.get("topic", "")
+    if passage:
+        return f"# {' '.join(passage.split()[:6]).rstrip('.,;:')}\n\n{passage}"
+    heading = []
+    if topic:
+        problem, working = _procedural_exercise(rng, request)
+        heading = [f"# {topic[:1].upper()}{topic[1:]}", f"A worked example about {topic}. {problem}", working]
     doc = procedural.facts(rng)
     paragraph, questions = doc.text.split("\n\n", 1)
-    parts = [f"# {doc.meta['entity']}", paragraph, "## Check your understanding", questions, "## A story"]
+    parts = [*(heading or [f"# {doc.meta['entity']}"]), paragraph, "## Check your understanding", questions,
+             "## A story"]
     while len(" ".join(parts).split()) < 130:
         parts.append(procedural.narrative(rng).text)
     return "\n\n".join(parts)
 
 
-def _procedural_math(rng: random.Random, request: Request) -> str:
-    doc = procedural.arithmetic(rng)
-    return f"Question: {doc.meta['question']}\nSolution: {doc.meta['solution']}"
+def _procedural_math(rng: random.Random, request: Request) -> list[str]:
+    doc = procedural.arithmetic(rng, request.seed.get("topic", ""))
+    return [doc.meta["question"], doc.meta["solution"]]
 
 
-def _procedural_exercise(rng: random.Random, request: Request) -> str:
-    doc = procedural.sorting(rng)
-    return (f"Exercise: {doc.meta['question']}\nSolution: Look at each item in turn and compare it with the "
-            f"others, keeping the order the exercise asks for. The answer is {doc.meta['answer']}.")
+def _procedural_exercise(rng: random.Random, request: Request) -> list[str]:
+    """A word problem set in the topic, its steps worked in words (no calculator annotations) to the answer."""
+    doc = procedural.arithmetic(rng, request.seed.get("topic", ""))
+    steps = [re.sub(r"<<[^<>]*>>", "", line) for line in doc.meta["solution"].splitlines()[:-1]]
+    return [doc.meta["question"], " ".join(steps) + f" The answer is {doc.meta['answer']}."]
 
 
-def _procedural_qa(rng: random.Random, request: Request) -> str:
+def _procedural_qa(rng: random.Random, request: Request) -> list[str]:
     """A cloze question on one sentence of the passage, so the answer is quoted from (grounded in) it."""
     sentences = [s for s in re.split(r"(?<=[.!?])\s+", request.seed.get("passage", "")) if len(s.split()) >= 4]
     if not sentences:
-        return "Question: What is the passage about?\nReasoning: The passage is too short.\nAnswer: Nothing."
+        return ["What is the passage about?", "The passage is too short.", "Nothing."]
     sentence = rng.choice(sentences)
     words = sentence.split()
     k = max(range(len(words)), key=lambda i: (len(words[i].strip(".,;:!?\"'")), -i))
     answer = words[k].strip(".,;:!?\"'")
     blank = " ".join(words[:k] + ["____"] + words[k + 1:])
-    return (f"Question: Which word fills the blank: \"{blank}\"?\nReasoning: The passage says \"{sentence}\"\n"
-            f"Answer: {answer}")
+    return [f"Which word fills the blank: \"{blank}\"?", f"The passage says \"{sentence}\"", answer]
 
 
-PROCEDURAL_ANSWERS = {"section": _procedural_section, "gsm8k": _procedural_math, "exercise": _procedural_exercise,
-                      "qa": _procedural_qa}
+# name -> (answer, the field labels it writes when the template's own fields do not fit); an answer returns the
+# text (no fields) or one value per field, written as "Label: value" lines under the template's field names.
+PROCEDURAL_ANSWERS = {"section": (_procedural_section, ()), "gsm8k": (_procedural_math, ("question", "solution")),
+                      "exercise": (_procedural_exercise, ("exercise", "solution")),
+                      "qa": (_procedural_qa, ("question", "reasoning", "answer"))}
+
+
+def procedural_answer(rng: random.Random, request: Request) -> str:
+    """The offline answer to ``request``, in the format its template asks for (its field names, in order)."""
+    answer, labels = lookup(PROCEDURAL_ANSWERS, request.procedural, "procedural answer (the template's 'procedural')")
+    values = answer(rng, request)
+    if isinstance(values, str):
+        return values
+    labels = request.fields if len(request.fields) == len(values) else labels
+    return "\n".join(f"{label.capitalize()}: {value}" for label, value in zip(labels, values))
 
 
 class ProceduralTeacher(_Accounting):
@@ -264,9 +291,7 @@ class ProceduralTeacher(_Accounting):
         super().__init__(cfg)
 
     async def complete(self, request: Request) -> Completion:
-
-        answer = lookup(PROCEDURAL_ANSWERS, request.procedural, "procedural answer (the template's 'procedural')")
-        text = answer(random.Random(f"{self.cfg.seed}:{request.id}"), request)
+        text = procedural_answer(random.Random(f"{self.cfg.seed}:{request.id}"), request)
         prompt_words = sum(len(str(m["content"]).split()) for m in request.messages)
         return self.add_usage(Completion(text, self.model, prompt_words, len(text.split()), finish_reason="stop"))
 

@@ -3,7 +3,8 @@
 A shard directory holds ``tokens-00000.bin`` (raw ids, uint16 when the vocabulary fits, else uint32),
 ``docs-00000.npy`` (int64 start of each document, local to its shard; shards end at document ends) and
 ``meta.json``, written last: a directory without it is incomplete. Every document is stored as
-``ids + [eos]``, so ``eos`` separates documents in the stream.
+``ids + [eos]``, so ``eos`` separates documents in the stream. ``meta.json`` records the tokenizer the shards
+were made with (absolute path and SHA-256), so a run trained on them can find it (``recorded_tokenizer``).
 
 Encoding runs in worker processes (fork), each with its own cached ``Tokenizer.encode_flat``: on 2 cores
 and the Gutenberg books that is about 14 MB/s with 2 workers and 10 MB/s in-process, against 2.6 MB/s for
@@ -15,6 +16,7 @@ token after ``x[:, t]``. Windows of T+1 tokens start every T tokens, so no token
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -28,9 +30,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from slmforge.tokens.tokenizer import Tokenizer, _json_path
+from slmforge.progress import progress_bar
 from slmforge.runs import atomic_path, write_json
 
 # ---------------------------------------------------------------- writing shards
@@ -164,7 +166,7 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir
     num_bytes = num_docs = 0
     start = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(unit="B", unit_scale=True, desc=f"tokenize {out_dir}", disable=not show)
+    bar = progress_bar(unit="B", unit_scale=True, desc=f"tokenize {out_dir}", disable=not show)
     encoded = _encoded(_batches(texts), tokenizer, tokenizer_path, num_workers, append_eos, dtype)
     try:
         for ids, lengths, batch_bytes in encoded:
@@ -186,9 +188,14 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir
             stale.unlink()
     meta = dict(dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id if append_eos else None,
                 num_tokens=sum(f["num_tokens"] for f in writer.files), num_docs=num_docs, num_bytes=num_bytes,
-                tokenizer=str(tokenizer_path), files=writer.files)
+                tokenizer=str(tokenizer_path.resolve()), tokenizer_sha256=file_sha256(tokenizer_path),
+                files=writer.files)
     write_json(out_dir / "meta.json", meta)
     return dict(meta, seconds=seconds, mb_per_second=num_bytes / 1e6 / max(seconds, 1e-9))
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------- reading shards
@@ -241,13 +248,35 @@ class ShardSet:
     meta: dict[str, Any]
 
 
+def load_meta(shard_dir: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a complete shard folder; a one-line error naming the fix otherwise."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise ValueError(f"{shard_dir}: no such folder; tokenize documents into it: "
+                         f"slmforge tokenize FILES tokenizer=tok.json out={shard_dir}")
+    if not (shard_dir / "meta.json").is_file():
+        raise ValueError(f"{shard_dir}: no meta.json, so its tokenization did not finish; run "
+                         f"slmforge tokenize FILES tokenizer=tok.json out={shard_dir} again")
+    return json.loads((shard_dir / "meta.json").read_text())
+
+
+def recorded_tokenizer(shard_dir: str | Path) -> Path:
+    """The tokenizer.json the shards in ``shard_dir`` were made with, as its meta.json records it; a one-line
+    error when it is not recorded, gone or changed since (shards made before the hash was recorded: not checked)."""
+    meta = load_meta(shard_dir)
+    path, fix = Path(meta.get("tokenizer") or "-"), "give data.tokenizer=PATH, the tokenizer.json they were made with"
+    if not path.is_file():
+        raise ValueError(f"{shard_dir}: the tokenizer these shards were made with ({meta.get('tokenizer')}) "
+                         f"is not there; {fix}")
+    if meta.get("tokenizer_sha256", file_sha256(path)) != file_sha256(path):
+        raise ValueError(f"{path} changed after {shard_dir} was made with it; tokenize again, or {fix}")
+    return path
+
+
 def load_shards(shard_dir: str | Path) -> ShardSet:
     shard_dir = Path(shard_dir)
     meta_path = shard_dir / "meta.json"
-    if not meta_path.is_file():
-        raise ValueError(f"{shard_dir}: no meta.json, so this is not a complete shard directory "
-                         f"(tokenize_to_shards did not finish, or the path is wrong)")
-    meta = json.loads(meta_path.read_text())
+    meta = load_meta(shard_dir)
     arrays, starts = [], []
     for f in meta["files"]:
         path = shard_dir / f["tokens"]
@@ -287,8 +316,14 @@ class TokenLoader:
         self._plan: tuple | None = None
         self.num_windows = max(len(self.shards.tokens) - 1, 0) // seq_len
         if len(self) == 0:
-            raise ValueError(f"{shard_dir}: {len(self.shards.tokens)} tokens are too few for one batch of "
-                             f"{batch_size} x {seq_len + 1} tokens on each of {world_size} ranks")
+            split = Path(shard_dir).name
+            keys = {"validation": "data.val_fraction, data.val_paths", "test": "data.test_fraction, data.test_paths"}
+            raise ValueError(
+                f"{shard_dir}: the {split} split has {len(self.shards.tokens):,} tokens from "
+                f"{self.shards.meta.get('num_docs', 0):,} documents, too few for one batch of {batch_size} x "
+                f"{seq_len + 1} tokens on each of {world_size} ranks; give it more text "
+                f"({keys.get(split, 'data.paths')}; data.text_split=chunk cuts plain text into many documents) "
+                f"or lower train.batch_size or data.seq_len")
 
     def __len__(self) -> int:
         """Batches per epoch for this rank."""

@@ -85,7 +85,8 @@ class Tokenizer:
     def load(cls, path: str | Path) -> "Tokenizer":
         path = _json_path(path)
         if not path.is_file():
-            raise ValueError(f"{path}: no tokenizer here; train one with train_tokenizer(texts, vocab_size, path)")
+            raise ValueError(f"{path}: no tokenizer here; train one: "
+                             f"slmforge tokenizer FILES vocab_size=8192 out={path}")
         return cls(tokenizers.Tokenizer.from_file(str(path)))
 
     def save(self, path: str | Path) -> Path:

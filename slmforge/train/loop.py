@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,16 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from slmforge.checkpoint import latest_checkpoint
 from slmforge.config import RunConfig, TrainConfig
 from slmforge.metrics import bits_per_byte, evaluate_loss, tokens_per_step
 from slmforge.model.lm import LM
 from slmforge.plan import GPUS, flops_per_token
-from slmforge.runs import MetricsLog, RunDir, save_config, write_json
+from slmforge.progress import progress_bar
+from slmforge.runs import MetricsLog, RunDir, atomic_path, save_config, write_json
 from slmforge.tokens.mixture import MixtureLoader
-from slmforge.tokens.shards import TokenLoader, load_shards
+from slmforge.tokens.shards import TokenLoader, load_shards, recorded_tokenizer
 from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
@@ -146,7 +147,7 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     info = dist.init(resolve_device(cfg.train.device).type)
     tr = setup(cfg, info, resume)
     batches = iter(tr.loader)
-    bar = tqdm(total=tr.t.max_steps, initial=tr.step, disable=not (progress and info.is_main), desc="train",
+    bar = progress_bar(total=tr.t.max_steps, initial=tr.step, disable=not (progress and info.is_main), desc="train",
                dynamic_ncols=True)
     start_time, start_step = time.perf_counter(), tr.step
     train_loss = val_loss = float("nan")
@@ -184,12 +185,13 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(run.root, cfg)
     _check_vocab(cfg, run)
+    _record_tokenizer(cfg, run, info.is_main)
+    val_dir = _validation_shards(cfg, run)
     model = LM(cfg.model).to(device)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
     loader = build_train_loader(cfg, info.rank, info.world_size)
-    val_dir = run.split_shards("validation")
     val_meta = load_shards(val_dir).meta
     val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False),
                                         t.eval_batches))
@@ -209,12 +211,37 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
     return tr
 
 
-def _check_vocab(cfg: RunConfig, run: RunDir) -> None:
+def _train_shards(cfg: RunConfig, run: RunDir) -> list:
     mix = cfg.data.mixture
-    for folder in [s.shards for s in mix.sources] if mix.stages else [run.split_shards("train")]:
+    return [s.shards for s in mix.sources] if mix.stages else [run.split_shards("train")]
+
+
+def _check_vocab(cfg: RunConfig, run: RunDir) -> None:
+    for folder in _train_shards(cfg, run):
         vocab = load_shards(folder).meta["vocab_size"]
         if vocab > cfg.model.vocab_size:
             raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
+
+
+def _record_tokenizer(cfg: RunConfig, run: RunDir, is_main: bool) -> None:
+    """Trained from given shards (data.shards_dir, no data.tokenizer): copy the tokenizer they were made with into
+    the run folder, so that generate, chat, serve, export and eval find it there."""
+    if not cfg.data.shards_dir or cfg.data.tokenizer:
+        return
+    source = recorded_tokenizer(_train_shards(cfg, run)[0])
+    if is_main and not (run.tokenizer.is_file() and run.tokenizer.read_bytes() == source.read_bytes()):
+        with atomic_path(run.tokenizer) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+def _validation_shards(cfg: RunConfig, run: RunDir) -> Path:
+    """<shards_dir>/validation; given shards without one: a one-line error with the command that makes it."""
+    folder = run.split_shards("validation")
+    if cfg.data.shards_dir and not folder.exists():
+        tokenizer = cfg.data.tokenizer or recorded_tokenizer(_train_shards(cfg, run)[0])
+        raise ValueError(f"{folder}: no validation split (data.shards_dir needs train/ and validation/); tokenize "
+                         f"held-out documents into it: slmforge tokenize FILES tokenizer={tokenizer} out={folder}")
+    return folder
 
 
 def train_step(tr: Trainer, batches, loss_fn: Callable) -> StepOutput | None:

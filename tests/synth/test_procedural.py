@@ -1,13 +1,14 @@
 """Procedural corpus: determinism, disjoint splits, verified arithmetic in GSM8K format, checked sorting."""
 
+import hashlib
 import random
 import re
 import time
 
 import pytest
 
-from slmforge.synth.procedural import (FAMILIES, build_corpus, check_sorting, safe_eval, sorting,
-                                            verify_arithmetic)
+from slmforge.synth.procedural import (FAMILIES, TOPIC_ITEMS, arithmetic, build_corpus, check_sorting, safe_eval,
+                                       sorting, topic_items, verify_arithmetic)
 
 # lm-eval-harness gsm8k's answer extraction ("strict-match").
 GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -154,3 +155,24 @@ def test_corpus_round_trips_through_parquet(corpus, tmp_path):
     write_documents(tmp_path / "val.parquet", corpus["validation"])
     back = list(read_documents(tmp_path / "val.parquet"))
     assert [(d.id, d.text, d.meta) for d in back] == [(d.id, d.text, d.meta) for d in corpus["validation"]]
+
+
+def test_default_corpus_is_pinned():
+    # The default demo's corpus, byte for byte (a topic for the offline teacher must not change it).
+    c = build_corpus(ALL, num_train=400, num_val=40, num_test=40, seed=1234)
+    text = "".join(d.id + d.text for docs in c.values() for d in docs)
+    assert hashlib.sha1(text.encode()).hexdigest() == "d6e2beba79c67ad35e0525d18aea4982bef82a62"
+
+
+@pytest.mark.parametrize("topic, items", [("a bakery", TOPIC_ITEMS["bak"]), ("a toy shop", TOPIC_ITEMS["toy"]),
+                                          ("the water cycle", None)])
+def test_arithmetic_set_in_a_topic(topic, items):
+    assert topic_items(topic) == items
+    rng = random.Random(3)
+    for _ in range(40):
+        doc = arithmetic(rng, topic)
+        question = doc.meta["question"]
+        assert question.startswith(f"In {topic}, ")
+        assert verify_arithmetic(question, doc.meta["solution"]) == int(doc.meta["answer"])
+        if items:
+            assert any(item in question for item in items), question

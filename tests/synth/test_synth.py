@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import pytest
 import yaml
 
 from slmforge.config import merge
-from slmforge.synth.jobs import Store, SynthJob, clean, load_job, plan_requests, request_id, synthesize
+from slmforge.synth.jobs import (Store, SynthJob, clean, load_job, output_dir, plan_requests, request_id,
+                                 synthesize)
 from slmforge.synth.prompts import Reject, check_math, load_template, parse_answer
 from slmforge.synth.teacher import (OpenAITeacher, Request, RequestRejected, RetriesExhausted,
                                          RetryBudgetExhausted, TeacherConfig, TeacherSetupError, backoff_delay,
@@ -317,3 +319,52 @@ def test_every_synth_recipe_loads_and_plans():
         job = load_job(path, ["max_seed_docs=2"])
         planned = list(plan_requests(job, load_template(job.template)))
         assert planned and all(r.messages[-1]["content"] for r in planned), path
+
+
+def _requested_labels(prompt: str) -> list[str]:
+    """The labels of the format block a prompt asks for: its lines 'Label: <...>'."""
+    return re.findall(r"^(\w+): <", prompt, flags=re.M)
+
+
+@pytest.mark.parametrize("template", ["math", "exercises", "textbook", "rewrite", "grounded_qa"])
+def test_offline_teacher_follows_topic_and_format(template, tmp_path):
+    passages = tmp_path / "passages.txt"
+    passages.write_text(" ".join(["Copper conducts electricity well, so most household wires are made of it."] * 8))
+    seeds = dict(topics=["a bakery"]) if load_template(template).seed == "grid" else dict(inputs=[str(passages)])
+    job = merge(SynthJob(), dict(name=template, template=template, out_dir=str(tmp_path / "o"), samples_per_item=3,
+                                 math_check="strict", teacher=dict(name="procedural"), **seeds))
+    summary = synthesize(job, progress=False)
+    assert summary["written"] == 3 and summary["rejected"] == 0  # every answer passes the job's checks
+    for r in records(tmp_path / "o"):
+        labels = _requested_labels(r["prompt"][-1]["content"])
+        assert re.findall(r"^(\w+): ", r["raw"], flags=re.M)[:len(labels)] == labels  # the format asked for
+        if "topics" in seeds:
+            assert "bakery" in r["raw"].lower()
+        if labels:
+            assert r["raw"].startswith(f"{labels[0]}: ")
+        else:
+            assert r["raw"].startswith("# ")
+    if template == "rewrite":
+        assert all(r["seed"]["passage"] in r["raw"] for r in records(tmp_path / "o"))
+
+
+def test_offline_teacher_writes_a_custom_templates_field_names(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: grid\nparser: fields\nfields: [problem, working]\nprocedural: exercise\n"
+                    "user: 'Write a problem about {topic}.\\nProblem: <...>\\nWorking: <...>'\n"
+                    "text: '{problem} {working}'\n")
+    job = merge(SynthJob(), dict(name="mine", template=str(mine), out_dir=str(tmp_path / "o"), topics=["a farm"],
+                                 teacher=dict(name="procedural")))
+    assert synthesize(job, progress=False)["written"] == 1
+    (r,) = records(tmp_path / "o")
+    assert r["raw"].startswith("Problem: In a farm, ") and "\nWorking: " in r["raw"]
+    assert r["fields"]["working"].endswith(f"The answer is {r['raw'].rsplit(' ', 1)[1]}")
+
+
+def test_default_out_dir_is_per_job_under_the_ignored_runs_folder():
+    assert output_dir(SynthJob(name="math-v2")) == Path("runs/synth/math-v2")
+    assert output_dir(SynthJob(name="x", out_dir="/tmp/elsewhere")) == Path("/tmp/elsewhere")
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines()
+    for path in sorted((REPO / "recipes").glob("synth_*.yaml")):
+        out = yaml.safe_load(path.read_text()).get("out_dir", "runs/synth")
+        assert out.startswith("runs/"), path
