@@ -31,7 +31,7 @@ ROWS = [
     ("no-equals", ["run", "{tmp}/ok.yaml", "train.max_steps"], "'train.max_steps' is not of the form key=value"),
     ("not-yaml", ["run", "{tmp}/broken.yaml"], "broken.yaml: not valid YAML"),
     ("yaml-list", ["train", "--config", "{tmp}/list.yaml"], "list.yaml: expected a mapping"),
-    ("no-recipe", ["run", "{tmp}/missing.yaml"], "missing.yaml: no such recipe file"),
+    ("no-recipe", ["run", "{tmp}/missing.yaml"], "missing.yaml: no such file"),
     ("dry-run-layer", ["train", "--dry-run", "model.layers=atn"], "model.layers 'atn'"),
     ("anneal-layer", ["anneal", "--config", str(RECIPES / "anneal_cpu.yaml"), "model.layers=sm"], "model.layers 'sm'"),
     ("mix-layer", ["mix", "--config", str(RECIPES / "mix_cpu.yaml"), "base.model.layers=atn"], "model.layers 'atn'"),

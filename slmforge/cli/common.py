@@ -94,8 +94,8 @@ def load_args(args, overrides: list[str] | None = None):
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, items = None, [recipe, *items]  # `slmforge run key=value ...` with no recipe
     if recipe and not Path(recipe).is_file():
-        raise ValueError(f"{recipe}: no such recipe file (give a YAML file, or key=value items such as "
-                         f"train.max_steps=100)")
+        raise ValueError(f"{recipe}: no such file (give a YAML file of keys, or key=value items; "
+                         f"--help lists the keys)")
     return load(config_class(args.config_cls), recipe, items + _alias_overrides(args))
 
 

@@ -123,8 +123,9 @@ def register(sub) -> None:
     p = sub.add_parser("synth", help="a teacher job (--job: any OpenAI-compatible endpoint, or the offline "
                                      "procedural teacher), or the procedural corpus as JSONL splits (--out)")
     config_args(p, "slmforge.config:RunConfig", dry_run=True)
-    p.add_argument("--job", default=None, help="job YAML (e.g. recipes/synth_math.yaml); key=value items are its "
-                                               "keys (slmforge.synth.jobs.SynthJob); without it, RunConfig data keys")
+    p.add_argument("--job", default=None, help="job YAML (e.g. recipes/synth_math.yaml); key=value items then set the "
+                                               "job's keys (teacher.name=procedural, num_samples=...; --dry-run "
+                                               "shows them all); without --job, the run keys below (data.*)")
     p.add_argument("--out", default=None, help="output folder of the procedural corpus")
     p.set_defaults(fn=cmd_synth)
 

@@ -191,7 +191,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.max_steps=100)")
+            raise ValueError(f"{item!r} is not of the form key=value (a dotted key, e.g. name=value or section.key=value)")
         key, raw = item.split("=", 1)
         node = nested
         parts = key.strip().split(".")
