@@ -78,7 +78,11 @@ def runs(tmp_path_factory):
             f.write(json.dumps({"body": para, "n": i}) + "\n")
     inputs["jsonl"] = [f"data.paths={tmp / 'notes.jsonl'}", "data.text_field=body", "data.val_fraction=0.15",
                        "data.test_fraction=0.1"]
-    slmforge("synth", "--job", "recipes/synth_math.yaml", "teacher.name=procedural", f"out_dir={tmp / 'synth'}")
+    # A local evaluation set for the job's decontamination step, so the test needs no ../shared/data.
+    (tmp / "eval.jsonl").write_text(json.dumps({"question": "How many apples are left in the basket now?",
+                                                "answer": "3"}) + "\n")
+    slmforge("synth", "--job", "recipes/synth_math.yaml", "teacher.name=procedural", f"out_dir={tmp / 'synth'}",
+             f"eval_paths=[{tmp / 'eval.jsonl'}]")
     inputs["synth"] = [f"data.paths={tmp / 'synth' / 'decontam' / 'kept'}/*.jsonl", "data.val_fraction=0.1",
                        "data.test_fraction=0.1"]
     paras = english(40_000, seed=7).split("\n\n")
@@ -126,9 +130,10 @@ def test_inference_commands_take_the_run_folder(runs, tmp_path):
 
 
 def test_too_few_tokens_names_the_split_and_the_keys(tmp_path):
-    (tmp_path / "short.txt").write_text(english(6_000))
+    # Enough text for the train split (also when english() makes it up), too little for validation.
+    (tmp_path / "short.txt").write_text(english(30_000))
     out = subprocess.run([sys.executable, "-m", "slmforge", "run", f"out_dir={tmp_path}", "data.source=files",
-                          f"data.paths={tmp_path / 'short.txt'}", "data.val_fraction=0.3", *TINY,
+                          f"data.paths={tmp_path / 'short.txt'}", "data.val_fraction=0.1", *TINY,
                           "train.batch_size=64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(r"the validation split has [\d,]+ tokens from \d+ documents, too few", out.stderr)

@@ -8,7 +8,6 @@ import pytest
 from slmforge import corpus, pipeline
 from slmforge.config import load_config, merge
 from slmforge.curate.documents import Document, read_documents, write_jsonl
-from slmforge.curate.filters import GSM8K_TEST
 from slmforge.runs import RunDir
 
 NUM_WEB_DOCS, NUM_PLANTED = 40, 6
@@ -19,15 +18,19 @@ def test_stage_order():
                                                  "train", "eval", "samples", "report"]
 
 
+# An evaluation item of our own (GSM8K-shaped), so the test needs no ../shared/data.
+QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May?")
+
+
 def _web_corpus(path):
-    """Random-word documents (no two alike), ``NUM_PLANTED`` exact copies of some, and one holding a GSM8K
-    test question (a 13-gram match for decontamination)."""
+    """Random-word documents (no two alike), ``NUM_PLANTED`` exact copies of some, and one holding the
+    evaluation question (a 13-gram match for decontamination)."""
     rng = random.Random(0)
     words = [f"w{i}" for i in range(300)]
     docs = [Document(f"web{i}", " ".join(rng.choices(words, k=40))) for i in range(NUM_WEB_DOCS)]
     docs += [Document(f"copy{i}", docs[i].text) for i in range(NUM_PLANTED)]
-    question = json.loads(GSM8K_TEST.open().readline())["question"]
-    docs.append(Document("leak", f"Today's puzzle. {question} Think it over."))
+    docs.append(Document("leak", f"Today's puzzle. {QUESTION} Think it over."))
     write_jsonl(path, docs)
 
 
@@ -36,13 +39,14 @@ def curated_run(tmp_path_factory):
     """A tiny run over a procedural source and a files source, with dedup and decontamination on."""
     tmp = tmp_path_factory.mktemp("pipeline")
     _web_corpus(tmp / "web.jsonl")
+    (tmp / "eval.jsonl").write_text(json.dumps({"question": QUESTION, "answer": "72"}) + "\n")
     cfg = load_config(None, [
         f"out_dir={tmp}", "name=curated", "model.vocab_size=320", "model.d_model=32", "model.num_layers=1",
         "model.attn.num_heads=4", "model.attn.num_kv_heads=2", "model.max_seq_len=64", "data.num_train_docs=60",
         "data.num_val_docs=20", "data.num_test_docs=20", "data.seq_len=32", "data.num_workers=1",
         "train.batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.eval_every=3",
         "train.ckpt_every=3", "train.eval_batches=2", "sample_tokens=4", "curate.dedup=true",
-        "curate.decontaminate=true"])
+        "curate.decontaminate=true", f"curate.eval_paths=[{tmp / 'eval.jsonl'}]"])
     cfg = merge(cfg, {"data": {"sources": {"proc": {}, "web": {"source": "files", "paths": [str(tmp / "web.jsonl")],
                                                               "val_fraction": 0.0}}}})
     tokenizer_docs = []
