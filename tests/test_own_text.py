@@ -131,10 +131,11 @@ def test_inference_commands_take_the_run_folder(runs, tmp_path):
 
 def test_too_few_tokens_names_the_split_and_the_keys(tmp_path):
     # Enough text for the train split (also when english() makes it up), too little for validation.
-    (tmp_path / "short.txt").write_text(english(30_000))
+    # One batch is 256 x 33 tokens: the train split (57 KB) has more, the validation split (about 3 KB) fewer.
+    (tmp_path / "short.txt").write_text(english(60_000))
     out = subprocess.run([sys.executable, "-m", "slmforge", "run", f"out_dir={tmp_path}", "data.source=files",
-                          f"data.paths={tmp_path / 'short.txt'}", "data.val_fraction=0.1", *TINY,
-                          "train.batch_size=64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          f"data.paths={tmp_path / 'short.txt'}", "data.val_fraction=0.05", *TINY,
+                          "train.batch_size=256"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert re.search(r"the validation split has [\d,]+ tokens from \d+ documents, too few", out.stderr)
     for key in ("data.val_fraction", "data.val_paths", "data.text_split", "train.batch_size"):
