@@ -283,6 +283,8 @@ def build_shards(cfg: RunConfig) -> dict[str, Path]:
         if (shard_dir / "meta.json").exists():
             continue
         texts = (doc.text for doc in read_documents(documents_of(cfg, key)))
-        meta = tokenize_to_shards(texts, tokenizer, shard_dir, num_workers=cfg.data.num_workers)
+        # A held-out split may be empty (test_fraction=0); a train split without documents is an error.
+        meta = tokenize_to_shards(texts, tokenizer, shard_dir, num_workers=cfg.data.num_workers,
+                                  allow_empty=key not in train_keys(cfg))
         log(f"shards: {key}: {meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents")
     return out

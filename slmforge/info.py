@@ -90,4 +90,6 @@ def load_model_config(spec: str, overrides: list[str] | None = None) -> ModelCon
             raise ValueError(f"{spec}: a folder without config.yaml; expected a preset ({', '.join(PRESETS)}), "
                              f"a recipe YAML or a run folder")
         return load_config(path, overrides).model
+    if not Path(spec).is_file():
+        raise ValueError(f"{spec}: not a preset ({', '.join(PRESETS)}), a recipe YAML or a run folder")
     return load_config(spec, overrides).model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,6 +134,34 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_dir(target: str | Path, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``target``; only if the block succeeds do its entries replace the entries
+    of the same names in ``target`` (a new ``target`` is the folder itself, renamed). On failure the temporary folder
+    is deleted and ``target`` is left exactly as it was. Entries named in ``last`` (a "written last" marker such as
+    meta.json) are removed from ``target`` first and moved in after the others, so a crash while moving leaves a
+    folder marked incomplete, never old files under a new marker. Other entries of ``target`` are kept."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if not target.exists():
+            os.chmod(tmp, 0o777 & ~UMASK)
+            os.replace(tmp, target)
+            return
+        for name in last:
+            if (target / name).is_file():
+                (target / name).unlink()
+        names = sorted(p.name for p in tmp.iterdir() if not p.name.startswith(".old-"))
+        for name in sorted(names, key=lambda n: n in last):
+            if (target / name).is_dir():  # os.replace cannot replace a folder: move the old one away first
+                os.replace(target / name, tmp / f".old-{name}")
+            os.replace(tmp / name, target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -149,7 +178,8 @@ def save_config(run_dir: str | Path, cfg) -> Path:
 
 
 class MetricsLog:
-    """Append-only JSONL of metric records; each line is flushed so a crash loses at most one."""
+    """Append-only JSONL of metric records; each line is flushed so a crash loses at most one (a last line cut
+    short by a kill is dropped when read; a damaged line elsewhere is a one-line error naming it)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -162,9 +192,22 @@ class MetricsLog:
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if number == len(lines) and not text.endswith("\n"):
+                    break  # the record being written when the process was killed
+                raise ValueError(f"{self.path}:{number}: not a JSON metrics record; fix or delete that line") from None
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (used on resume so a replayed step is not logged twice)."""
+        """Drop records past ``step`` (used on resume so a replayed step is not logged twice); the file is replaced
+        atomically, so a crash leaves the old or the new one."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -43,7 +43,7 @@ ROWS = [
     ("plan-gpu", ["plan", "gpu_hours=10", "gpu=h10"], "gpu='h10'"),
     ("plan-mfu", ["plan", "gpu_hours=10", "mfu=40"], "mfu=40.0"),
     ("info-layer", ["info", "tiny", "model.layers=attn,sssm"], "model.layers 'sssm'"),
-    ("info-preset", ["info", "2b"], "2b"),
+    ("info-preset", ["info", "2b"], "2b: not a preset"),
     ("generate-missing-run", ["generate", "{tmp}/no-run", "prompt=Hi"], "no-run"),
     ("generate-no-prompt", ["generate", "{tmp}/no-run"], "prompt is required"),
     ("generate-temperature", ["generate", "{tmp}/no-run", "prompt=Hi", "temperature=hot"], "temperature: expected float"),

@@ -7,6 +7,8 @@ value of a key wins), so that the whole path takes seconds. Then the run folder 
 points that take a model; the errors of this path are checked on small shards of their own.
 """
 
+import json
+import math
 import os
 import shlex
 import shutil
@@ -84,9 +86,10 @@ def test_other_entry_points_take_the_run_folder(manual_path, tmp_path, monkeypat
     run = str(folder / "runs" / "manual")
     assert main(["info", run]) == 0
     assert main(["eval", "ppl", run, str(folder / "corpus" / "test.jsonl"), f"out={tmp_path / 'ppl.json'}"]) == 0
-    assert (tmp_path / "ppl.json").is_file()
+    total = json.loads((tmp_path / "ppl.json").read_text())["total"]
+    assert total["tokens"] > 0 and total["loss"] > 0 and total["perplexity"] == pytest.approx(math.exp(total["loss"]))
     assert main(["export", run, f"out={tmp_path / 'hf'}"]) == 0
-    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text())["model"]["type"] == "BPE"
     # From another working directory too: nothing is looked up relative to where train ran.
     monkeypatch.chdir(tmp_path)
     model, tokenizer, cfg = load_for_inference(run)
@@ -162,7 +165,10 @@ def test_load_for_inference_names_the_run_folder_and_what_is_missing(manual_path
     run = tmp_path / "run"
     if missing != "folder":
         shutil.copytree(folder / "runs" / "manual", run)
-        (run / ("checkpoints/latest" if missing == "checkpoint" else "config.yaml")).unlink()
+        if missing == "checkpoint":  # checkpoints/latest is only a hint: the step_* folders are what is looked for
+            shutil.rmtree(run / "checkpoints")
+        else:
+            (run / "config.yaml").unlink()
     assert main(["generate", str(run), "prompt=Question:"]) == 2
     err = _one_line_error(capsys)
     assert {"folder": f"{run}: no such run folder", "checkpoint": f"{run}: no checkpoint found",

@@ -19,7 +19,7 @@ from slmforge import corpus
 from slmforge.config import load_config
 from slmforge.curate.documents import read_documents
 from slmforge.curate.text_split import chunk_text
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, has_data, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = SHARED_DATA / "gutenberg" / "books"
@@ -50,7 +50,7 @@ def in_parallel(commands: list, stdin: str | None = None) -> list[subprocess.Com
 
 def english(num_chars: int, seed: int = 0) -> str:
     """A stretch of a Gutenberg book, or made-up English paragraphs where ../shared/data is absent."""
-    books = sorted(BOOKS.glob("*.txt")) if BOOKS.is_dir() else []
+    books = sorted(BOOKS.glob("*.txt")) if has_data(BOOKS) else []
     if books:
         text = books[seed % len(books)].read_text(encoding="utf-8")
         return text[len(text) // 3:][:num_chars]
@@ -225,7 +225,7 @@ def test_fraction_keys_are_checked():
 
 # ---------------------------------------------------------------- recipes/gutenberg_10m.yaml
 
-needs_books = pytest.mark.skipif(not BOOKS.is_dir(), reason="../shared/data/gutenberg is absent")
+needs_books = needs_data(BOOKS, ROOT.parent / "shared" / "data" / "gutenberg")  # the recipe reads ../shared
 
 
 def validation_books() -> set[str]:

@@ -7,8 +7,9 @@ and ``slmforge CMD --help`` lists them. Handlers import their stage when they ru
 mistyped key answer without loading torch and every stage.
 
 A user error (a bad key or value, a missing or malformed file) is one line on stderr,
-``slmforge CMD: error: ...``, and exit status 2; never a traceback. A closed pipe (``slmforge ... | head``) ends the
-command quietly with status 141, as SIGPIPE would.
+``slmforge CMD: error: ...``, and exit status 2; never a traceback. Code below the CLI raises ValueError (or
+OSError, from the file system) for those; any other exception is a bug and keeps its traceback (exit status 1).
+A closed pipe (``slmforge ... | head``) ends the command quietly with status 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def _main(argv: list[str] | None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:
         raise
-    except (ValueError, OSError, KeyError, yaml.YAMLError) as exc:
-        # KeyError's text is the repr of the key; the key itself reads better.
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"slmforge {args.command}: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        # A user error or the machine's (a missing file, a full disk). Anything else is a bug in slmforge: its
+        # traceback is what a bug report needs, and the exit status is 1.
+        print(f"slmforge {args.command}: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 
 from slmforge.cli.common import config_args, load_args, split_items
@@ -62,6 +63,9 @@ def cmd_synth(args) -> None:
 
     if args.job:
         job = load_job(args.job, args.overrides)
+        if job.teacher.api_key:  # printed and saved configs mask it, but a shell history or a job file keeps it
+            print("slmforge synth: note: teacher.api_key is masked in printed and saved configs; better give the key "
+                  "with teacher.api_key_env=VAR or teacher.api_key_file=PATH", file=sys.stderr)
         if args.dry_run:
             return print(preview(job))
         summary = synthesize(job)
@@ -79,21 +83,24 @@ def cmd_synth(args) -> None:
 
 
 def cmd_tokenizer(args) -> None:
-    from slmforge.curate.documents import read_documents
+    from slmforge.curate.documents import ReadStats, checked, read_documents
     from slmforge.tokens.tokenizer import train_tokenizer
 
-    cfg = _with_inputs(args)
-    texts = (d.text for d in read_documents(cfg.inputs, text_field=cfg.text_field, text_split=cfg.text_split))
+    cfg, stats = _with_inputs(args), ReadStats()
+    docs = read_documents(cfg.inputs, text_field=cfg.text_field, text_split=cfg.text_split, stats=stats)
+    texts = (d.text for d in checked(docs, stats, "tokenizer", cfg.inputs, cfg.text_field))
     tok = train_tokenizer(texts, cfg.vocab_size, cfg.out)
     print(f"trained {tok.vocab_size} tokens -> {cfg.out}")
 
 
 def cmd_tokenize(args) -> None:
-    from slmforge.curate.documents import ReadStats, read_documents
+    from slmforge.curate.documents import ReadStats, checked, read_documents
     from slmforge.tokens.shards import tokenize_to_shards
 
     cfg, stats = _with_inputs(args), ReadStats()
-    texts = (d.text for d in read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats=stats))
+    docs = read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats=stats)
+    # No documents is an error (naming the files) before the shards are moved into place: old ones stay intact.
+    texts = (d.text for d in checked(docs, stats, "tokenize", cfg.inputs, cfg.text_field))
     meta = tokenize_to_shards(texts, cfg.tokenizer, cfg.out, num_workers=cfg.num_workers)
     print(f"{meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents -> {cfg.out} "
           f"({stats.num_empty_skipped} empty documents skipped)")

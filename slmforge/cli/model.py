@@ -5,6 +5,7 @@ The first positional argument is the run folder (or a checkpoint folder); everyt
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from slmforge.cli.common import config_args, load_args, split_items
@@ -26,7 +27,8 @@ class GenerateConfig:
     def validate(self, prefix: str = "") -> None:
         if not self.prompt:
             raise ValueError(f'{prefix}prompt is required: give prompt="..."')
-        check_min(self, prefix, 0, "max_new_tokens temperature top_k")
+        check_min(self, prefix, 1, "max_new_tokens")
+        check_min(self, prefix, 0, "temperature top_k")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{prefix}top_p={self.top_p}: expected a fraction in (0, 1]")
 
@@ -38,7 +40,8 @@ class ChatConfig:
     temperature: float = 0.7
 
     def validate(self, prefix: str = "") -> None:
-        check_min(self, prefix, 0, "max_new_tokens temperature")
+        check_min(self, prefix, 1, "max_new_tokens")
+        check_min(self, prefix, 0, "temperature")
 
 
 @dataclass
@@ -48,9 +51,16 @@ class ServeConfig:
     api_key: str = ""  # require this bearer key; "" = $SLMFORGE_API_KEY, else none
     model_name: str = ""  # the name clients ask for; "" = the run's name
     max_batch: int = 8  # requests decoded together in one batch
+    max_body_bytes: int = 1_000_000  # larger request bodies get 413 before they are read
+    max_queue: int = 64  # requests waiting for the model beyond this get 429 with Retry-After
+    request_timeout_s: float = 60.0  # an answer ends here with finish_reason "length" and the text so far
+    max_stop: int = 4  # stop strings per request (400 beyond)
+    max_stop_chars: int = 64  # characters per stop string (400 beyond)
 
     def validate(self, prefix: str = "") -> None:
-        check_min(self, prefix, 1, "max_batch")
+        check_min(self, prefix, 1, "max_batch max_body_bytes max_queue max_stop max_stop_chars")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"{prefix}request_timeout_s={self.request_timeout_s}: expected seconds > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"{prefix}port={self.port}: expected a TCP port, 0-65535")
 
@@ -72,6 +82,12 @@ def cmd_generate(args) -> None:
 
     cfg = load_args(args)
     model, tok, _ = load_for_inference(args.checkpoint)
+    context = model.cfg.max_seq_len  # stream_text refuses max_new_tokens >= context (a one-line error)
+    num_prompt = 1 + len(tok.encode(cfg.prompt))  # EOS, then the prompt (stream_text's new_document)
+    if num_prompt + cfg.max_new_tokens > context > cfg.max_new_tokens:
+        print(f"note: the prompt ({num_prompt} tokens) + max_new_tokens={cfg.max_new_tokens} exceed the context "
+              f"length {context}; only the prompt's last {context - cfg.max_new_tokens} tokens are used",
+              file=sys.stderr)
     for piece in stream_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
                              stop=cfg.stop, seed=cfg.seed):
         print(piece, end="", flush=True)
@@ -92,7 +108,9 @@ def cmd_serve(args) -> None:
 
     cfg = load_args(args)
     serve(args.checkpoint, host=cfg.host, port=cfg.port, api_key=cfg.api_key or None,
-          model_name=cfg.model_name or None, max_batch=cfg.max_batch)
+          model_name=cfg.model_name or None, max_batch=cfg.max_batch, max_body_bytes=cfg.max_body_bytes,
+          max_queue=cfg.max_queue, request_timeout_s=cfg.request_timeout_s, max_stop=cfg.max_stop,
+          max_stop_chars=cfg.max_stop_chars)
 
 
 def cmd_export(args) -> None:

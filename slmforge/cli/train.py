@@ -35,7 +35,7 @@ def cmd_train(args) -> None:
     cfg = load_run(args)
     if args.dry_run:
         return dry_run(cfg)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, force=args.force)
     shutdown()
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         print(format_result(result))
@@ -117,5 +117,26 @@ def register(sub) -> None:
 
     p = sub.add_parser("train", help="train on existing token shards (data.shards_dir)")
     config_args(p, "slmforge.config:RunConfig", dry_run=True)
-    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest checkpoint that verifies "
+                   "(key=value items may follow it, e.g. --resume train.max_steps=2000)")
+    p.add_argument("--force", action="store_true", help="on a run folder that already has checkpoints or metrics: "
+                   "delete them and train from step 0 (without it, or --resume, the run is refused)")
     p.set_defaults(fn=cmd_train)
+    _intermixed(p)
+
+
+def _intermixed(p) -> None:
+    """Let ``key=value`` items come before and after the flags (``--config X a=1 --resume b=2``): argparse fills a
+    ``nargs="*"`` positional from one run of arguments only, unless it parses them intermixed."""
+    plain, inside = p.parse_known_args, []
+
+    def parse_known_args(args=None, namespace=None):
+        if inside:  # parse_known_intermixed_args calls parse_known_args itself
+            return plain(args, namespace)
+        inside.append(True)
+        try:
+            return p.parse_known_intermixed_args(args, namespace)
+        finally:
+            inside.clear()
+
+    p.parse_known_args = parse_known_args

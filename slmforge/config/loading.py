@@ -5,6 +5,7 @@ Values are converted by the field's annotation: ``int``, ``float``, ``bool``, ``
 ``Literal[...]`` choices, checked here with a did-you-mean hint. Unknown keys name the nearest valid ones. Every
 error is one line that starts with where the value came from (the file, or "override") and names the dotted key.
 After merging, ``validate`` runs each config's own ``validate(prefix)`` (numbers that would fail later).
+``dump_yaml``, which every printed and saved config goes through, masks fields named like secrets (``masked``).
 Generic over dataclasses: this module imports nothing from slmforge.
 """
 
@@ -16,6 +17,7 @@ import functools
 import inspect
 import io
 import json
+import re
 import textwrap
 import tokenize
 import types
@@ -132,7 +134,10 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
             raise ValueError(f"{where}: {key}: expected {tp.__name__}, got {str(value)!r}") from None
     if tp is str:
         return str(value)
-    return _plain(value, where, key)
+    value = _plain(value, where, key)
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"{where}: {key}: expected a mapping of names to keys, got {value!r}")
+    return value
 
 
 def _coerce_list(value: Any, item: Any, where: str, key: str) -> list:
@@ -297,4 +302,29 @@ def from_dict(cls, data: dict[str, Any]):
 
 
 def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML, secrets masked (``masked``): what every printed and saved config goes through."""
+    return yaml.safe_dump(masked(to_dict(cfg)), sort_keys=False)
+
+
+# A field holding a secret, by its name: api_key, openai_api_key, client_secret, password, hf_token, auth_token,
+# token... but not api_key_env / api_key_file (where the secret is) or max_tokens, tokenizer, flops_per_token.
+SECRET_NAME = re.compile(r"(^|_)(api_?key|secret(_key)?|private_key|password|passwd|"
+                         r"(auth|access|bearer|hf|api|refresh|session)_?token)$|^token$", re.IGNORECASE)
+
+
+def mask_secret(value: str) -> str:
+    """``sk-abcdef123456789`` -> ``sk-...****``; short values -> ``***``; "" stays "" (no key set)."""
+    if not value:
+        return value
+    return f"{value[:3]}...****" if len(value) >= 16 else "***"
+
+
+def masked(data: Any) -> Any:
+    """A copy of a config's dict (``to_dict``) with every string field whose name looks secret (``SECRET_NAME``)
+    masked by ``mask_secret``, at any depth."""
+    if isinstance(data, dict):
+        return {k: mask_secret(v) if isinstance(v, str) and SECRET_NAME.search(str(k)) else masked(v)
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [masked(v) for v in data]
+    return data

@@ -40,16 +40,18 @@ while one band is sorted) plus about 40 per candidate pair and the ids of cluste
 byte. So 10M documents need about 2.1 GB in stage B. Disk per document: 164 bytes of arrays, the id with an
 80-character head, and with ``verify`` 4 bytes per distinct shingle (about 0.7x the text).
 
-long: about 700 lines, because the three stages share the hashing, and the loop references sit next to the
+long: about 760 lines, because the three stages share the hashing, and the loop references sit next to the
 compiled code they check (the kernels themselves are in minhash_kernels.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections import Counter, deque
@@ -62,11 +64,12 @@ from typing import Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from slmforge.config import TextSplit
-from slmforge.curate.documents import Document, ReadStats, read_documents, shard_of, write_jsonl
+from slmforge.curate.documents import (Document, ReadStats, checked, read_documents, read_warning, shard_of,
+                                      write_jsonl)
 from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.progress import progress_bar
 from slmforge.registry import lookup
-from slmforge.runs import atomic_path, save_config, write_json
+from slmforge.runs import atomic_path, save_config, staged_dir, write_json
 
 SHINGLES = ("word", "char")
 KEEPS = ("first", "longest")
@@ -682,6 +685,9 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
 
     ``shard_index=None`` runs every shard in turn. As a job array: stage "signatures" for each shard index,
     then "clusters" once, then "write" for each shard index. Finished signature shards are reused.
+    The whole run (stage "all", every shard) is written to a temporary folder beside ``out_dir`` and moved into
+    place on success, so a failure (no documents read, most records malformed, an interrupt) leaves ``out_dir``
+    as it was; the stages of a job array write in place.
     """
     check_config(cfg)
     lookup({s: s for s in STAGES}, stage, "stage")
@@ -689,9 +695,41 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
         raise ValueError("dedup: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
     if shard_index is not None and not 0 <= shard_index < num_shards:
         raise ValueError(f"dedup: shard_index must be in [0, {num_shards}), got {shard_index}")
-    ranks = range(num_shards) if shard_index is None else [shard_index]
+    if stage != "all" or shard_index is not None:
+        save_config(cfg.out_dir, cfg)
+        return _stages(cfg, stage, range(num_shards) if shard_index is None else [shard_index], num_shards,
+                       Path(cfg.out_dir))
+    with staged_dir(cfg.out_dir, last=("report.json",)) as tmp:
+        staged = dataclasses.replace(cfg, out_dir=str(tmp))
+        save_config(tmp, cfg)
+        _reuse_signatures(cfg, tmp, num_shards)
+        result = _stages(staged, stage, range(num_shards), num_shards, Path(cfg.out_dir))
+        result["clusters"]["config"] = asdict(cfg)  # the folder it ends up in, not the temporary one
+        write_json(tmp / "report.json", result["clusters"])
+    for summary in result["write"]:
+        summary["path"] = str(Path(cfg.out_dir) / Path(summary["path"]).relative_to(tmp))
+    return result
+
+
+def _reuse_signatures(cfg: DedupConfig, tmp: Path, num_shards: int) -> None:
+    """Link the finished signature shards of an earlier run in ``cfg.out_dir`` into ``tmp``; those made with the
+    same settings are then reused, and the old folder is never touched."""
+    for rank in range(num_shards):
+        old = shard_dir(cfg.out_dir, "signatures", rank, num_shards)
+        if (old / "done.json").exists() and json.loads((old / "done.json").read_text())["key"] == _signature_key(cfg):
+            shutil.copytree(old, shard_dir(tmp, "signatures", rank, num_shards), copy_function=_link_or_copy)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def _stages(cfg: DedupConfig, stage: str, ranks, num_shards: int, shown: Path) -> dict:
+    """The stages ``stage`` names, for the shards ``ranks``, writing under ``cfg.out_dir`` (``shown`` in messages)."""
     out, result = Path(cfg.out_dir), {}
-    save_config(out, cfg)
     if stage in ("all", "signatures"):
         result["signatures"] = []
         for rank in ranks:
@@ -699,8 +737,11 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
             done = directory / "done.json"
             if not (done.exists() and json.loads(done.read_text())["key"] == _signature_key(cfg)):
                 stats = ReadStats()
-                SignatureStep(cfg).run(shard_of(_read(cfg, stats), rank, num_shards), rank, num_shards)
+                docs = checked(_read(cfg, stats), stats, "dedup", cfg.inputs, cfg.text_field)
+                SignatureStep(cfg).run(shard_of(docs, rank, num_shards), rank, num_shards)
                 write_json(directory / "read.json", asdict(stats))
+                if warning := read_warning(stats, "dedup", cfg.inputs, cfg.text_field):
+                    print(warning, file=sys.stderr)
             info = json.loads(done.read_text())
             result["signatures"].append(info)
             print(f"dedup signatures {rank}-of-{num_shards}: {info['num_docs']:,} documents, "
@@ -708,7 +749,8 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
     if stage in ("all", "clusters"):
         report = result["clusters"] = build_clusters(cfg, num_shards)
         print(f"dedup clusters: {report['num_removed']:,} of {report['num_processed']:,} documents removed "
-              f"({report['num_exact_removed']:,} exact, {report['num_near_removed']:,} near) -> {out / 'report.json'}")
+              f"({report['num_exact_removed']:,} exact, {report['num_near_removed']:,} near) "
+              f"-> {shown / 'report.json'}")
     if stage in ("all", "write"):
         result["write"], step = [], RemoveStep(cfg)
         for rank in ranks:
@@ -716,5 +758,5 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
             num_kept = write_jsonl(path, step.run(shard_of(_read(cfg), rank, num_shards), rank, num_shards),
                                    cfg.text_field)
             result["write"].append(dict(path=str(path), num_kept=num_kept))
-            print(f"dedup write {rank}-of-{num_shards}: {num_kept:,} documents -> {path}")
+            print(f"dedup write {rank}-of-{num_shards}: {num_kept:,} documents -> {shown / path.relative_to(out)}")
     return result

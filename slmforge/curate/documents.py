@@ -25,7 +25,16 @@ jobs that must not stop at one broken record) a malformed record (not JSON, not 
 unreadable Parquet file) is skipped and counted in ``ReadStats.num_malformed_skipped``, and a line that is not
 valid UTF-8, or a text with a lone surrogate (a JSON "\\ud800" escape), is dropped and counted in
 ``ReadStats.num_invalid_utf8_skipped``; the first few messages are kept in ``ReadStats.errors``. Skipped
-records keep their index, so the ids of the records after them do not shift.
+records keep their index, so the ids of the records after them do not shift. A truncated or corrupt gzip file is
+an error in both modes (what follows the break is lost, not one record).
+
+What a stage read is checked (``check_read``, or ``checked`` around its stream): no document at all (empty files,
+a wrong ``text_field``, every record malformed) or more than half the records skipped is a one-line error with
+the counts, the missing field and the fields the records do have; fewer skips are a warning line
+(``read_warning``).
+
+long: about 490 lines, because the readers of the four formats, the counting of what they skip and the checks
+on those counts are one concern (what a stage read, and what it could not); the writers are the other half.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Protocol
@@ -64,13 +74,28 @@ class ReadStats:
     num_bytes: int = 0  # UTF-8 bytes of the yielded documents' text
     num_malformed_skipped: int = 0  # on_error="skip": records that could not be parsed
     num_invalid_utf8_skipped: int = 0  # on_error="skip": lines not valid UTF-8, texts with a lone surrogate
+    num_missing_field: int = 0  # of the malformed records: those without the text field
+    other_fields: list[str] = field(default_factory=list)  # the fields those records have (the first few names)
     errors: list[str] = field(default_factory=list)  # the first MAX_ERROR_MESSAGES skip messages
 
-    def skip(self, kind: str, message: str) -> None:
-        """Count one skipped record (kind "malformed" or "invalid_utf8") and keep its message if there is room."""
-        setattr(self, f"num_{kind}_skipped", getattr(self, f"num_{kind}_skipped") + 1)
+    def skip(self, kind: str, message: str, fields: list[str] | None = None, count: int = 1) -> None:
+        """Count ``count`` skipped records (kind "malformed" or "invalid_utf8"; ``fields``: the fields of a record
+        without the text field) and keep the message if there is room."""
+        setattr(self, f"num_{kind}_skipped", getattr(self, f"num_{kind}_skipped") + count)
+        if fields is not None:
+            self.num_missing_field += count
+            self.other_fields += [f for f in fields if f not in self.other_fields][:20 - len(self.other_fields)]
         if len(self.errors) < MAX_ERROR_MESSAGES:
             self.errors.append(message)
+
+    @property
+    def num_skipped(self) -> int:
+        return self.num_malformed_skipped + self.num_invalid_utf8_skipped
+
+    @property
+    def num_records(self) -> int:
+        """Records read: documents, empty ones and skipped ones."""
+        return self.num_docs + self.num_empty_skipped + self.num_skipped
 
 
 class Step(Protocol):
@@ -151,7 +176,15 @@ def expand_paths(patterns: str | Path | list[str | Path]) -> list[Path]:
 # ---------------------------------------------------------------- reading
 
 
-Skip = Callable[[str, str], None]  # skip(kind, message), called for a skipped record in on_error="skip" mode
+Skip = Callable[..., None]  # skip(kind, message[, fields, count]): a skipped record, in on_error="skip" mode
+
+
+class MissingField(ValueError):
+    """A record (or a Parquet file: ``count`` rows) without the text field; ``fields`` are the ones it has."""
+
+    def __init__(self, message: str, fields: list[str], count: int = 1):
+        super().__init__(message)
+        self.fields, self.count = fields, count
 
 
 def _lines(path: Path, f: IO[bytes], skip: Skip | None = None) -> Iterator[tuple[int, str]]:
@@ -194,11 +227,19 @@ def _read_text(path: Path, text_split: str, chunk_chars: int,
 def _read_jsonl(path: Path, text_field: str, skip: Skip | None = None) -> Iterator[tuple[str | None, str, dict] | None]:
     """Yield (id, text, meta) per record; with ``skip``, None in place of a record that could not be parsed."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, line in _lines(path, f, skip):
-            if not line.strip():
-                continue
-            yield _parsed_or_skipped(lambda: _parse_json_line(line, text_field, f"{path} line {line_no}"), skip)
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, line in _lines(path, f, skip):
+                if not line.strip():
+                    continue
+                yield _parsed_or_skipped(lambda: _parse_json_line(line, text_field, f"{path} line {line_no}"), skip)
+    except EOFError:  # gzip: the stream ends before its end-of-stream marker
+        raise ValueError(f"{path}: truncated gzip file: the compressed data ends after line {line_no}, before its "
+                         f"end marker (an interrupted download or copy?); fetch or compress the file again") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: not a readable gzip file after line {line_no} ({exc}); "
+                         f"expected gzip-compressed JSON Lines") from None
 
 
 def _parsed_or_skipped(parse: Callable[[], tuple], skip: Skip | None):
@@ -208,7 +249,10 @@ def _parsed_or_skipped(parse: Callable[[], tuple], skip: Skip | None):
     except ValueError as exc:
         if skip is None:
             raise
-        skip("malformed", str(exc))
+        if isinstance(exc, MissingField):
+            skip("malformed", str(exc), exc.fields, exc.count)
+        else:
+            skip("malformed", str(exc))
         return None
 
 
@@ -226,8 +270,8 @@ def _parse_json_line(line: str, text_field: str, where: str) -> tuple[str | None
 def _from_record(record: dict, text_field: str, where: str) -> tuple[str | None, str, dict]:
     """Split a JSON object or Parquet row into (id, text, meta), checking the text field."""
     if text_field not in record:
-        raise ValueError(f"{where}: missing text field {text_field!r}; available keys: "
-                         f"{', '.join(map(repr, record)) or '(none)'}")
+        raise MissingField(f"{where}: missing text field {text_field!r}; available keys: "
+                           f"{', '.join(map(repr, record)) or '(none)'}", list(record))
     text = record.pop(text_field)
     if not isinstance(text, str):
         raise ValueError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
@@ -246,8 +290,14 @@ def _read_parquet(path: Path, text_field: str, skip: Skip | None = None,
         pf = pq.ParquetFile(path)
         columns = pf.schema_arrow.names
         if text_field not in columns:
-            raise ValueError(f"{path}: no column {text_field!r}; columns: {', '.join(map(repr, columns))}")
+            raise MissingField(f"{path}: no column {text_field!r}; columns: {', '.join(map(repr, columns))}",
+                               columns, pf.metadata.num_rows)
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
+        if isinstance(exc, MissingField):
+            if skip is None:
+                raise
+            skip("malformed", str(exc), exc.fields, exc.count)
+            return
         message = str(exc) if isinstance(exc, ValueError) else f"{path}: not a readable Parquet file ({exc})"
         if skip is None:
             raise ValueError(message) from None
@@ -328,6 +378,63 @@ def _iter_documents(paths: list[Path], text_field: str, text_split: str, stats: 
             stats.num_docs += 1
             stats.num_bytes += num_bytes
             yield Document(doc_id if doc_id is not None else f"{stem}:{index}", text, meta)
+
+
+# ---------------------------------------------------------------- checking what was read
+
+MAX_SKIPPED = 0.5  # a stage that skips more than this fraction of its records stops with an error
+
+
+def checked(docs: Iterable[Document], stats: ReadStats, label: str, inputs, text_field: str) -> Iterator[Document]:
+    """``docs`` as they are, then ``check_read``: a stage writing them through an atomic writer fails before its
+    output is renamed into place."""
+    yield from docs
+    check_read(stats, label, inputs, text_field)
+
+
+def check_read(stats: ReadStats, label: str, inputs, text_field: str) -> None:
+    """A one-line ValueError when reading found no document, or skipped more than ``MAX_SKIPPED`` of the records:
+    how many records were read from which files, how many lacked ``text_field`` (and the fields they have) and
+    how many were malformed. ``label`` starts the message ("dedup", "filter")."""
+    where = _names(inputs)
+    if not stats.num_docs:
+        if not stats.num_records:
+            raise ValueError(f"{label}: {where}: no records at all (empty input); nothing to do")
+        raise ValueError(f"{label}: 0 documents read from {where}, {stats.num_records:,} records: "
+                         f"{_counts(stats, text_field)}")
+    if stats.num_skipped > MAX_SKIPPED * (stats.num_docs + stats.num_skipped):
+        raise ValueError(f"{label}: skipped {stats.num_skipped:,} of {stats.num_records:,} records of {where}, "
+                         f"more than half: {_counts(stats, text_field)}")
+
+
+def read_warning(stats: ReadStats, label: str, inputs, text_field: str) -> str | None:
+    """One line for stderr when some records were skipped (fewer than ``check_read`` stops at), else None."""
+    if not stats.num_skipped:
+        return None
+    return (f"{label}: warning: skipped {stats.num_skipped:,} of {stats.num_records:,} records of {_names(inputs)}: "
+            f"{_counts(stats, text_field)}")
+
+
+def _names(inputs) -> str:
+    names = [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _counts(stats: ReadStats, text_field: str) -> str:
+    """What the records were: "120 lack the text field 'body' (they have 'id', 'text'; ...); 3 malformed; ..."."""
+    parts = []
+    if stats.num_missing_field:
+        parts.append(f"{stats.num_missing_field:,} lack the text field {text_field!r} (they have "
+                     f"{', '.join(map(repr, stats.other_fields)) or 'no fields'}; set text_field to the one with the "
+                     f"text)")
+    if stats.num_malformed_skipped > stats.num_missing_field:
+        parts.append(f"{stats.num_malformed_skipped - stats.num_missing_field:,} malformed")
+    if stats.num_invalid_utf8_skipped:
+        parts.append(f"{stats.num_invalid_utf8_skipped:,} not valid UTF-8")
+    if stats.num_empty_skipped:
+        parts.append(f"{stats.num_empty_skipped:,} with empty text")
+    first = next((e for e in stats.errors if "missing text field" not in e and "no column" not in e), None)
+    return "; ".join(parts) + (f"; the first bad one: {first}" if first and stats.num_skipped else "")
 
 
 # ---------------------------------------------------------------- writing

@@ -40,7 +40,6 @@ from slmforge.config import TextSplit
 from slmforge.curate.dedup import WORD_RE, shingle_hashes
 from slmforge.curate.documents import Document, DropStep, read_documents
 from slmforge.curate.steps import DocumentGuard, check_shard, run_steps
-from slmforge.runs import save_config
 
 # The repository's copy of GSM8K test (../shared/data from the repository root).
 GSM8K_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
@@ -296,12 +295,10 @@ def filter_corpus(cfg: FilterConfig, shard_index: int | None = None, num_shards:
     if not cfg.inputs:
         raise ValueError("filter: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
     check_shard("filter", shard_index, num_shards)
-    out = Path(cfg.out_dir)
-    save_config(out, cfg)
     steps = [DocumentGuard(cfg.max_doc_bytes)]
     if cfg.quality:
         steps.append(QualityFilter(cfg))
     if cfg.decontaminate:
         steps.append(Decontaminator.from_config(cfg))
-    return run_steps(steps, cfg.inputs, out, shard_index, num_shards, cfg.text_field, cfg.text_split,
-                     cfg.num_examples, label="filter", config=asdict(cfg))
+    return run_steps(steps, cfg.inputs, cfg.out_dir, shard_index, num_shards, cfg.text_field, cfg.text_split,
+                     cfg.num_examples, label="filter", config=asdict(cfg), save=cfg)

@@ -9,7 +9,9 @@ document, so the shards are disjoint and cover the input), pipes it through each
   out_dir/reports/RANK-of-N.json   num_docs, num_kept, num_removed, removed (per reason), read, examples, ...
   out_dir/report.json              the shards' reports merged, once every shard's report exists
 
-each atomically. ``shard_index=None`` runs every shard in turn; a job array runs one shard index per task.
+each atomically. ``shard_index=None`` runs every shard in turn, in a temporary folder moved into place at the end;
+a job array runs one shard index per task, in place. Reading no document, or skipping more than half the records,
+is an error (``documents.check_read``); some skipped records, or no document kept, are a warning line on stderr.
 
 A step tells the driver what it drops through an ``on_drop(doc, record)`` attribute (``record["reason"]``
 names the rule), which the driver points at the shard's ``DropLog``. A step without one still has its
@@ -19,6 +21,7 @@ drops counted, under its class name, from the documents that went in and came ou
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -26,8 +29,9 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from slmforge.curate.dedup import skip_reason
-from slmforge.curate.documents import Document, DropStep, ReadStats, Step, read_documents, shard_of, write_jsonl
-from slmforge.runs import atomic_path, write_json
+from slmforge.curate.documents import (Document, DropStep, ReadStats, Step, checked, read_documents, read_warning,
+                                      shard_of, write_jsonl)
+from slmforge.runs import atomic_path, save_config, staged_dir, write_json
 
 
 class DropLog:
@@ -82,13 +86,18 @@ def _counted(docs: Iterable[Document], counts: list[int], k: int) -> Iterator[Do
 
 
 def run_shard(steps: list[Step], inputs: list[str], out_dir: str | Path, rank: int, num_shards: int,
-              text_field: str = "text", text_split: str = "file", num_examples: int = 5) -> dict:
-    """Run ``steps`` over shard ``rank`` of ``inputs``; write its kept, removed and report files; return the report."""
+              text_field: str = "text", text_split: str = "file", num_examples: int = 5, label: str = "steps") -> dict:
+    """Run ``steps`` over shard ``rank`` of ``inputs``; write its kept, removed and report files; return the report.
+
+    Reading no document, or skipping most records, is a ValueError (``documents.check_read``) before the shard's
+    kept and removed files are renamed into place.
+    """
     start, out, name = time.perf_counter(), Path(out_dir), shard_name(rank, num_shards)
     stats, log = ReadStats(), DropLog(num_examples)
     # counts[k]: documents into step k; counts[-1]: documents out of the last step
     counts = [0] * (len(steps) + 1)
-    docs = read_documents(inputs, text_field, text_split, stats, on_error="skip")
+    docs = checked(read_documents(inputs, text_field, text_split, stats, on_error="skip"), stats, label, inputs,
+                   text_field)
     docs = _counted(shard_of(docs, rank, num_shards), counts, 0)
     for k, step in enumerate(steps):
         if hasattr(step, "on_drop"):
@@ -128,18 +137,37 @@ def merge_reports(reports: list[dict], num_examples: int) -> dict:
 
 def run_steps(steps: list[Step], inputs: list[str], out_dir: str | Path, shard_index: int | None = None,
               num_shards: int = 1, text_field: str = "text", text_split: str = "file", num_examples: int = 5,
-              label: str = "steps", config: dict | None = None) -> dict:
+              label: str = "steps", config: dict | None = None, save: object | None = None) -> dict:
     """Run ``steps`` over ``inputs`` into ``out_dir`` (see the module docstring); return the merged report once
     every shard is done (with ``config`` added when given), else the report of the last shard run here.
 
-    ``label`` starts the progress lines and errors ("filter 0-of-4: kept ...").
+    ``label`` starts the progress lines and errors ("filter 0-of-4: kept ..."); ``save``, a config dataclass, is
+    written as config.yaml beside the outputs. Every shard at once (``shard_index=None``) is written to a temporary
+    folder beside ``out_dir`` and moved into place when all succeeded, so a failure leaves ``out_dir`` as it was;
+    one shard of a job array writes in place.
     """
     check_shard(label, shard_index, num_shards)
-    out = Path(out_dir)
-    for rank in range(num_shards) if shard_index is None else [shard_index]:
-        report = run_shard(steps, inputs, out, rank, num_shards, text_field, text_split, num_examples)
+    if shard_index is not None:
+        if save is not None:
+            save_config(out_dir, save)
+        return _run_steps(steps, inputs, Path(out_dir), [shard_index], num_shards, text_field, text_split,
+                          num_examples, label, config)
+    with staged_dir(out_dir, last=("report.json",)) as tmp:
+        if save is not None:
+            save_config(tmp, save)
+        return _run_steps(steps, inputs, tmp, range(num_shards), num_shards, text_field, text_split, num_examples,
+                          label, config)
+
+
+def _run_steps(steps: list[Step], inputs: list[str], out: Path, ranks, num_shards: int, text_field: str,
+               text_split: str, num_examples: int, label: str, config: dict | None) -> dict:
+    for rank in ranks:
+        report = run_shard(steps, inputs, out, rank, num_shards, text_field, text_split, num_examples, label)
         print(f"{label} {rank}-of-{num_shards}: kept {report['num_kept']:,} of {report['num_docs']:,} documents "
               f"({report['num_bytes'] / 1e6 / max(report['seconds'], 1e-9):.1f} MB/s)")
+    warning = read_warning(ReadStats(**report["read"]), label, inputs, text_field)
+    if warning:
+        print(warning, file=sys.stderr)
     paths = [out / "reports" / f"{shard_name(r, num_shards)}.json" for r in range(num_shards)]
     if not all(p.exists() for p in paths):
         return report
@@ -147,4 +175,7 @@ def run_steps(steps: list[Step], inputs: list[str], out_dir: str | Path, shard_i
     if config is not None:
         merged["config"] = config
     write_json(out / "report.json", merged)
+    if merged["num_docs"] and not merged["num_kept"]:
+        print(f"{label}: warning: kept 0 of {merged['num_docs']:,} documents (removed: {merged['removed']})",
+              file=sys.stderr)
     return merged

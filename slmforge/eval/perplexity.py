@@ -75,6 +75,11 @@ def perplexity(model, tokenizer, files: list[str | Path], cfg: PerplexityConfig 
     stride = cfg.stride or max(1, seq_len // 2)
     if not 0 < stride <= seq_len:
         raise ValueError(f"stride={stride} must be between 1 and seq_len={seq_len}")
+    if not files:
+        raise ValueError("no text files to score: give one or more files after the run folder")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"{', '.join(missing)}: no such file; give text files to score after the run folder")
     t0 = time.perf_counter()
     per_file = {}
     for path in map(Path, files):
@@ -82,6 +87,9 @@ def perplexity(model, tokenizer, files: list[str | Path], cfg: PerplexityConfig 
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not text.strip():
+            # Nothing to predict: the loss would read 0 and the perplexity 1.00, a perfect score for no evidence.
+            raise ValueError(f"{path}: {'empty' if not text else 'only whitespace'}; give a file with text to score")
         nats, tokens = stream_nats(model, [tokenizer.eos_id] + tokenizer.encode(text), seq_len, stride, cfg.batch_size)
         per_file[str(path)] = _metrics(nats, tokens, len(text.encode("utf-8")))
     total = _metrics(*(sum(m[k] for m in per_file.values()) for k in ("nats", "tokens", "bytes")))

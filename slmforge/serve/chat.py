@@ -8,8 +8,11 @@ from slmforge.serve.generate import stream_text
 
 
 def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
-         top_k: int = 50, top_p: float = 0.95, input_fn=input, out=sys.stdout) -> list[dict]:
-    """Read user turns until EOF or '/exit'; '/reset' clears the history. Returns the transcript."""
+         top_k: int = 50, top_p: float = 0.95, input_fn=None, out=None) -> list[dict]:
+    """Read user turns until EOF or '/exit'; '/reset' clears the history. Returns the transcript.
+
+    ``input_fn`` and ``out`` default to ``input`` and ``sys.stdout`` as they are when called (not when imported)."""
+    input_fn, out = input_fn or input, out or sys.stdout
     messages = [{"role": "system", "content": system}] if system else []
     out.write("slmforge chat — /reset clears the history, /exit or Ctrl-D quits\n")
     while True:
@@ -24,7 +27,8 @@ def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperat
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": user})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # Content as text: a user typing <|system|> cannot forge a turn (Tokenizer.encode_chat).
+        prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
         out.write("model> ")
         reply = []
         for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,

@@ -173,17 +173,23 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperatur
                                new_document))
 
 
-def stream_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
+def stream_text(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
                 top_p: float = 0.95, stop: list[str] | None = None, seed: int | None = None,
                 new_document: bool = True, stop_ids: list[int] | None = None) -> Iterator[str]:
     """Yield text pieces as they are decoded; stop strings and stop tokens are never emitted.
 
     Token shards separate documents with EOS, so ``new_document`` starts the prompt with EOS: the
-    context in which the model saw every document begin (GPT-2's ``<|endoftext|>`` convention).
+    context in which the model saw every document begin (GPT-2's ``<|endoftext|>`` convention). ``prompt`` is
+    text, or token ids already encoded (``Tokenizer.encode_chat``). A prompt longer than the context leaves
+    room for ``max_new_tokens`` by keeping its last tokens; ``max_new_tokens`` must be below the context length.
     """
     device = next(model.parameters()).device
-    ids = ([tokenizer.eos_id] if new_document else []) + tokenizer.encode(prompt)
     max_len = model.cfg.max_seq_len
+    if max_new_tokens >= max_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be below the model's context length {max_len}, "
+                         f"to leave room for the prompt")
+    ids = ([tokenizer.eos_id] if new_document else []) + (tokenizer.encode(prompt) if isinstance(prompt, str)
+                                                          else list(prompt))
     ids = ids[-max(1, max_len - max_new_tokens):]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     prompt_t = torch.tensor([ids], device=device)

@@ -5,10 +5,22 @@ OpenAI's chunk format, ending with ``data: [DONE]``), ``/v1/models`` and ``/heal
 shape ``{"error": {"message", "type", "param", "code"}}``.
 
 Design. The HTTP side is asyncio (FastAPI on uvicorn); the model runs on one ``Worker`` thread that owns it
-(``worker.py`` describes how it batches and decodes). A request is validated and tokenized on the event loop
-(``_Api``), becomes a ``Job`` and goes into the worker's queue. The job sends its events, ("text", piece) ...
+(``worker.py`` describes how it batches and decodes). A request is validated on the event loop (``_Api``),
+tokenized on a thread (``asyncio.to_thread``, so a long text never blocks ``/health``), becomes a ``Job`` and
+goes into the worker's queue. The job sends its events, ("text", piece) ...
 ("done", finish_reason, num_tokens), to its request's asyncio queue with ``call_soon_threadsafe``; a streaming
-response turns each into a chunk as it comes.
+response turns each into a chunk as it comes. A non-streaming request watches its connection while it waits: a
+client that hangs up cancels its job, which leaves the batch at the worker's next step.
+
+Limits (``build_app`` arguments, ``slmforge serve`` keys), each answered in OpenAI's error shape:
+``max_body_bytes`` (413 before the body is read), prompt length (400 ``context_length_exceeded``, at once
+when the text has more characters than the context could hold at the tokenizer's longest token, else after
+tokenizing), ``max_queue`` (429 with ``Retry-After`` when that many jobs already wait), ``request_timeout_s``
+(the answer ends there with the text so far and finish_reason "length", streamed or not), ``max_stop`` stop
+strings of at most ``max_stop_chars`` characters, ``n`` = 1 and 0 <= ``seed`` < 2**63 (400 naming the field).
+Chat content and completion prompts are tokenized as text: ``<|end|>`` in them is never a control token.
+
+long: a little over 400 lines since the limits came in; each check sits next to the request handling it guards.
 """
 
 from __future__ import annotations
@@ -28,10 +40,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from slmforge.checkpoint import load_for_inference
-from slmforge.serve.worker import Job, Worker
+from slmforge.tokens.tokenizer import CHAT_ROLES
+from slmforge.serve.worker import Job, QueueFull, Worker
 
 __all__ = ["CHAT_STOP_TOKENS", "APIError", "ChatRequest", "CompletionRequest", "Job", "Worker", "build_app",
            "running_server", "serve"]
@@ -43,12 +57,13 @@ class APIError(Exception):
     """A request that fails with HTTP ``status``, answered in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.body}, self.status)
+        return JSONResponse({"error": self.body}, self.status, headers=self.headers)
 
 
 class _Request(BaseModel):
@@ -58,7 +73,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # torch generators take 64-bit seeds
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict | None = None
@@ -93,42 +108,59 @@ class _Api:
     """The request side of one app: checks, turns requests into jobs and the worker's events into responses."""
 
     def __init__(self, worker: Worker, tokenizer, model_name: str, api_key: str | None, context_length: int,
-                 device: torch.device):
+                 device: torch.device, limits: dict):
         self.worker, self.tokenizer, self.model_name, self.api_key = worker, tokenizer, model_name, api_key
-        self.context_length, self.device = context_length, device
+        self.context_length, self.device, self.limits = context_length, device, limits
         self.created = int(time.time())
         self.chat_stop_ids = tuple(tokenizer.token_id(t) for t in CHAT_STOP_TOKENS)
+        # Every token covers at most this many bytes, so a text of more characters than
+        # context_length * max_token_chars cannot fit, whatever it tokenizes to.
+        self.max_token_chars = max(len(t) for t in tokenizer.hf.get_vocab(with_added_tokens=True))
+        tokenizer.encode_text("")  # builds its text-only encoder now, not on two threads at once
 
     async def check_key(self, request: Request) -> None:
         given = request.headers.get("authorization", "").encode()
         if self.api_key is not None and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server has '{self.model_name}'.",
+    def check_request(self, req: _Request, param: str, num_chars: int) -> list[str]:
+        """Checks that need no tokenizing: model, n, stop strings, a cheap bound on the prompt -> stop strings."""
+        if req.model != self.model_name:
+            raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.model_name}'.",
                            param="model", code="model_not_found")
-
-    def make_job(self, req: _Request, text: str, param: str, max_tokens: int | None,
-                 stop_ids: tuple[int, ...]) -> Job:
-        self.check_model(req.model)
         if req.n != 1:
             raise APIError(400, "Only n=1 is supported.", param="n")
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        max_stop, max_chars = self.limits["max_stop"], self.limits["max_stop_chars"]
+        if len(stop) > max_stop:
+            raise APIError(400, f"stop: at most {max_stop} stop strings, got {len(stop)}.", param="stop")
+        if any(len(s) > max_chars for s in stop):
+            raise APIError(400, f"stop: each stop string may have at most {max_chars} characters, got "
+                                f"{max(map(len, stop))}.", param="stop")
+        if num_chars > self.context_length * self.max_token_chars:
+            raise APIError(400, f"This model's maximum context length is {self.context_length} tokens; the {param} "
+                                f"has {num_chars} characters, more than that many tokens can hold.",
+                           param=param, code="context_length_exceeded")
+        return [s for s in stop if s]
+
+    async def make_job(self, req: _Request, param: str, num_chars: int, encode: Callable[[], list[int]],
+                       max_tokens: int | None, stop_ids: tuple[int, ...]) -> Job:
+        stop = self.check_request(req, param, num_chars)
         # Token shards start every document after EOS, as ``generate.stream_text`` does.
-        ids = [self.tokenizer.eos_id] + self.tokenizer.encode(text)
+        ids = [self.tokenizer.eos_id] + await asyncio.to_thread(encode)
         context_length = self.context_length
         max_tokens = max_tokens or max(1, context_length - len(ids))
         if len(ids) + max_tokens > context_length:
             raise APIError(400, f"This model's maximum context length is {context_length} tokens; you asked for "
                                 f"{len(ids) + max_tokens} ({len(ids)} in the {param}, {max_tokens} to generate).",
                            param=param, code="context_length_exceeded")
-        stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         generator = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
-        return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=[s for s in stop if s],
-                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator)
+        return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
+                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator,
+                   deadline=time.monotonic() + self.limits["request_timeout_s"])
 
-    async def events(self, job: Job):
-        """Submit ``job`` and yield its events as the worker sends them, up to its "done" or "error"."""
+    def submit(self, job: Job) -> asyncio.Queue:
+        """Queue ``job`` (429 when the worker's queue is full); returns the asyncio queue its events arrive in."""
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
         def emit(event: tuple) -> None:
@@ -138,7 +170,15 @@ class _Api:
                 job.cancelled = True
 
         job.emit = emit
-        self.worker.submit(job)
+        try:
+            self.worker.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"The server is busy ({e}); retry after a second.", "rate_limit_error",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        return inbox
+
+    async def events(self, job: Job, inbox: asyncio.Queue):
+        """Yield ``job``'s events as the worker sends them, up to its "done" or "error" (or "gone": client left)."""
         try:
             while (event := await inbox.get())[0] == "text":
                 yield event
@@ -148,26 +188,41 @@ class _Api:
             # drops the row at its next step.
             job.cancelled = True
 
-    async def collect(self, job: Job) -> tuple[str, str]:
-        """Run ``job`` to the end -> (text, finish_reason)."""
+    async def collect(self, job: Job, request: Request) -> tuple[str, str]:
+        """Run ``job`` to the end -> (text, finish_reason), cancelling it if the client hangs up meanwhile."""
+        inbox = self.submit(job)
+
+        async def watch() -> None:  # the body has been read: the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            inbox.put_nowait(("gone",))
+
+        watcher = asyncio.create_task(watch())
         pieces = []
-        async for event in self.events(job):
-            if event[0] == "error":
-                raise APIError(500, event[1], "server_error")
-            if event[0] == "done":
-                return "".join(pieces), event[1]
-            pieces.append(event[1])
+        try:
+            async for event in self.events(job, inbox):
+                if event[0] == "text":
+                    pieces.append(event[1])
+        finally:
+            watcher.cancel()
+        if event[0] == "error":
+            raise APIError(500, event[1], "server_error")
+        if event[0] == "gone":
+            raise APIError(499, "The client closed the request.")  # nobody reads it
+        return "".join(pieces), event[1]
 
     def stream(self, job: Job, head: dict, choice: Callable[[str, str | None], dict], req: _Request,
                first: dict | None = None) -> StreamingResponse:
         """Server-sent events: ``first``, one chunk per text piece, the finish chunk, usage if asked, [DONE]."""
+        inbox = self.submit(job)  # before the response starts, so that a full queue is still a 429
+
         def chunk(choices: list[dict], **extra) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
         async def body():
             if first is not None:
                 yield chunk([first])
-            async for event in self.events(job):
+            async for event in self.events(job, inbox):
                 if event[0] == "error":
                     yield f"data: {json.dumps({'error': APIError(500, event[1], 'server_error').body})}\n\n"
                 elif event[0] == "text":
@@ -180,26 +235,30 @@ class _Api:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    async def chat_completions(self, req: ChatRequest):
+    async def chat_completions(self, req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(part.text for part in m.content)} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as e:  # an unknown role
-            raise APIError(400, str(e), param="messages") from None
-        job = self.make_job(req, text, "messages", req.max_completion_tokens or req.max_tokens, self.chat_stop_ids)
+        bad = next((m.role for m in req.messages if m.role not in CHAT_ROLES), None)
+        if bad is not None:
+            raise APIError(400, f"messages: unknown role {bad!r}; expected one of {', '.join(CHAT_ROLES)}.",
+                           param="messages")
+        # The template adds 3 control tokens per message at most (role, end, the assistant's role).
+        num_chars = sum(len(m["content"]) for m in messages) + 3 * len(messages) * self.max_token_chars
+        job = await self.make_job(req, "messages", num_chars, lambda: self.tokenizer.encode_chat(messages),
+                                  req.max_completion_tokens or req.max_tokens, self.chat_stop_ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if req.stream:
             return self.stream(job, {**head, "object": "chat.completion.chunk"}, lambda piece, reason: {
                 "index": 0, "delta": {} if reason else {"content": piece}, "logprobs": None, "finish_reason": reason},
                 req, first={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                             "finish_reason": None})
-        text, reason = await self.collect(job)
+        text, reason = await self.collect(job, request)
         return {**head, "object": "chat.completion", "usage": _usage(job), "choices": [{
             "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}]}
 
-    async def completions(self, req: CompletionRequest):
-        job = self.make_job(req, req.prompt, "prompt", req.max_tokens, ())
+    async def completions(self, req: CompletionRequest, request: Request):
+        job = await self.make_job(req, "prompt", len(req.prompt), lambda: self.tokenizer.encode_text(req.prompt),
+                                  req.max_tokens, ())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
@@ -208,7 +267,7 @@ class _Api:
 
         if req.stream:
             return self.stream(job, head, choice, req)
-        text, reason = await self.collect(job)
+        text, reason = await self.collect(job, request)
         return {**head, "usage": _usage(job), "choices": [choice(text, reason)]}
 
     async def models(self):
@@ -216,8 +275,10 @@ class _Api:
                                             "owned_by": "slmforge"}]}
 
     async def health(self):
-        return {"status": "ok", "model": self.model_name, "num_batches": self.worker.num_batches,
-                "num_rows": self.worker.num_rows}
+        worker = self.worker
+        return {"status": "ok", "model": self.model_name, "num_batches": worker.num_batches,
+                "num_rows": worker.num_rows, "active_rows": worker.active_rows, "queued": worker.queue.qsize(),
+                "num_cancelled": worker.num_cancelled, "num_expired": worker.num_expired}
 
 
 async def _invalid(request, e: RequestValidationError):
@@ -233,11 +294,44 @@ async def _invalid(request, e: RequestValidationError):
     return APIError(400, message, param=param, code=first["type"]).response()
 
 
-def _add_exception_handlers(app: FastAPI) -> None:
+def _http_error(e: HTTPException, max_body_bytes: int) -> APIError:
+    if e.status_code == 413:
+        return APIError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes "
+                             f"(max_body_bytes).", code="request_too_large")
+    return APIError(e.status_code, str(e.detail))
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``max_body_bytes`` gets 413, at once from its Content-Length (the body is never
+    read), else as soon as the bytes received pass the limit (a chunked body)."""
+
+    def __init__(self, app, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        length = Headers(scope=scope).get("content-length", "") if scope["type"] == "http" else ""
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            too_large = _http_error(HTTPException(413), self.max_body_bytes).response()
+            too_large.headers["connection"] = "close"
+            return await too_large(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited if scope["type"] == "http" else receive, send)
+
+
+def _add_exception_handlers(app: FastAPI, max_body_bytes: int) -> None:
     """Every error as JSON in OpenAI's shape."""
     app.add_exception_handler(APIError, lambda request, e: e.response())
-    # Unknown routes and methods (404, 405), and any bug: still JSON in OpenAI's shape.
-    app.add_exception_handler(HTTPException, lambda request, e: APIError(e.status_code, str(e.detail)).response())
+    # Unknown routes and methods (404, 405), a body too large (413), and any bug: still JSON in OpenAI's shape.
+    app.add_exception_handler(HTTPException, lambda request, e: _http_error(e, max_body_bytes).response())
     app.add_exception_handler(Exception, lambda request, e: APIError(500, f"{type(e).__name__}: {e}",
                                                                      "server_error").response())
     app.add_exception_handler(RequestValidationError, _invalid)
@@ -254,14 +348,18 @@ def _add_routes(app: FastAPI, api: _Api) -> None:
 
 
 def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
-              context_length: int | None = None, batch_window_s: float = 0.02) -> FastAPI:
+              context_length: int | None = None, batch_window_s: float = 0.02, max_body_bytes: int = 1_000_000,
+              max_queue: int = 64, request_timeout_s: float = 60.0, max_stop: int = 4,
+              max_stop_chars: int = 64) -> FastAPI:
     """The FastAPI app serving ``model``; its worker starts and stops with the app (``app.state.worker``).
 
-    ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens.
+    ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens; the limits are
+    described in the module docstring.
     """
-    worker = Worker(model, tokenizer, max_batch, batch_window_s)
+    worker = Worker(model, tokenizer, max_batch, batch_window_s, max_queue)
+    limits = {"request_timeout_s": request_timeout_s, "max_stop": max_stop, "max_stop_chars": max_stop_chars}
     api = _Api(worker, tokenizer, model_name, api_key, context_length or model.cfg.max_seq_len,
-               next(model.parameters()).device)
+               next(model.parameters()).device, limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -271,7 +369,8 @@ def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max
 
     app = FastAPI(title="slmforge", lifespan=lifespan)
     app.state.worker = worker
-    _add_exception_handlers(app)
+    app.add_middleware(_BodyLimit, max_body_bytes=max_body_bytes)
+    _add_exception_handlers(app, max_body_bytes)
     _add_routes(app, api)
     return app
 
@@ -302,12 +401,13 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_batch: int = 8, device: str | None = None) -> None:
-    """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY."""
+          model_name: str | None = None, max_batch: int = 8, device: str | None = None, **limits) -> None:
+    """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY;
+    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars."""
     import uvicorn
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     app = build_app(model, tokenizer, model_name or cfg.name, api_key or os.environ.get("SLMFORGE_API_KEY"),
-                    max_batch)
+                    max_batch, **limits)
     uvicorn.run(app, host=host, port=port)
 

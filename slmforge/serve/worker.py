@@ -14,6 +14,10 @@ and batching what arrives together already gives the speedup at a handful of cli
 k > 1 rows the worker waits up to ``batch_window_s`` for k jobs, because clients that send their next request just
 after their answer would otherwise split into ever smaller batches. Every model batches so, whatever its mixers:
 the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
+Limits. ``submit`` refuses a job (``QueueFull``) when ``max_queue`` jobs already wait; the server answers 429. A
+job past its ``deadline`` (``time.monotonic()``) finishes at the worker's next step, or as soon as it is taken
+from the queue, with the text decoded so far and finish_reason "length", as if max_tokens were reached; a
+cancelled job (its client hung up) leaves the batch at the next step and is never decoded further.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class Job:
     stop_ids: tuple[int, ...] = ()
     generator: torch.Generator | None = None
     cancelled: bool = False  # set by the request side when its client goes away
+    deadline: float = float("inf")  # time.monotonic() after which the job ends with finish_reason "length"
     new: list[int] = field(default_factory=list)
     emitted: str = ""
     num_tokens: int = 0
@@ -71,6 +76,10 @@ class Job:
             self.emitted = text[:safe]
         return False
 
+    def expire(self, decode: Callable[[list[int]], str]) -> None:
+        """End at the deadline: the text so far, finish_reason "length"."""
+        self._finish(decode(self.new), "length")
+
     def _finish(self, text: str, reason: str) -> bool:
         if len(text) > len(self.emitted):
             self.emit(("text", text[len(self.emitted):]))
@@ -78,16 +87,26 @@ class Job:
         return True
 
 
-class Worker:
-    """The one thread that runs the model; ``submit`` jobs from any thread."""
+class QueueFull(Exception):
+    """``Worker.submit``: ``max_queue`` jobs are already waiting."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02):
+
+class Worker:
+    """The one thread that runs the model; ``submit`` jobs from any thread.
+
+    Counters: ``num_batches``, ``num_rows`` (rows started), ``num_cancelled`` (jobs dropped because their client
+    left), ``num_expired`` (jobs ended at their deadline), ``num_tokens`` (tokens decoded), ``active_rows`` (rows
+    in the batch now).
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02, max_queue: int = 64):
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch = max_batch
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.batch_window_s = batch_window_s
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="slmforge-model", daemon=True)
-        self.num_batches = self.num_rows = self.num_cancelled = 0
+        self.num_batches = self.num_rows = self.num_cancelled = self.num_expired = self.num_tokens = 0
+        self.active_rows = 0
         self._last_batch_size = 1
 
     def start(self) -> None:
@@ -98,7 +117,21 @@ class Worker:
         self.thread.join()
 
     def submit(self, job: Job) -> None:
+        """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs already wait (call from one thread)."""
+        if self.queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are already waiting")
         self.queue.put(job)
+
+    def _usable(self, job: Job) -> bool:
+        """False (and counted) for a job that was cancelled or is past its deadline; an expired job ends now."""
+        if job.cancelled:
+            self.num_cancelled += 1
+            return False
+        if time.monotonic() > job.deadline:
+            self.num_expired += 1
+            job.expire(self.tokenizer.decode)
+            return False
+        return True
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -119,7 +152,7 @@ class Worker:
             job = self.queue.get()
             if job is None:
                 return None
-            if not job.cancelled:
+            if self._usable(job):
                 jobs.append(job)
         deadline = time.monotonic() + self.batch_window_s
         while len(jobs) < self.max_batch:
@@ -131,7 +164,7 @@ class Worker:
             if job is None:  # finish this batch first, then stop
                 self.queue.put(None)
                 break
-            if not job.cancelled:
+            if self._usable(job):
                 jobs.append(job)
         self._last_batch_size = len(jobs)
         return jobs
@@ -140,19 +173,27 @@ class Worker:
         """Decode ``jobs`` together until each has finished or been cancelled."""
         self.num_batches += 1
         self.num_rows += len(jobs)
-        decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
-        logits = decoder.prefill()  # (B, V)
-        while True:
-            nxt = _sample(logits, jobs)  # (B,)
-            alive = []
-            for r, (job, token) in enumerate(zip(jobs, nxt.tolist())):
-                self.num_cancelled += job.cancelled
-                if not job.cancelled and not job.push(token, self.tokenizer.decode):
-                    alive.append(r)
-            if not alive:
-                return
-            nxt, jobs = decoder.keep(alive, nxt), [jobs[r] for r in alive]
-            logits = decoder.step(nxt)
+        self.active_rows = len(jobs)
+        try:
+            decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
+            logits = decoder.prefill()  # (B, V)
+            while True:
+                nxt = _sample(logits, jobs)  # (B,)
+                self.num_tokens += len(jobs)
+                alive = [r for r, (job, token) in enumerate(zip(jobs, nxt.tolist())) if self._step(job, token)]
+                if not alive:
+                    return
+                nxt, jobs = decoder.keep(alive, nxt), [jobs[r] for r in alive]
+                self.active_rows = len(jobs)
+                logits = decoder.step(nxt)
+        finally:
+            self.active_rows = 0
+
+    def _step(self, job: Job, token: int) -> bool:
+        """Give ``job`` its next token; False when it leaves the batch (finished, cancelled or expired)."""
+        if not self._usable(job):  # cancelled while its step ran (or, then, past its deadline)
+            return False
+        return not job.push(token, self.tokenizer.decode) and self._usable(job)
 
 
 def _sample(logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:

@@ -22,6 +22,7 @@ neither written nor rejected, so the next run asks again.
 Quality: ``parse_answer`` checks every answer as it arrives (prompts.py); ``clean`` then runs the data engine's
 exact and MinHash dedup (dedup.py) and 13-gram decontamination (filters.py) over the shards, into dedup/ and
 decontam/ (with ``dedup``/``decontaminate`` set, at the end of every run; the summary names the final folder).
+A job with no accepted answer at all is an error naming the main reject reasons (``rejection_reasons``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -284,11 +286,9 @@ async def _drive(run: _Run, todo: Iterator[Request], window: int) -> None:
 
 
 def synthesize(job: SynthJob, progress: bool = True, teacher=None) -> dict:
-    """Run ``job`` (resuming a previous run in ``job.out_dir``) and return the summary, also in summary.json.
-
-    ``teacher`` replaces the one ``job.teacher`` describes (tests and benchmarks pass mock transports); it is
-    closed at the end.
-    """
+    """Run ``job`` (resuming a previous run in ``job.out_dir``) and return the summary, also in summary.json; a
+    ValueError when no answer was accepted. ``teacher`` replaces the one ``job.teacher`` describes (tests and
+    benchmarks pass mock transports); it is closed at the end."""
     start, out = time.perf_counter(), output_dir(job)
     lookup({m: m for m in MATH_CHECKS}, job.math_check, "math_check")
     if job.samples_per_item < 1 or job.records_per_shard < 1 or job.teacher.concurrency < 1:
@@ -319,10 +319,35 @@ def synthesize(job: SynthJob, progress: bool = True, teacher=None) -> dict:
         requests_per_second=round(run.requested / max(seconds, 1e-9), 2), stopped=run.stopped,
         complete=all(rid in finished for rid in planned), total_written=len(store.written),
         total_rejected=len(store.rejected), out_dir=str(out))
-    if job.dedup or job.decontaminate:
+    if (job.dedup or job.decontaminate) and store.written:
         summary["clean"] = clean(job)
     write_json(out / "summary.json", summary)
+    _check_accepted(summary, out / "rejects.jsonl")
     return summary
+
+
+def _check_accepted(summary: dict, rejects: Path) -> None:
+    """Every answered request rejected is an error naming the main reasons; more rejected than accepted a warning."""
+    planned, written, rejected = summary["planned"], summary["total_written"], summary["total_rejected"]
+    if not rejected or written >= rejected:
+        return
+    top = "; ".join(f"{kind} ({n:,}, e.g. {ex!r})" for kind, (n, ex) in list(rejection_reasons(rejects).items())[:3])
+    if not written:
+        raise ValueError(f"synth {summary['job']}: 0 of {planned:,} requests accepted, {rejected:,} rejected: {top}; "
+                         f"all in {rejects} (fix the template or teacher, then rerun with retry_rejects=true)")
+    print(f"synth {summary['job']}: warning: {rejected:,} rejected, {written:,} accepted: {top}", file=sys.stderr)
+
+
+def rejection_reasons(rejects: Path) -> dict[str, tuple[int, str]]:
+    """{reason kind: (ids, the first message)} of rejects.jsonl, most frequent first; a kind is the message up to
+    its first colon, numbers as N but for HTTP ("http 400", "math check", "N words, outside [N, N]")."""
+    lines = rejects.read_text(encoding="utf-8").splitlines() if rejects.exists() else []
+    last = {r["id"]: str(r.get("reason", "")) for r in map(json.loads, lines)}  # an id asked again: its last
+    kinds: dict[str, list] = {}
+    for reason in last.values():
+        kind = reason.split(":")[0].strip()[:60]
+        kinds.setdefault(kind if kind.startswith("http") else re.sub(r"\d+", "N", kind), [0, reason[:160]])[0] += 1
+    return {k: (n, example) for k, (n, example) in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
 
 
 def preview(job: SynthJob) -> str:

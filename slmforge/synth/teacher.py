@@ -3,8 +3,9 @@
 ``TEACHERS`` maps a name to a class built from a ``TeacherConfig``; each has
 ``async complete(request) -> Completion`` and counts its retries and token usage:
   openai      any server speaking the chat-completions API (OpenAI, vLLM, llama.cpp, ``slmforge serve``).
-              Base URL, model and key come from the config, else $OPENAI_BASE_URL, $SLMFORGE_TEACHER_MODEL and
-              $OPENAI_API_KEY (keep keys out of job files).
+              Base URL and model come from the config, else $OPENAI_BASE_URL and $SLMFORGE_TEACHER_MODEL. The
+              key comes from ``api_key_file``, else the variable ``api_key_env`` names, else $OPENAI_API_KEY
+              (``api_key`` given directly works too; config dumps mask it, see ``config.loading.masked``).
   procedural  no server, for trying a job offline: answers with ``procedural.py``'s verifiable generators in
               the format the template asks for (its field labels, in order). Word problems (math, exercises)
               are set in the job's topic with the topic's items where it knows them ("a bakery": cupcakes,
@@ -38,6 +39,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from slmforge.registry import lookup
@@ -49,7 +51,9 @@ class TeacherConfig:
     name: str = "openai"  # TEACHERS key: "openai" or "procedural"
     base_url: str = ""  # "" -> $OPENAI_BASE_URL
     model: str = ""  # "" -> $SLMFORGE_TEACHER_MODEL
-    api_key: str = ""  # "" -> $OPENAI_API_KEY ("none" when unset: local servers ignore it)
+    api_key: str = ""  # better not: saved and printed masked, but seen in shell history; use api_key_env or _file
+    api_key_env: str = ""  # environment variable holding the key; "" = $OPENAI_API_KEY ("none" when unset)
+    api_key_file: str = ""  # file holding the key (its first line); read when the job starts, never saved
     concurrency: int = 8  # requests in flight
     timeout: float = 120.0  # seconds per attempt
     max_retries: int = 6  # per request
@@ -98,6 +102,30 @@ class RetriesExhausted(Exception):
 
 class RetryBudgetExhausted(Exception):
     """The run spent ``max_total_retries`` retries; the job stops issuing requests."""
+
+
+def resolve_api_key(cfg: TeacherConfig) -> str:
+    """The key: ``api_key``, else the first line of ``api_key_file``, else $``api_key_env`` (which must be set),
+    else $OPENAI_API_KEY, else "none" (local servers ignore it). Errors name the key, never its value."""
+    if cfg.api_key:
+        if cfg.api_key == "***" or cfg.api_key.endswith("...****"):
+            raise ValueError("teacher.api_key holds a masked key (copied from a saved config.yaml?); give the real "
+                             "one with teacher.api_key_env=VAR or teacher.api_key_file=PATH")
+        return cfg.api_key
+    if cfg.api_key_file:
+        try:
+            lines = Path(cfg.api_key_file).read_text(encoding="utf-8").strip().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"teacher.api_key_file={cfg.api_key_file}: cannot read it "
+                             f"({getattr(exc, 'strerror', None) or type(exc).__name__})") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"teacher.api_key_file={cfg.api_key_file}: the file is empty; put the key on line 1")
+        return lines[0].strip()
+    if cfg.api_key_env:
+        if not os.environ.get(cfg.api_key_env):
+            raise ValueError(f"teacher.api_key_env={cfg.api_key_env}: ${cfg.api_key_env} is not set (or empty)")
+        return os.environ[cfg.api_key_env]
+    return os.environ.get("OPENAI_API_KEY") or "none"
 
 
 def backoff_delay(retry: int, cfg: TeacherConfig, rng: random.Random, retry_after: float | None = None) -> float:
@@ -161,7 +189,7 @@ class OpenAITeacher(_Accounting):
             raise ValueError("teacher 'openai' needs a server and a model: set teacher.base_url and teacher.model "
                              "in the job (or $OPENAI_BASE_URL and $SLMFORGE_TEACHER_MODEL), or use "
                              "teacher.name=procedural to run offline")
-        api_key = cfg.api_key or os.environ.get("OPENAI_API_KEY") or "none"
+        api_key = resolve_api_key(cfg)
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=cfg.timeout,
                                          http_client=http_client)
         self.semaphore = asyncio.Semaphore(cfg.concurrency)

@@ -5,6 +5,8 @@ A shard directory holds ``tokens-00000.bin`` (raw ids, uint16 when the vocabular
 ``meta.json``, written last: a directory without it is incomplete. Every document is stored as
 ``ids + [eos]``, so ``eos`` separates documents in the stream. ``meta.json`` records the tokenizer the shards
 were made with (absolute path and SHA-256), so a run trained on them can find it (``recorded_tokenizer``).
+A new tokenization is written to a temporary folder beside the shard folder and moved into place only when it
+finished (``runs.staged_dir``), so a failed one leaves the shards that were there loadable.
 
 Encoding runs in worker processes (fork), each with its own cached ``Tokenizer.encode_flat``: on 2 cores
 and the Gutenberg books that is about 14 MB/s with 2 workers and 10 MB/s in-process, against 2.6 MB/s for
@@ -33,7 +35,7 @@ import torch
 
 from slmforge.tokens.tokenizer import Tokenizer, _json_path
 from slmforge.progress import progress_bar
-from slmforge.runs import atomic_path, write_json
+from slmforge.runs import atomic_path, staged_dir, write_json
 
 # ---------------------------------------------------------------- writing shards
 
@@ -150,21 +152,33 @@ class _ShardWriter:
 
 def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir: str | Path,
                        num_workers: int = 2, shard_tokens: int = 1 << 27, append_eos: bool = True,
-                       progress: bool | None = None) -> dict[str, Any]:
+                       progress: bool | None = None, allow_empty: bool = False) -> dict[str, Any]:
     """Encode documents in order into token shards under ``out_dir`` and return the meta (plus timing).
 
     ``num_workers`` processes encode batches of documents (<= 1: in this process); the output does not
-    depend on it. ``progress=None`` shows a progress bar only when stderr is a terminal.
+    depend on it. ``progress=None`` shows a progress bar only when stderr is a terminal. A failed run (an error,
+    an interrupt, no documents) leaves the shards in ``out_dir`` as they were (see the module docstring). No
+    documents at all is a ValueError unless ``allow_empty`` (a held-out split that may be empty).
     """
     tokenizer_path, out_dir = _json_path(tokenizer_path), Path(out_dir)
     tokenizer = Tokenizer.load(tokenizer_path)
+    with staged_dir(out_dir, last=("meta.json",)) as tmp:
+        meta = _write_shards(texts, tokenizer, tokenizer_path, tmp, out_dir, num_workers, shard_tokens, append_eos,
+                             progress)
+        if not meta["num_docs"] and not allow_empty:
+            raise ValueError(f"no documents to tokenize into {out_dir} (the input holds no text); "
+                             f"{'its shards are left as they were' if out_dir.exists() else 'nothing was written'}")
+    listed = {name for f in meta["files"] for name in (f["tokens"], f["docs"])}
+    for stale in {*out_dir.glob("tokens-*.bin"), *out_dir.glob("docs-*.npy")} - {out_dir / n for n in listed}:
+        stale.unlink()
+    return meta
+
+
+def _write_shards(texts: Iterable[str], tokenizer: Tokenizer, tokenizer_path: Path, tmp: Path, out_dir: Path,
+                  num_workers: int, shard_tokens: int, append_eos: bool, progress: bool | None) -> dict[str, Any]:
+    """``tokenize_to_shards`` into the temporary folder ``tmp``: the shards, then meta.json; the meta plus timing."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Mark the directory incomplete until the new meta.json is written.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    writer = _ShardWriter(out_dir, dtype, shard_tokens)
-    num_bytes = num_docs = 0
-    start = time.perf_counter()
+    writer, num_bytes, num_docs, start = _ShardWriter(tmp, dtype, shard_tokens), 0, 0, time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     bar = progress_bar(unit="B", unit_scale=True, desc=f"tokenize {out_dir}", disable=not show)
     encoded = _encoded(_batches(texts), tokenizer, tokenizer_path, num_workers, append_eos, dtype)
@@ -182,15 +196,11 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir
         encoded.close()  # stops the worker pool now, also on error
         bar.close()
     seconds = time.perf_counter() - start
-    listed = {name for f in writer.files for name in (f["tokens"], f["docs"])}
-    for stale in [*out_dir.glob("tokens-*.bin"), *out_dir.glob("docs-*.npy")]:
-        if stale.name not in listed:
-            stale.unlink()
     meta = dict(dtype=dtype.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id if append_eos else None,
                 num_tokens=sum(f["num_tokens"] for f in writer.files), num_docs=num_docs, num_bytes=num_bytes,
                 tokenizer=str(tokenizer_path.resolve()), tokenizer_sha256=file_sha256(tokenizer_path),
                 files=writer.files)
-    write_json(out_dir / "meta.json", meta)
+    write_json(tmp / "meta.json", meta)
     return dict(meta, seconds=seconds, mb_per_second=num_bytes / 1e6 / max(seconds, 1e-9))
 
 

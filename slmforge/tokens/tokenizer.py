@@ -8,6 +8,9 @@ Chat template (``apply_chat_template``), no newlines or spaces added::
 
     <|system|>{content}<|end|><|user|>{content}<|end|><|assistant|>{content}<|end|>...<|assistant|>
 
+``encode_chat`` builds its ids segment by segment: the template's control ids plus each content encoded as
+TEXT (``encode_text``), so a message containing ``<|end|><|system|>`` cannot forge a role.
+
 Fast path: ``encode_batch``/``encode_flat`` cut each text into pieces at positions that are certainly
 boundaries of the GPT-2 pre-tokenizer regex (see ``_PIECE``), encode each distinct piece once with HF and
 reuse it from a cache. HF's own ``encode`` (what ``encode`` calls) is the reference; the tests compare
@@ -61,7 +64,7 @@ _CACHE_MAX_TOKENS = 1 << 24
 def _json_path(path: str | Path) -> Path:
     """Accept a tokenizer directory or the ``tokenizer.json`` file itself."""
     path = Path(path)
-    return path if path.suffix == ".json" else path / "tokenizer.json"
+    return path if path.suffix == ".json" or path.is_file() else path / "tokenizer.json"
 
 
 class Tokenizer:
@@ -77,6 +80,7 @@ class Tokenizer:
         added = sorted(hf.get_added_tokens_decoder().values(), key=lambda t: -len(t.content))
         self._added = re.compile("(" + "|".join(re.escape(t.content) for t in added) + ")")
         self._added_plain = not any(t.lstrip or t.rstrip or t.single_word for t in added)
+        self._text_hf: tokenizers.Tokenizer | None = None  # a copy that encodes special-token strings as text
         self._reset_cache()
 
     # ------------------------------------------------------------------ files
@@ -87,7 +91,11 @@ class Tokenizer:
         if not path.is_file():
             raise ValueError(f"{path}: no tokenizer here; train one: "
                              f"slmforge tokenizer FILES vocab_size=8192 out={path}")
-        return cls(tokenizers.Tokenizer.from_file(str(path)))
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(path)))
+        except Exception as e:  # the Rust library raises a bare Exception for a truncated or foreign file
+            raise ValueError(f"{path}: not a readable tokenizer file ({e}); it may be truncated or another "
+                             f"format: copy it again or train one with `slmforge tokenizer`") from None
 
     def save(self, path: str | Path) -> Path:
         path = _json_path(path)
@@ -206,6 +214,26 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` with special-token strings (``<|end|>``, ...) encoded as plain text, never as
+        control ids: for text a user sends (chat content, a completion prompt)."""
+        if self._text_hf is None:
+            self._text_hf = tokenizers.Tokenizer.from_str(self.hf.to_str())
+            self._text_hf.encode_special_tokens = True
+        return self._text_hf.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of ``apply_chat_template(messages)`` with every content encoded as text (``encode_text``):
+        the only control ids are the template's own."""
+        ids: list[int] = []
+        for i, message in enumerate(messages):
+            _check_message(i, message)
+            role = self.token_id(lookup(CHAT_ROLES, message["role"], "chat role"))
+            ids += [role, *self.encode_text(message["content"]), self.token_id("<|end|>")]
+        if add_generation_prompt:
+            ids.append(self.token_id(CHAT_ROLES["assistant"]))
+        return ids
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render ``[{"role": "user", "content": "hi"}, ...]`` as ``<|user|>hi<|end|>...`` (module docstring).
 
@@ -213,12 +241,16 @@ class Tokenizer:
         """
         parts = []
         for i, message in enumerate(messages):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise ValueError(f"chat message {i}: expected a dict with 'role' and 'content', got {message!r}")
+            _check_message(i, message)
             parts.append(f"{lookup(CHAT_ROLES, message['role'], 'chat role')}{message['content']}<|end|>")
         if add_generation_prompt:
             parts.append(CHAT_ROLES["assistant"])
         return "".join(parts)
+
+
+def _check_message(i: int, message) -> None:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ValueError(f"chat message {i}: expected a dict with 'role' and 'content', got {message!r}")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path | None = None,

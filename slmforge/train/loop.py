@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slmforge.checkpoint import latest_checkpoint
+from slmforge.checkpoint import checkpoint_folders, newest_valid_checkpoint
 from slmforge.config import RunConfig, TrainConfig
+from slmforge.log import log
 from slmforge.metrics import bits_per_byte, evaluate_loss, tokens_per_step
 from slmforge.model.lm import LM
 from slmforge.plan import GPUS, flops_per_token
@@ -142,10 +143,15 @@ class StepOutput:
     grad_norm: float  # before clipping
 
 
-def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True) -> RunResult:
-    """Train ``cfg``'s model on its token shards; ``resume`` continues exactly from the latest checkpoint."""
+def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True,
+          force: bool = False) -> RunResult:
+    """Train ``cfg``'s model on its token shards; ``resume`` continues exactly from the newest valid checkpoint.
+
+    A run folder that already has checkpoints or metrics is refused without ``resume``; ``force`` deletes them and
+    starts over.
+    """
     info = dist.init(resolve_device(cfg.train.device).type)
-    tr = setup(cfg, info, resume)
+    tr = setup(cfg, info, resume, force)
     batches = iter(tr.loader)
     bar = progress_bar(total=tr.t.max_steps, initial=tr.step, disable=not (progress and info.is_main), desc="train",
                dynamic_ncols=True)
@@ -172,8 +178,9 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     return _finish(tr, start_step, time.perf_counter() - start_time, train_loss, val_loss)
 
 
-def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
-    """Seed, write config.yaml, build the model, optimizer and loaders; restore the latest checkpoint if asked."""
+def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False) -> Trainer:
+    """Seed, build the model, optimizer and loaders, then write config.yaml; restore the newest valid checkpoint if
+    asked. Every check a user error can fail comes first, so a refused run writes nothing."""
     t = anneal_aligned(cfg, info.world_size)
     device = dist.device_for(info, t.device)
     amp_dtype = autocast_dtype(t.dtype, device)
@@ -181,12 +188,10 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
         torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)
     run = RunDir.of(cfg)
-    if info.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(run.root, cfg)
     _check_vocab(cfg, run)
-    _record_tokenizer(cfg, run, info.is_main)
+    tokenizer = _shards_tokenizer(cfg, run)
     val_dir = _validation_shards(cfg, run)
+    ckpt = _resume_point(run, resume, force, info.is_main)
     model = LM(cfg.model).to(device)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
@@ -195,12 +200,13 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
     val_meta = load_shards(val_dir).meta
     val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False),
                                         t.eval_batches))
+    if info.is_main:
+        _write_run_folder(cfg, run, tokenizer, force)
     tr = Trainer(cfg, t, info, device, amp_dtype, run, model, train_model, optimizer, loader, val_batches,
                  tokens_per_byte=val_meta["num_tokens"] / max(val_meta["num_bytes"], 1),
                  metrics=MetricsLog(run.metrics), tokens_per_step=tokens_per_step(cfg, info.world_size),
                  flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["train"],
                  peak_flops=_peak_flops(device))
-    ckpt = latest_checkpoint(run.checkpoints) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, info)
         tr.step = state["step"]
@@ -209,6 +215,50 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool) -> Trainer:
         # A replayed step is not logged twice.
         tr.metrics.truncate_after(tr.step)
     return tr
+
+
+def _resume_point(run: RunDir, resume: bool, force: bool, is_main: bool) -> Path | None:
+    """The checkpoint to resume from: the newest that verifies (saying which newer ones were skipped and why).
+    Without ``resume`` a run folder that already trained is refused unless ``force`` (start over)."""
+    if resume and force:
+        raise ValueError("--resume continues a run and --force starts it over: give one of them")
+    if not resume:
+        done = _trained_outputs(run)
+        if done and not force:
+            raise ValueError(f"{run.root}: already trained ({', '.join(done)}); continue it with --resume, or "
+                             f"start over with --force (deletes them), or give the run a new name=...")
+        return None
+    ckpt, skipped = newest_valid_checkpoint(run.checkpoints)
+    if ckpt is None and skipped:
+        raise ValueError(f"{run.checkpoints}: no checkpoint to resume from verifies ({'; '.join(skipped)}); "
+                         f"to start over, delete {run.checkpoints} and {run.metrics.name}")
+    if is_main and ckpt is not None:
+        for reason in skipped:
+            log(f"resume: skipping {reason}")
+        log(f"resume: from {ckpt.name}")
+    return ckpt
+
+
+def _trained_outputs(run: RunDir) -> list[str]:
+    """What an earlier training left in the run folder, that training from step 0 would overwrite."""
+    folders = checkpoint_folders(run.checkpoints)
+    found = [f"checkpoints up to {folders[-1].name}"] if folders else []
+    if run.metrics.is_file() and run.metrics.stat().st_size:
+        found.append(run.metrics.name)
+    return found + [run.train_result.name] * run.train_result.is_file()
+
+
+def _write_run_folder(cfg: RunConfig, run: RunDir, tokenizer: Path | None, force: bool) -> None:
+    """config.yaml, the shards' tokenizer; with ``force``, an earlier training's outputs deleted first."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    if force:
+        shutil.rmtree(run.checkpoints, ignore_errors=True)
+        for path in (run.metrics, run.loss_plot, run.train_result):
+            path.unlink(missing_ok=True)
+    save_config(run.root, cfg)
+    if tokenizer is not None and not (run.tokenizer.is_file() and run.tokenizer.read_bytes() == tokenizer.read_bytes()):
+        with atomic_path(run.tokenizer) as tmp:
+            shutil.copyfile(tokenizer, tmp)
 
 
 def _train_shards(cfg: RunConfig, run: RunDir) -> list:
@@ -223,15 +273,12 @@ def _check_vocab(cfg: RunConfig, run: RunDir) -> None:
             raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
 
 
-def _record_tokenizer(cfg: RunConfig, run: RunDir, is_main: bool) -> None:
-    """Trained from given shards (data.shards_dir, no data.tokenizer): copy the tokenizer they were made with into
-    the run folder, so that generate, chat, serve, export and eval find it there."""
+def _shards_tokenizer(cfg: RunConfig, run: RunDir) -> Path | None:
+    """Trained from given shards (data.shards_dir, no data.tokenizer): the tokenizer they were made with, which is
+    copied into the run folder so that generate, chat, serve, export and eval find it there."""
     if not cfg.data.shards_dir or cfg.data.tokenizer:
-        return
-    source = recorded_tokenizer(_train_shards(cfg, run)[0])
-    if is_main and not (run.tokenizer.is_file() and run.tokenizer.read_bytes() == source.read_bytes()):
-        with atomic_path(run.tokenizer) as tmp:
-            shutil.copyfile(source, tmp)
+        return None
+    return recorded_tokenizer(_train_shards(cfg, run)[0])
 
 
 def _validation_shards(cfg: RunConfig, run: RunDir) -> Path:

@@ -272,12 +272,11 @@ def test_bad_input_is_skipped_and_counted(tmp_path):
     assert report["num_removed"] == 1 and report["num_without_words"] == 1
     kept = [d.id for d in read_documents(tmp_path / "out" / "kept" / "00000-of-00001.jsonl")]
     assert kept == ["ok1", "punct"]
-    # Nothing readable at all still gives a report and an empty output.
+    # Nothing readable at all is an error with the counts, and leaves no output folder behind.
     (tmp_path / "broken.jsonl").write_bytes(b"{broken\n[1]\n")
-    report = dedup(DedupConfig(inputs=[str(tmp_path / "broken.jsonl")], out_dir=str(tmp_path / "none"),
-                               num_workers=1))["clusters"]
-    assert report["num_docs"] == 0 and report["read"]["num_malformed_skipped"] == 2
-    assert (tmp_path / "none" / "kept" / "00000-of-00001.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match=r"0 documents read from .*broken.jsonl, 2 records: 2 malformed"):
+        dedup(DedupConfig(inputs=[str(tmp_path / "broken.jsonl")], out_dir=str(tmp_path / "none"), num_workers=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "in.jsonl", "out"]
 
 
 def test_pair_jaccard_kernel_equals_reference():

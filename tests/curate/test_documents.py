@@ -2,14 +2,14 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
 
 from slmforge.curate.documents import (Document, ReadStats, expand_paths, read_documents, shard_of, write_documents,
                                      write_jsonl, write_parquet)
+from tests.conftest import SHARED_DATA, needs_data
 
-GSM8K_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
 
 
 def _docs(n: int = 5) -> list[Document]:
@@ -77,7 +77,7 @@ def test_streaming_large_jsonl(tmp_path):
     assert count == stats.num_docs == n
 
 
-@pytest.mark.skipif(not GSM8K_TEST.exists(), reason="shared GSM8K data not present")
+@needs_data(GSM8K_TEST)
 def test_reads_real_gsm8k():
     stats = ReadStats()
     docs = list(read_documents(GSM8K_TEST, text_field="question", stats=stats))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from slmforge.curate.documents import Document, read_documents, write_jsonl
-from slmforge.curate.filters import (GSM8K_TEST, STOP_WORDS, Decontaminator, FilterConfig, QualityFilter, basic_signals,
+from slmforge.curate.filters import (STOP_WORDS, Decontaminator, FilterConfig, QualityFilter, basic_signals,
                                    filter_corpus, gopher_signals, load_eval_items, quality_failure)
+from tests.conftest import SHARED_DATA, needs_data
 
 WORDS = ("river stone garden window market winter summer yellow silver orange doctor teacher farmer writer "
          "engine bridge castle forest island valley mountain ocean harbor village letter story window basket "
@@ -105,12 +106,13 @@ def test_quality_filter_step_reports_drops():
     assert drops == [("short", {"reason": "num_words", "value": 1.0, "allowed": "in [50, 100000]"})]
 
 
-needs_gsm8k = pytest.mark.skipif(not GSM8K_TEST.exists(), reason="shared GSM8K data not present")
+GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"  # the library default (filters.GSM8K_TEST) under test's data dir
+needs_gsm8k = needs_data(GSM8K_TEST, GSM8K_TEST.with_name("train.jsonl"))
 
 
 @needs_gsm8k
 def test_decontamination_against_gsm8k_test():
-    decontaminator = Decontaminator.from_config(FilterConfig())
+    decontaminator = Decontaminator.from_config(FilterConfig(eval_paths=[str(GSM8K_TEST)]))
     items = dict(load_eval_items([str(GSM8K_TEST)], ["question", "answer"]))
     words = items["test:5"].split()[3:16]  # 13 words of test item 5
     leak = "Some unrelated words first. " + " ".join(words).upper().replace(" ", ",  ") + " and then more."

@@ -60,9 +60,10 @@ def test_eos_and_stop_rows_leave_the_batch():
 
 def test_sampling_is_seeded_and_a_user_mixer_batches_too(monkeypatch):
     model, prompts = _model(), _prompts()
-    a = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    b = generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    assert a == b
+    a, b, c = (generate_batch(model, prompts, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+               for seed in (5, 5, 6))
+    assert a == b and c != a  # seeded sampling: a greedy decoder would give c == a
+    assert a != generate_batch(model, prompts, 10)
 
     class Other(Attention):  # a mixer added to MIXERS whose cache is one of model/cache.py's
         pass

@@ -7,10 +7,11 @@ import pytest
 
 from slmforge.cli import main
 from slmforge.eval import gsm8k
+from tests.conftest import needs_data
 from tests.eval.conftest import GSM8K
 
 lm_eval = pytest.importorskip("lm_eval")
-pytestmark = pytest.mark.skipif(not (GSM8K / "test.jsonl").exists(), reason="GSM8K files not present")
+pytestmark = needs_data(GSM8K / "test.jsonl", GSM8K / "train.jsonl")
 
 
 def lm_eval_scorer():

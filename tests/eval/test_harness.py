@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import needs_data
 from tests.eval.conftest import GSM8K
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -67,7 +68,7 @@ metric_list:
 """)
 
 
-@pytest.mark.skipif(not (GSM8K / "test.jsonl").exists(), reason="GSM8K files not present")
+@needs_data(GSM8K / "test.jsonl", GSM8K / "train.jsonl")
 def test_simple_evaluate_matches_our_scorers(eval_run, loaded, tmp_path):
     import slmforge.eval.harness  # noqa: F401  registers "slmforge"
     from lm_eval import simple_evaluate

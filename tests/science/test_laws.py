@@ -5,6 +5,7 @@ import pytest
 
 from slmforge.science.mixture_law import fit_law, fit_target, law, optimise, predict, predict_target, simplex_grid
 from slmforge.science.scaling import bootstrap, fit_loglog, fit_power_law, loglog, power_law
+from tests.conftest import assert_png_drawn, saved_figure
 
 
 def test_power_law_recovers_parameters():
@@ -74,7 +75,7 @@ def test_simplex_grid_covers_the_simplex():
     assert np.allclose(grid.sum(1), 1) and grid.min() >= 0
 
 
-def test_three_source_plot(tmp_path):
+def test_three_source_plot(tmp_path, saved_figures):
     from slmforge.science.mixture_law import plot_mix
 
     h = np.array([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6], [0.4, 0.3, 0.3], [0.1, 0.1, 0.8]])
@@ -85,7 +86,16 @@ def test_three_source_plot(tmp_path):
     result = {"sources": ["a", "b", "c"], "target": ["a", "b", "c"], "points": points,
               "predicted_optimum": {"predicted_loss": loss_opt, "measured_loss": loss_opt + 0.01}}
     plot_mix(result, h, loss, fit, h_opt, tmp_path / "mix.png")
-    assert (tmp_path / "mix.png").stat().st_size > 10_000
+    assert_png_drawn(tmp_path / "mix.png", min_coloured=5_000)  # the filled triangle
+    axes = saved_figure(saved_figures, "mix.png")["axes"]
+    triangle, (fit_ax,) = axes[0], [ax for ax in axes if ax["title"] == "mixture law fit"]  # and a colour bar
+    assert triangle["collections"] >= 2  # the contour fill and the runs
+    # Each run's loss is written at its point, and the three corners are named.
+    assert triangle["texts"] == [f"{x:.3f}" for x in loss] + ["a", "b", "c"]
+    ((x, y),) = [xy for label, xy in triangle["lines"].items() if label.startswith("predicted optimum")]
+    assert x == [pytest.approx(h_opt[1] + h_opt[2] / 2)] and y == [pytest.approx(h_opt[2] * 3 ** 0.5 / 2)]
+    assert fit_ax["lines"]["fit (in sample)"] == (list(map(float, loss)), list(map(float, loss)))
+    assert fit_ax["lines"]["predicted optimum"] == ([loss_opt + 0.01], [loss_opt])
 
 
 def test_target_is_the_mean_of_per_source_laws_and_the_search_stays_in_range():

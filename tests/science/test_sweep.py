@@ -11,7 +11,7 @@ from slmforge.config import load, merge
 from slmforge.science import ForecastConfig, MixConfig, forecast, mix
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_run_config  # noqa: E402
+from conftest import assert_png_drawn, saved_figure, tiny_run_config  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -29,11 +29,26 @@ def forecast_config(tmp_path, **kw):
                           eval_batches=4, bootstrap=30, **kw)
 
 
-def test_forecast_sweep_writes_report_and_skips_finished_runs(tmp_path, monkeypatch):
+def _lines_starting(axes: dict, prefix: str) -> list:
+    return [xy for label, xy in axes["lines"].items() if label.startswith(prefix)]
+
+
+def test_forecast_sweep_writes_report_and_skips_finished_runs(tmp_path, monkeypatch, saved_figures):
     result = forecast(forecast_config(tmp_path))
     sweep = tmp_path / "fc"
-    assert (sweep / "forecast.png").stat().st_size > 10_000
     saved = json.loads((sweep / "forecast.json").read_text())
+    # The plot shows the runs, both fits with their bands, and the target's actual loss from forecast.json.
+    assert_png_drawn(sweep / "forecast.png")
+    (ax,) = saved_figure(saved_figures, "forecast.png")["axes"]
+    assert ax["lines"]["fitted runs"] == ([p["num_params"] for p in saved["points"]],
+                                          [p["val_loss"] for p in saved["points"]])
+    (actual,) = _lines_starting(ax, "actual (")
+    assert actual == ([saved["target"]["num_params"]], [saved["target"]["actual"]])
+    for prefix in ("E + A N^-a", "B N^-b"):
+        ((xs, ys),) = _lines_starting(ax, prefix)
+        assert min(xs) <= saved["points"][0]["num_params"] and max(xs) >= saved["target"]["num_params"]
+        assert all(b < a for a, b in zip(ys, ys[1:]))  # loss falls with size
+    assert ax["collections"] >= 2 and ax["xlabel"].startswith("parameters N")
     assert [p["num_params"] for p in saved["points"]] == sorted(p["num_params"] for p in saved["points"])
     t = saved["target"]
     assert t["power_law"]["relative_error"] == pytest.approx((t["power_law"]["predicted"] - t["actual"]) / t["actual"])
@@ -55,14 +70,24 @@ def test_forecast_sweep_writes_report_and_skips_finished_runs(tmp_path, monkeypa
         forecast(merge(changed, {"base": {"train": {"lr_peak": 1e-3}}}))
 
 
-def test_mix_sweep_fits_predicts_and_validates(tmp_path):
+def test_mix_sweep_fits_predicts_and_validates(tmp_path, saved_figures):
     cfg = MixConfig(name="mx", out_dir=str(tmp_path), base=two_source_base(tmp_path),
                     ratios=[[0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]], shared_exponent=True, eval_batches=3,
                     seeds=2)
     result = mix(cfg)
     sweep = tmp_path / "mx"
-    assert (sweep / "mix.png").stat().st_size > 10_000
     saved = json.loads((sweep / "mix.json").read_text())
+    # Left: the law over the share of math, the runs and the optimum; right: predicted vs measured.
+    assert_png_drawn(sweep / "mix.png")
+    law_ax, fit_ax = saved_figure(saved_figures, "mix.png")["axes"]
+    opt = saved["predicted_optimum"]
+    assert law_ax["lines"]["proxy runs"] == ([p["mixture"]["math"] for p in saved["points"]],
+                                             [p["target_loss"] for p in saved["points"]])
+    assert law_ax["lines"]["predicted optimum"] == ([opt["mixture"]["math"]], [opt["predicted_loss"]])
+    xs, ys = law_ax["lines"]["fitted law"]
+    assert (xs[0], xs[-1], len(xs)) == (0.0, 1.0, 201) and min(ys) == pytest.approx(opt["predicted_loss"], abs=1e-3)
+    assert fit_ax["lines"]["fit (in sample)"] == ([p["target_loss"] for p in saved["points"]],
+                                                  [p["predicted"] for p in saved["points"]])
     assert len(saved["points"]) == 4 and saved["sources"] == ["math", "story"]
     opt = saved["predicted_optimum"]
     assert sum(opt["mixture"].values()) == pytest.approx(1.0)

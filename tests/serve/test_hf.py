@@ -9,7 +9,7 @@ from slmforge.cli import main
 from slmforge.config import AttnConfig, ModelConfig
 from slmforge.model.lm import LM
 from slmforge.serve.hf import export_hf, import_hf, import_hf_run
-from tests.eval.conftest import make_run
+from tests.conftest import make_run
 
 transformers = pytest.importorskip("transformers")
 

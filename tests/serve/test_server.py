@@ -16,19 +16,10 @@ from slmforge.config import SSMConfig
 from slmforge.model.lm import LM
 from slmforge.serve.generate import stream_text
 from slmforge.serve.server import CHAT_STOP_TOKENS, Job, Worker, build_app, running_server
-from tests.eval.conftest import make_run
 
 KEY = "sk-test"
 NAME = "tiny-test"
 PROMPTS = ["Tom has 3 apples", "A", "Question: how many pens does Mia have left after she gives away two", "7 + 5 ="]
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    """(model, tokenizer) of an untrained tiny run folder, loaded the way ``serve`` loads a checkpoint."""
-    from slmforge.checkpoint import load_for_inference
-
-    return load_for_inference(make_run(tmp_path_factory.mktemp("serve"), "serve"))[:2]
 
 
 @pytest.fixture(scope="module")

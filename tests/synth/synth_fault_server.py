@@ -58,6 +58,7 @@ class FaultServer:
         self.attempts: Counter = Counter()  # request id -> requests seen
         self.answered: Counter = Counter()  # request id -> 200s sent with a chat completion
         self.actions: Counter = Counter()
+        self.authorizations: Counter = Counter()  # Authorization header -> requests that carried it
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -90,6 +91,7 @@ class FaultServer:
                     key, _, value = h.decode().partition(":")
                     headers[key.strip().lower()] = value.strip()
                 body = json.loads(await reader.readexactly(int(headers.get("content-length", 0))) or b"{}")
+                self.authorizations[headers.get("authorization", "")] += 1
                 if not await self._answer(writer, headers.get("x-request-id", ""), body):
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):

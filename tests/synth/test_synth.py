@@ -26,6 +26,7 @@ from slmforge.synth.prompts import Reject, check_math, load_template, parse_answ
 from slmforge.synth.teacher import (OpenAITeacher, Request, RequestRejected, RetriesExhausted,
                                          RetryBudgetExhausted, TeacherConfig, TeacherSetupError, backoff_delay,
                                          parse_retry_after)
+from tests.conftest import SHARED_DATA, needs_data
 from tests.synth.synth_fault_server import EXPECTED_RETRIES, REJECTED_CLASSES, FaultServer, id_class, math_answer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,9 +176,11 @@ def test_job_completes_against_fault_server_every_id_once(tmp_path):
 
 def test_retry_rejects_asks_again_and_dead_server_stops_the_job(tmp_path):
     out = tmp_path / "out"
-    with FaultServer(plan=lambda rid, attempt: "malformed") as server:
-        first = synthesize(math_job(out, server.base_url, num_topics=3), progress=False)
-    assert first["rejected"] == 6 and first["written"] == 0
+    with FaultServer(plan=lambda rid, attempt: "malformed") as server:  # nothing accepted: an error with the reason
+        with pytest.raises(ValueError, match=r"0 of 6 requests accepted, 6 rejected: chatty preamble \(6, "):
+            synthesize(math_job(out, server.base_url, num_topics=3), progress=False)
+    first = json.loads((out / "summary.json").read_text())
+    assert first["rejected"] == 6 and first["written"] == 0 and len(rejects(out)) == 6
     with FaultServer(plan=lambda rid, attempt: "ok") as server:
         second = synthesize(math_job(out, server.base_url, num_topics=3, retry_rejects=True), progress=False)
     assert second["requested"] == 6 and len(records(out)) == 6 and second["complete"]
@@ -311,7 +314,7 @@ def test_clean_hook_dedups_and_decontaminates(tmp_path):
     assert sorted(kept) == ["r0", "r1", "r2", "r3", "r4"]
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data").exists(), reason="needs ../shared/data (seed documents)")
+@needs_data(SHARED_DATA, REPO.parent / "shared" / "data")  # the recipes' seed documents
 def test_every_synth_recipe_loads_and_plans():
     paths = sorted((REPO / "recipes").glob("synth_*.yaml"))
     assert len(paths) >= 3

@@ -11,13 +11,14 @@ import slmforge.tokens.shards as shards_module
 from slmforge.tokens.shards import TokenLoader, _ShardWriter, load_shards, tokenize_to_shards
 from slmforge.tokens.tokenizer import Tokenizer, train_tokenizer
 from slmforge.runs import write_json
+from tests.conftest import SHARED_DATA, has_data
 
-TINYSTORIES = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories" / "validation_sample.txt"
+TINYSTORIES = SHARED_DATA / "tinystories" / "validation_sample.txt"
 
 
 @pytest.fixture(scope="module")
 def docs() -> list[str]:
-    if TINYSTORIES.is_file():
+    if has_data(TINYSTORIES):
         paragraphs = TINYSTORIES.read_text(encoding="utf-8")[:100_000].split("\n\n")
     else:
         paragraphs = [f"Story {i}: the cat sat on mat number {i}.\nThe end." for i in range(400)]
@@ -91,20 +92,21 @@ def test_append_eos_false(tok_path, docs, tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_interrupted_write_leaves_an_incomplete_directory(tok_path, docs, tmp_path, monkeypatch, num_workers):
+def test_interrupted_write_leaves_the_earlier_shards_intact(tok_path, docs, tmp_path, monkeypatch, num_workers):
     monkeypatch.setattr(shards_module, "_BATCH_CHARS", 2_000)
-    tokenize_to_shards(docs, tok_path, tmp_path, num_workers=1)
+    out = tmp_path / "shards"
+    tokenize_to_shards(docs, tok_path, out, num_workers=1)
+    before = _read(out)
 
     def failing():
         yield from docs[:100]
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        tokenize_to_shards(failing(), tok_path, tmp_path, num_workers=num_workers, shard_tokens=1000)
-    assert not (tmp_path / "meta.json").exists()
-    assert not list(tmp_path.glob(".*.tmp"))
-    with pytest.raises(ValueError, match="meta.json"):
-        load_shards(tmp_path)
+        tokenize_to_shards(failing(), tok_path, out, num_workers=num_workers, shard_tokens=1000)
+    assert _read(out) == before  # the new shards went to a temporary folder, now deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"] and not list(out.glob(".*.tmp"))
+    assert load_shards(out).meta["num_docs"] == len(docs)
 
 
 def test_truncated_shard_is_reported(tok_path, docs, tmp_path):
