@@ -180,7 +180,7 @@ def test_tokenize_rewrites_shards_in_place_without_stale_files(tokenizer, tmp_pa
 
 
 def test_eval_ppl_of_an_empty_file_is_an_error(tmp_path, capsys):
-    from tests.eval.conftest import make_run
+    from tests.conftest import make_run
 
     run = make_run(tmp_path, "ppl")
     for name, text, what in (("empty.txt", "", "empty"), ("blank.txt", "\n  \n", "only whitespace")):

@@ -16,7 +16,7 @@ import httpx
 
 from slmforge.config import merge
 from slmforge.synth.jobs import SynthJob, synthesize
-from tests.eval.conftest import make_run
+from tests.conftest import make_run
 
 
 @contextmanager
