@@ -3,7 +3,15 @@
 Each stage is a Python function and a CLI subcommand of the same name.
 """
 
-from slmforge.config import RunConfig, load_config
+import os as _os
+
+# SLMFORGE_CPU_ISA=avx2: behave as an AVX2-only CPU (figures "with AVX-512 hidden"); oneDNN and MKL read these
+# once, when torch loads, so they are set before anything imports it. model/ops/machine.py explains the rest.
+if _os.environ.get("SLMFORGE_CPU_ISA", "").lower() == "avx2":
+    _os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+    _os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+
+from slmforge.config import RunConfig, load_config  # noqa: E402
 
 __version__ = "0.1.0"
 
