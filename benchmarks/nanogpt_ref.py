@@ -91,6 +91,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token by slmforge's formula (``slmforge.plan.flops_per_token``, PaLM's convention):
+        2 per weight of every matmul (the tied output head counted as a matmul, the embedding lookups free) plus
+        the full s x s attention term, 4 * s * d_model per layer, forward; training is 3x the forward."""
+        c = self.cfg
+        matmul = c.num_layers * (4 * c.d_model**2 + 2 * c.d_model * c.mlp_hidden) + c.vocab_size * c.d_model
+        return 3 * (2 * matmul + c.num_layers * 4 * seq_len * c.d_model)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         b, t = idx.shape
         pos = torch.arange(t, dtype=torch.long, device=idx.device)

@@ -53,6 +53,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _machine_cache(tmp_path_factory):
+    """Measurements (model/ops/machine.py: the GEMM ceiling training's CPU MFU uses, ...) go to a per-session
+    folder, never the user's ~/.cache; subprocesses inherit it."""
+    if "SLMFORGE_CACHE_DIR" not in os.environ:
+        os.environ["SLMFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("machine_cache"))
+
+
 @pytest.fixture
 def tiny_model_cfg() -> ModelConfig:
     return ModelConfig(vocab_size=97, d_model=32, num_layers=2, max_seq_len=64,

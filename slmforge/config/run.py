@@ -209,7 +209,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 there warns if emulated)
     device: str = "auto"  # auto, cpu, cuda or cuda:<index> (checked by validate: the index is free)
     # torch.compile each block: "auto" = on for CUDA (where it pays back quickly), off on CPU, where it
     # takes 20-30 s to compile and needs a C compiler; or true / false.

@@ -14,7 +14,8 @@ it, so the k-th document of shard ``rank`` has the global index ``rank + k * wor
                          union-find, writes ``removed.jsonl`` (id, cluster, reason), ``removed.npy`` and
                          ``report.json`` (counts, cluster-size histogram, example clusters)
   C  ``RemoveStep``      per shard: passes the shard through without the removed documents; ``dedup`` writes
-                         them to ``out_dir/kept/RANK-of-WORLD.jsonl``
+                         them to ``out_dir/kept/RANK-of-WORLD.jsonl``, copying their JSON lines from stage A's
+                         ``lines.bin`` (``copy_kept``: no second JSON decode of the inputs) when it is there
 
 Hashing, in uint64 arithmetic mod 2^64 (numpy wraps around):
   text -> ``text.lower()`` as UTF-8. A word is a maximal run of bytes that are ASCII letters or digits or
@@ -38,10 +39,12 @@ hash, counts, length; bands and shingle sets stream to disk) plus a fixed ~60 MB
 210 bytes at its peak (149 in the merged arrays: 8b bands, 8 exact, 4 length, 2 x 4 counts, 1 flag; the rest
 while one band is sorted) plus about 40 per candidate pair and the ids of clusters' kept documents; stage C 1
 byte. So 10M documents need about 2.1 GB in stage B. Disk per document: 164 bytes of arrays, the id with an
-80-character head, and with ``verify`` 4 bytes per distinct shingle (about 0.7x the text).
+80-character head, with ``verify`` 4 bytes per distinct shingle (about 0.7x the text), and in ``dedup`` the
+JSON line as ``write_jsonl`` writes it (about the input's size) plus 8 bytes, until stage C has copied them.
 
-long: about 760 lines, because the three stages share the hashing, and the loop references sit next to the
-compiled code they check (the kernels themselves are in minhash_kernels.py).
+long: about 810 lines, because the three stages share the hashing (and stage A keeps the lines stage C copies),
+and the loop references sit next to the compiled code they check (the kernels themselves are in
+minhash_kernels.py).
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ from typing import Callable, Iterable, Iterator, Literal
 import numpy as np
 
 from slmforge.config import TextSplit
-from slmforge.curate.documents import (Document, ReadStats, checked, read_documents, read_warning, shard_of,
-                                      write_jsonl)
+from slmforge.curate.documents import (Document, ReadStats, checked, jsonl_line, read_documents, read_warning,
+                                      shard_of, write_jsonl)
 from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.progress import progress_bar
 from slmforge.registry import lookup
@@ -364,19 +367,23 @@ class SignatureStep:
     Files: index.npy (int64 global index), exact.npy (uint64), num_words.npy and num_shingles.npy (int32),
     length.npy (uint32 UTF-8 bytes, lowercased), bands.bin ((n, b) uint64, raw), ids.jsonl ([id, first 80
     characters] per line); with verify, sets.bin (uint32 shingles in document order, raw: sorting them
-    is left to the few documents in candidate pairs) and set_offsets.npy;
+    is left to the few documents in candidate pairs) and set_offsets.npy; with ``keep_lines``, lines.bin (each
+    hashed document's JSON line as ``write_jsonl`` writes it: for documents read with ``keep_raw``, the input line
+    itself) and line_offsets.npy (int64, n + 1), from which stage C copies the kept documents (``copy_kept``);
     done.json, written last. The .bin files are written as batches finish, so memory holds 36 bytes per document.
     """
 
-    def __init__(self, cfg: DedupConfig, batch_chars: int = 1 << 20, progress: bool | None = None):
-        self.cfg, self.batch_chars = cfg, batch_chars
+    def __init__(self, cfg: DedupConfig, batch_chars: int = 1 << 20, progress: bool | None = None,
+                 keep_lines: bool = False):
+        self.cfg, self.batch_chars, self.keep_lines = cfg, batch_chars, keep_lines
         self.progress = sys.stderr.isatty() if progress is None else progress
 
     def run(self, docs: Iterable[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
         cfg, out, start = self.cfg, shard_dir(self.cfg.out_dir, "signatures", rank, world_size), time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
-        (out / "done.json").unlink(missing_ok=True)
-        self.num_seen, self.skipped, self.pending = 0, Counter(), deque()
+        for stale in ("done.json", "line_offsets.npy", "lines.bin"):  # lines of an earlier run must not be copied
+            (out / stale).unlink(missing_ok=True)
+        self.num_seen, self.skipped, self.pending, self.line_sizes = 0, Counter(), deque(), []
         arrays: dict[str, list[np.ndarray]] = {}
         bar = progress_bar(unit="B", unit_scale=True, desc=f"dedup signatures {rank}", disable=not self.progress)
         with ExitStack() as stack:
@@ -385,6 +392,8 @@ class SignatureStep:
             bands_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "bands.bin")), "wb"))
             sets_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "sets.bin")), "wb")) \
                 if cfg.verify else None
+            self.lines_file = stack.enter_context(open(stack.enter_context(atomic_path(out / "lines.bin")), "wb")) \
+                if self.keep_lines else None
             batches = self._batches(docs, rank, world_size)
             for result in _parallel_map(_sign_batch, batches, cfg.num_workers or os.cpu_count() or 1,
                                         _init_worker, (cfg,)):
@@ -406,6 +415,9 @@ class SignatureStep:
                 key, value = "set_offsets", np.r_[0, np.cumsum(value)].astype(np.int64)
             with atomic_path(out / f"{key}.npy") as tmp, open(tmp, "wb") as f:
                 np.save(f, value)
+        if self.keep_lines:
+            with atomic_path(out / "line_offsets.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, np.r_[0, np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.line_sizes]))])
         write_json(out / "done.json", dict(
             key=_signature_key(cfg), num_seen=self.num_seen, num_docs=sum(map(len, arrays.get("index", []))),
             num_bytes=int(sum(int(a.sum()) for a in arrays.get("length", []))), skipped=dict(self.skipped),
@@ -413,8 +425,9 @@ class SignatureStep:
         return iter(())
 
     def _batches(self, docs: Iterable[Document], rank: int, world_size: int) -> Iterator[tuple[list, list]]:
-        """(ids, texts) in batches of about ``batch_chars`` characters; bad documents are skipped and counted."""
-        ids, texts, index, num_chars = [], [], [], 0
+        """(ids, texts) in batches of about ``batch_chars`` characters; bad documents are skipped and counted.
+        With ``keep_lines`` each batch's JSON lines are appended to lines.bin here, in input order."""
+        ids, texts, index, lines, num_chars = [], [], [], [], 0
         for k, doc in enumerate(docs):
             self.num_seen = k + 1
             reason = skip_reason(doc.text, self.cfg.max_doc_bytes)
@@ -424,14 +437,24 @@ class SignatureStep:
             ids.append(doc.id)
             texts.append(doc.text)
             index.append(rank + k * world_size)
+            if self.lines_file:
+                lines.append(jsonl_line(doc, self.cfg.text_field))
             num_chars += len(doc.text)
             if num_chars >= self.batch_chars:
-                self.pending.append(np.array(index, np.int64))
+                self._flush(index, lines)
                 yield ids, texts
-                ids, texts, index, num_chars = [], [], [], 0
+                ids, texts, index, lines, num_chars = [], [], [], [], 0
         if texts:
-            self.pending.append(np.array(index, np.int64))
+            self._flush(index, lines)
             yield ids, texts
+
+    def _flush(self, index: list[int], lines: list[bytes]) -> None:
+        self.pending.append(np.array(index, np.int64))
+        if self.lines_file:
+            lines.append(b"")  # so that the join ends with a line break
+            self.lines_file.write(b"\n".join(lines))
+            lines.pop()
+            self.line_sizes.append(np.fromiter(map(len, lines), np.int64, len(lines)) + 1)
 
 
 # ---------------------------------------------------------------- stage B: clusters
@@ -676,8 +699,24 @@ class RemoveStep:
                 yield doc
 
 
-def _read(cfg: DedupConfig, stats: ReadStats | None = None) -> Iterator[Document]:
-    return read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats, on_error="skip")
+def copy_kept(directory: Path, removed: np.ndarray, path: Path) -> int:
+    """Stage C from the lines stage A kept (``SignatureStep(keep_lines=True)`` in ``directory``): write the lines of
+    the shard's documents that ``removed`` (a mask by global index) leaves, in order, to ``path``; the count.
+    The same bytes as ``write_jsonl`` over ``RemoveStep``, without reading the inputs again. ``dedup`` deletes the
+    lines once copied (a later stage C reads the inputs again)."""
+    index, offsets = np.load(directory / "index.npy"), np.load(directory / "line_offsets.npy")
+    keep = ~removed[index]
+    lines = _raw(directory / "lines.bin", np.uint8)
+    runs = np.flatnonzero(np.diff(np.r_[0, keep.astype(np.int8), 0])).reshape(-1, 2)  # [first, end) of kept rows
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for first, end in runs.tolist():
+            f.write(lines[offsets[first]:offsets[end]])
+    return int(keep.sum())
+
+
+def _read(cfg: DedupConfig, stats: ReadStats | None = None, keep_raw: bool = False) -> Iterator[Document]:
+    """The inputs; ``keep_raw`` keeps each JSON line so that a kept document is copied, not encoded again."""
+    return read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats, on_error="skip", keep_raw=keep_raw)
 
 
 def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, num_shards: int = 1) -> dict:
@@ -737,8 +776,8 @@ def _stages(cfg: DedupConfig, stage: str, ranks, num_shards: int, shown: Path) -
             done = directory / "done.json"
             if not (done.exists() and json.loads(done.read_text())["key"] == _signature_key(cfg)):
                 stats = ReadStats()
-                docs = checked(_read(cfg, stats), stats, "dedup", cfg.inputs, cfg.text_field)
-                SignatureStep(cfg).run(shard_of(docs, rank, num_shards), rank, num_shards)
+                docs = checked(_read(cfg, stats, keep_raw=True), stats, "dedup", cfg.inputs, cfg.text_field)
+                SignatureStep(cfg, keep_lines=True).run(shard_of(docs, rank, num_shards), rank, num_shards)
                 write_json(directory / "read.json", asdict(stats))
                 if warning := read_warning(stats, "dedup", cfg.inputs, cfg.text_field):
                     print(warning, file=sys.stderr)
@@ -754,9 +793,15 @@ def _stages(cfg: DedupConfig, stage: str, ranks, num_shards: int, shown: Path) -
     if stage in ("all", "write"):
         result["write"], step = [], RemoveStep(cfg)
         for rank in ranks:
-            path = out / "kept" / f"{rank:05d}-of-{num_shards:05d}.jsonl"
-            num_kept = write_jsonl(path, step.run(shard_of(_read(cfg), rank, num_shards), rank, num_shards),
-                                   cfg.text_field)
+            path, directory = out / "kept" / f"{rank:05d}-of-{num_shards:05d}.jsonl", shard_dir(out, "signatures",
+                                                                                              rank, num_shards)
+            if (directory / "line_offsets.npy").exists():
+                num_kept = copy_kept(directory, step.removed, path)
+                for name in ("line_offsets.npy", "lines.bin"):  # a copy of the input: not kept once used
+                    (directory / name).unlink()
+            else:  # signatures made without their lines (an earlier version, or SignatureStep used alone)
+                docs = step.run(shard_of(_read(cfg, keep_raw=True), rank, num_shards), rank, num_shards)
+                num_kept = write_jsonl(path, docs, cfg.text_field)
             result["write"].append(dict(path=str(path), num_kept=num_kept))
             print(f"dedup write {rank}-of-{num_shards}: {num_kept:,} documents -> {shown / path.relative_to(out)}")
     return result

@@ -96,8 +96,9 @@ def run_shard(steps: list[Step], inputs: list[str], out_dir: str | Path, rank: i
     stats, log = ReadStats(), DropLog(num_examples)
     # counts[k]: documents into step k; counts[-1]: documents out of the last step
     counts = [0] * (len(steps) + 1)
-    docs = checked(read_documents(inputs, text_field, text_split, stats, on_error="skip"), stats, label, inputs,
-                   text_field)
+    # keep_raw: a kept document that no step changed is written as the JSON line it was read from.
+    docs = checked(read_documents(inputs, text_field, text_split, stats, on_error="skip", keep_raw=True), stats, label,
+                   inputs, text_field)
     docs = _counted(shard_of(docs, rank, num_shards), counts, 0)
     for k, step in enumerate(steps):
         if hasattr(step, "on_drop"):

@@ -54,7 +54,7 @@ def _encode_batch(texts: list[str], append_eos: bool, dtype: np.dtype,
     tokenizer = tokenizer or _worker_tokenizer
     ids, lengths = tokenizer.encode_flat(texts, tokenizer.eos_id if append_eos else None)
     # Cast here: a worker then sends back half the bytes.
-    return ids.astype(dtype), lengths, sum(len(t.encode("utf-8")) for t in texts)
+    return ids.astype(dtype), lengths, sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
 
 
 def _batches(texts: Iterable[str]) -> Iterator[list[str]]:

@@ -25,7 +25,7 @@ from slmforge.config import RunConfig, TrainConfig
 from slmforge.log import log
 from slmforge.metrics import bits_per_byte, evaluate_loss, tokens_per_step
 from slmforge.model.lm import LM
-from slmforge.plan import GPUS, flops_per_token
+from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
 from slmforge.runs import MetricsLog, RunDir, atomic_path, save_config, write_json
 from slmforge.tokens.mixture import MixtureLoader
@@ -34,6 +34,7 @@ from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import anneal_aligned, lr_at
+from slmforge.train.speed import autocast_dtype, peak_flops
 
 
 @dataclass
@@ -55,13 +56,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """None means plain fp32. 'auto' is bf16 on GPU and fp32 on CPU (bf16 on CPU is opt-in)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16}[name]
-
-
 def compile_enabled(value: str, device: torch.device) -> bool:
     value = str(value).lower()
     if value == "auto":
@@ -80,13 +74,6 @@ def _autocast(device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((spec.peak_flops for key, spec in GPUS.items() if key in name), None)
 
 
 def build_train_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
@@ -129,7 +116,7 @@ class Trainer:
     metrics: MetricsLog
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float | None  # None: no MFU (CPU, or a GPU not in plan.GPUS)
+    peak_flops: float | None  # one device's: GPU peak, CPU GEMM ceiling (train/speed.py); None: no MFU
     step: int = 0
 
     def stage_name(self) -> str | None:
@@ -183,15 +170,19 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     asked. Every check a user error can fail comes first, so a refused run writes nothing."""
     t = anneal_aligned(cfg, info.world_size)
     device = dist.device_for(info, t.device)
-    amp_dtype = autocast_dtype(t.dtype, device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    torch.manual_seed(t.seed)
     run = RunDir.of(cfg)
     _check_vocab(cfg, run)
     tokenizer = _shards_tokenizer(cfg, run)
     val_dir = _validation_shards(cfg, run)
     ckpt = _resume_point(run, resume, force, info.is_main)
+    # Measured on a CPU (the GEMM ceiling; the bf16 slowdown, if it warns) at the run's threads, before seeding.
+    amp_dtype, peak = autocast_dtype(t.dtype, device), peak_flops(device)
+    if peak and device.type == "cpu" and info.is_main:
+        log(f"train: CPU MFU is against this machine's float32 GEMM ceiling, {peak / 1e9:,.0f} GFLOP/s at "
+            f"{torch.get_num_threads()} threads")
+    torch.manual_seed(t.seed)
     model = LM(cfg.model).to(device)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
@@ -206,7 +197,7 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
                  tokens_per_byte=val_meta["num_tokens"] / max(val_meta["num_bytes"], 1),
                  metrics=MetricsLog(run.metrics), tokens_per_step=tokens_per_step(cfg, info.world_size),
                  flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["train"],
-                 peak_flops=_peak_flops(device))
+                 peak_flops=peak)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, info)
         tr.step = state["step"]
@@ -327,8 +318,8 @@ def _log_step(tr: Trainer, out: StepOutput, seconds: float, stage: str | None) -
         record["stage"] = stage
         if step % t.log_every == 0 or step == t.max_steps:
             record["mixture_tokens"] = tr.loader.realised()
-    if tr.peak_flops:
-        record["mfu"] = tr.flops_per_token * tr.tokens_per_step / seconds / tr.peak_flops
+    if tr.peak_flops:  # per device: the step's tokens ran on world_size devices
+        record["mfu"] = tr.flops_per_token * tr.tokens_per_step / seconds / (tr.peak_flops * tr.info.world_size)
     # The last step of a stage is evaluated too, so the report can show each stage's effect (the anneal's).
     stage_ends = stage is not None and tr.stage_name() != stage
     if step % t.eval_every == 0 or step == t.max_steps or stage_ends:
