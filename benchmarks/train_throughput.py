@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from nanogpt_ref import GPT, GPTConfig  # noqa: E402
 
+from slmforge import AVX2_ENV  # AVX-512 hidden from torch's libraries, numba and slmforge
 from slmforge.config import TrainConfig, preset  # noqa: E402
 from slmforge.model.lm import LM  # noqa: E402
 from slmforge.model.ops import machine  # noqa: E402
@@ -112,9 +113,6 @@ def decode_tokens_per_second(model, args, use_cache: bool, repeats: int = 3) -> 
     return args.new_tokens / statistics.median(seconds)
 
 
-# The environment that hides AVX-512 from torch's libraries and from slmforge (model/ops/machine.py); oneDNN and MKL
-# read it once, when torch loads, so it is given to a child process.
-AVX2_ENV = {"SLMFORGE_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 BOTH_SETTINGS = "fp32,fp32+compile,bf16"
 
 

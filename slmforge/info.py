@@ -11,11 +11,17 @@ is made. Each layer application has its own cache, also when it shares weights w
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from slmforge.config import PRESETS, ModelConfig, load_config
 from slmforge.model.block import MIXERS
+from slmforge.model.lm import LM
+from slmforge.model.ops import choice, machine
 from slmforge.plan import count_params
 from slmforge.registry import lookup
 from slmforge.runs import RunDir
@@ -77,6 +83,47 @@ def format_info(result: dict) -> str:
             kinds = ", ".join(f"{k} {_bytes(v)}" for k, v in by_kind.items() if k != "total")
             lines.append(f"  {dtype:>4} at {tokens:>6,} tokens: {_bytes(by_kind['total']):>10}  ({kinds})")
     return "\n".join(lines)
+
+
+def kernels(cfg: ModelConfig, decode_rows: tuple[int, ...] = choice.DECODE_ROWS,
+            prefill_rows: tuple[int, ...] = (64, 256)) -> dict:
+    """The float32 CPU matmul kernel of each path on this machine (``model/ops/choice.py``) for the weight shapes
+    of ``cfg``: its candidates' times (measured now or read from the cache), the choice and why."""
+    with torch.device("meta"):  # the shapes, without memory or initialisation
+        shapes = sorted({(p.shape[1], p.shape[0]) for p in LM(cfg).parameters() if p.dim() == 2})
+    made = [choice.choose("train", choice.TRAIN_ROWS, 0, 0)]
+    for path, rows_list in (("decode", decode_rows), ("prefill", prefill_rows)):
+        made += [choice.choose(path, choice.row_class(rows), i, o) for i, o in shapes for rows in rows_list]
+    return {"machine": {"cpu": machine.cpu_model(), "flags": sorted(set(machine.KEY_FLAGS) & machine.cpu_flags()),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "isa_env": os.environ.get(machine.ISA_ENV, "")},
+            "forced": os.environ.get(choice.KERNELS_ENV, ""), "train_shapes": choice.TRAIN_SHAPES,
+            "cache": str(machine.cache_dir()), "choices": [dataclasses.asdict(c) for c in made]}
+
+
+def format_kernels(result: dict) -> str:
+    m, env = result["machine"], result["forced"]
+    hidden = f" ({machine.ISA_ENV}={m['isa_env']}: AVX-512 hidden)" if m["isa_env"] else ""
+    train = ", ".join(f"{i}->{o}" for i, o in result["train_shapes"])
+    lines = [f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}",
+             f"ISA flags: {' '.join(m['flags']) or '-'}{hidden}",
+             f"{choice.KERNELS_ENV}: " + (env if env else "unset (every path measured; torch unless a candidate is "
+                                           f"{choice.MIN_GAIN:.2f}x faster)"),
+             "Float32 CPU matmul kernels (time per call; train: forward + backward over "
+             f"{train}):",
+             f"  {'path':<8}{'rows':>5}  {'I->O':<11}{'candidates':<44}{'choice':<8}why"]
+    for c in result["choices"]:
+        shape = "-" if c["path"] == "train" else f"{c['shape'][0]}->{c['shape'][1]}"
+        tried = [f"{name} {_seconds(t)}" for name, t in c["times"].items()]
+        tried += [f"{name} failed ({why})" for name, why in c["errors"].items()]
+        lines.append(f"  {c['path']:<8}{c['rows']:>5}  {shape:<11}{', '.join(tried) or '-':<44}{c['kernel']:<8}"
+                     f"{c['reason']}")
+    lines.append(f"Measurements kept in {Path(result['cache']) / 'kernels_*.json'} (delete them to measure again)")
+    return "\n".join(lines)
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e6:.0f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms"
 
 
 def load_model_config(spec: str, overrides: list[str] | None = None) -> ModelConfig:

@@ -20,12 +20,14 @@ def cmd_plan(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from slmforge.info import format_info, info, load_model_config
+    from slmforge.info import format_info, format_kernels, info, kernels, load_model_config
     from slmforge.model.block import check_model
 
-    cfg = load_model_config(args.config, args.overrides)
+    if args.config is None and not args.kernels:
+        raise ValueError("give a preset (tiny, 10m, ...), a recipe YAML or a run folder (or --kernels)")
+    cfg = load_model_config(args.config or "10m", args.overrides)
     check_model(cfg)
-    print(format_info(info(cfg)))
+    print(format_kernels(kernels(cfg)) if args.kernels else format_info(info(cfg)))
 
 
 def cmd_train(args) -> None:
@@ -97,8 +99,10 @@ def register(sub) -> None:
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("info", help="parameters (total, non-embedding, shared) and decoding-state bytes at 4k/16k")
-    p.add_argument("config", help="a preset name (tiny, 10m, ..., 1b), a recipe YAML or a run folder")
+    p.add_argument("config", nargs="?", help="a preset name (tiny, 10m, ..., 1b), a recipe YAML or a run folder")
     config_args(p, "slmforge.config:ModelConfig", recipe=None)
+    p.add_argument("--kernels", action="store_true", help="instead: the float32 CPU matmul kernel each path uses on "
+                   "this machine for the model's shapes (10m without a config), measured or forced, and why")
     p.set_defaults(fn=cmd_info, config_prefix="model.")
 
     p = sub.add_parser("run", help="data -> tokenizer -> shards -> train -> eval -> samples -> report")

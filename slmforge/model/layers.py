@@ -1,8 +1,8 @@
 """Small building blocks shared by mixers and FFNs: linear, RMSNorm, rotary embeddings, the loss, initialisation.
 
-``linear``, ``RMSNorm`` and ``cross_entropy`` choose between a CPU fast path (``ops/cpu.py``) and the plain
-reference beside them here (``F.linear``, ``rms_norm_ref``, ``cross_entropy_ref``; compared in
-``tests/model/test_speed_paths.py``). RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
+``linear``, ``RMSNorm`` and ``cross_entropy`` choose between a CPU fast path (``ops/cpu.py``, ``ops/gemv.py``;
+for ``linear`` by measurement, ``ops/choice.py``) and the plain reference beside them here (``F.linear``,
+``rms_norm_ref``, ``cross_entropy_ref``; compared in ``tests/model/test_speed_paths.py``). RMSNorm: Zhang & Sennrich 2019 (arXiv 1910.07467). RoPE: Su et al. 2021 (arXiv 2104.09864).
 Shapes: B batch, T time, H heads, D head dim, I/O in/out features, N rows, V vocabulary.
 """
 
@@ -12,20 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmforge.model.ops import cpu
+from slmforge.model.ops import choice, cpu
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (the reference), except float32 on CPU, which goes through oneDNN.
+    """``F.linear(x, weight)`` (the reference), except float32 on CPU, which takes the kernel measured fastest
+    on this machine for its path (``ops/choice.py``: oneDNN, the numba GEMV loop or ``F.linear`` itself).
 
     torch's CPU float32 matmul calls MKL's sgemm, which on AMD CPUs runs AVX2 code; oneDNN uses AVX-512
     where the CPU has it: 2x on the block matmuls and about 1.5x on a whole float32 training step of the 10m
-    preset on a Zen 5 CPU. bf16 autocast already reaches oneDNN through ``F.linear``.
+    preset on a Zen 5 CPU, but 17% slower on an AVX2-only Zen 3. bf16 autocast already reaches oneDNN through
+    ``F.linear``.
     """
-    if (cpu.ONEDNN_LINEAR and x.dtype == torch.float32 and x.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu")):
-        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return cpu.linear_inference(x, weight)
-        return cpu.linear_onednn(x, weight)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if choice.train_kernel() == "onednn":
+                return cpu.linear_onednn(x, weight)
+        else:
+            return choice.inference_kernel(x.numel() // max(x.shape[-1], 1), weight)(x, weight)
     return F.linear(x, weight)
 
 

@@ -103,8 +103,9 @@ def test_small_linear_matches_f_linear(shape, transposed):
 
 
 @pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
-def test_prepacked_weights_follow_in_place_updates():
-    # 3-16 rows use a oneDNN-blocked copy of the weight; an optimizer step (in place) must make a new one.
+def test_prepacked_weights_follow_in_place_updates(kernels):
+    # Decoding rows on oneDNN use a blocked copy of the weight; an optimizer step (in place) must make a new one.
+    kernels("decode=onednn")
     w = torch.nn.Parameter(torch.randn(300, 24))
     x = torch.randn(5, 24)
     with torch.inference_mode():
@@ -163,7 +164,8 @@ def test_cross_entropy_all_ignored_is_nan_like_reference():
 @pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
 @pytest.mark.parametrize("shape", [(5, 24), (2, 7, 24)], ids=["2d", "3d"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "strided"])
-def test_onednn_linear_matches_f_linear(shape, transposed):
+def test_onednn_linear_matches_f_linear(shape, transposed, kernels):
+    kernels("train=onednn")
     x = torch.randn(*shape)
     if transposed:  # a non-contiguous input, as after a transpose
         x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -177,7 +179,8 @@ def test_onednn_linear_matches_f_linear(shape, transposed):
 
 
 @pytest.mark.skipif(not cpu.ONEDNN_LINEAR, reason="torch built without oneDNN")
-def test_onednn_linear_compiles():
+def test_onednn_linear_compiles(kernels):
+    kernels("train=onednn")
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(8, 16, requires_grad=True)
     fn = torch.compile(lambda a, b: linear(torch.relu(a), b).square().sum(), fullgraph=True)
@@ -188,8 +191,10 @@ def test_onednn_linear_compiles():
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_lm_fast_paths_equal_references(tiny_model_cfg, monkeypatch):
-    """The whole model in float32: every fast path on, then every reference."""
+@pytest.mark.parametrize("fast", ["onednn,decode=gemv", "auto"], ids=["onednn", "measured"])
+def test_lm_fast_paths_equal_references(tiny_model_cfg, monkeypatch, kernels, fast):
+    """The whole model in float32: every fast path on (forced or as measured here), then every reference."""
+    kernels(fast if cpu.ONEDNN_LINEAR else "auto")
     model = LM(tiny_model_cfg)
     x = torch.randint(0, 97, (3, 21))
     targets = torch.roll(x, -1, 1)
@@ -202,10 +207,15 @@ def test_lm_fast_paths_equal_references(tiny_model_cfg, monkeypatch):
         return loss, grads
 
     fast_loss, fast_grads = run()
-    monkeypatch.setattr(cpu, "ONEDNN_LINEAR", False)
+    with torch.inference_mode():  # 63 rows (prefill), 3 rows (decode)
+        fast_logits = [model(x)[0], model(x, last_only=True)[0]]
+    kernels("torch")
     monkeypatch.setattr(attention, "MATMUL_ATTN_MAX_KEYS", 0)
     monkeypatch.setattr("slmforge.model.lm.cross_entropy", cross_entropy_ref)
     ref_loss, ref_grads = run()
+    with torch.inference_mode():
+        for fast, ref in zip(fast_logits, [model(x)[0], model(x, last_only=True)[0]]):
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
     for g, r in zip(fast_grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -2,22 +2,20 @@
 decoding batches), RMSNorm with a hand-written backward, and a block-by-block cross-entropy.
 
 Each has a plain reference in ``layers.py`` (``F.linear``, ``rms_norm_ref``, ``cross_entropy_ref``) and a test
-comparing them (``tests/model/test_speed_paths.py``); ``layers.py`` chooses between them. Shapes: I/O in/out
+comparing them (``tests/model/test_speed_paths.py``). Which linear kernel a path uses is measured on the machine
+(``ops/choice.py``); RMSNorm and the loss are always faster than their references. Shapes: I/O in/out
 features, N rows, V vocabulary.
 """
 
 from __future__ import annotations
 
-import platform
 import weakref
 
 import torch
 
-from slmforge.model.ops import gemv
-
-# float32 matmuls on x86 CPUs go through oneDNN (see ``linear``); set False to use torch's default BLAS.
-ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# Whether this torch has oneDNN's float32 linear: then it is a candidate in ``ops/choice.py`` (set False to keep
+# every float32 matmul on torch's default BLAS).
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @torch.library.custom_op("slmforge::linear_onednn", mutates_args=())
@@ -59,26 +57,29 @@ linear_onednn.register_autograd(_linear_onednn_backward, setup_context=_linear_o
 #   oneDNN, weight as stored   17.5   20.0   20.2   22.8    -     (it re-blocks the weight on every call)
 #   oneDNN, weight pre-blocked 15.0   15.0   14.6   16.6   18.4
 #   ops/gemv.py (numba)        12.5   13.0   16.7   31.1    -
-PACKED_MAX_ROWS = 16
+# Other CPUs order them otherwise: ``ops/choice.py`` measures them there.
 # id(weight) -> (weak reference to it, its version, blocked copy); an entry leaves with its weight. (Not a
 # WeakKeyDictionary: that compares keys with ==, which on tensors is elementwise.)
 _PACKED: dict[int, tuple] = {}
 
 
-def linear_inference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Without autograd: the fastest float32 path for the number of rows (table above). A few rows keep a
-    oneDNN-blocked copy of the weight, made once per weight version (so it doubles the weights' memory while
-    the model decodes small batches; an optimizer step makes a new one)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if gemv.usable(x, weight):
-        return gemv.small_linear(x, weight)
-    if rows <= PACKED_MAX_ROWS and weight.is_contiguous():
+def linear_onednn_packed(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Without autograd, for a few rows: ``x @ weight.T`` with oneDNN on a blocked copy of the weight, made once
+    per weight version (so it doubles the weights' memory while the model decodes small batches; an optimizer
+    step makes a new one)."""
+    if weight.is_contiguous():
         key = id(weight)
         hit = _PACKED.get(key)
-        if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+        version = -1 if weight.is_inference() else weight._version  # inference tensors keep no version
+        if hit is None or hit[0]() is not weight or hit[1] != version:
             ref = weakref.ref(weight, lambda _, key=key: _PACKED.pop(key, None))
-            hit = _PACKED[key] = (ref, weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8))
+            hit = _PACKED[key] = (ref, version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8))
         weight = hit[2]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def linear_onednn_plain(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Without autograd: ``x @ weight.T`` with oneDNN, the weight as stored (many rows amortise its blocking)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
