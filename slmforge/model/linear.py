@@ -21,6 +21,7 @@ from slmforge.model.cache import RecurrentCache
 from slmforge.model.cost import LayerCost
 from slmforge.model.layers import RMSNorm, init_linear, linear
 from slmforge.model.ops import gla_ref
+from slmforge.model.ops.scan import checkpoint_blocks, recompute_block, use_recompute
 from slmforge.model.ops.kernels import gla_scan
 
 
@@ -54,28 +55,38 @@ class GatedLinear(nn.Module):
                                           dtype=torch.promote_types(dtype, torch.float32)))
 
     def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
+        t = x.shape[1]
+        if cache is None and use_recompute(None, t, x, self.in_proj.weight):
+            # Training on a long sequence (CPU): blocks of the whole mixer under checkpointing, the state carried
+            # between them; backward recomputes one block at a time.
+            o, _ = checkpoint_blocks(self._step, (x,), 1, (None,), recompute_block(self.chunk_size))
+            return o
+        o, state = self._step(x, None if cache is None else cache.state, None if cache is None else cache.pad_mask(t))
+        if cache is not None:
+            cache.state.copy_(state)
+            cache.pos += t
+        return o
+
+    def _step(self, x: torch.Tensor, initial: torch.Tensor | None,
+              pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixer over x (b, T, d) from the state ``initial`` (None: zeros): the output and the final state."""
         b, t, _ = x.shape
         h, dk, dv = self.num_heads, self.key_dim, self.value_dim
         q, k, v, gate, low = linear(x, self.in_proj.weight).split(self.widths, dim=-1)
         g = F.logsigmoid(F.linear(low, self.decay_proj.weight, self.decay_proj.bias)) / self.decay_normalizer
         q, k, g = (u.view(b, t, h, dk).transpose(1, 2) for u in (q, k, g))  # (b, H, T, K)
         v = v.view(b, t, h, dv).transpose(1, 2)  # (b, H, T, V)
-        pad = None if cache is None else cache.pad_mask(t)  # (b, T) True on left padding, or None
         if pad is not None:
-            # Padding leaves the state as an unpadded row's: no input (k = 0) and no decay (g = 0, exp(0) = 1).
+            # Padding (b, T) leaves the state as an unpadded row's: no input (k = 0) and no decay (g = 0).
             k, g = (u.masked_fill(pad[:, None, :, None], 0.0) for u in (k, g))
-        initial = None if cache is None else cache.state
         # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
         with torch.autocast(x.device.type, enabled=False):
-            if cache is not None and t == 1:
+            if t == 1 and initial is not None:  # decoding
                 o, state = gla_ref(q, k, v, g, initial_state=initial)
             else:
                 o, state = gla_scan(q, k, v, g, self.chunk_size, initial, self.fast_kernels)
-        if cache is not None:
-            cache.state.copy_(state)
-            cache.pos += t
         o = self.norm(o.transpose(1, 2)).reshape(b, t, h * dv) * F.silu(gate)  # (b, T, H V)
-        return linear(o, self.out_proj.weight)
+        return linear(o, self.out_proj.weight), state
 
     @staticmethod
     def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:

@@ -23,6 +23,7 @@ from slmforge.model.cache import RecurrentCache
 from slmforge.model.cost import LayerCost
 from slmforge.model.layers import RMSNorm, init_linear, linear
 from slmforge.model.ops import ssd_ref
+from slmforge.model.ops.scan import checkpoint_blocks, recompute_block, use_recompute
 from slmforge.model.ops.kernels import ssd_scan
 
 
@@ -69,43 +70,57 @@ class SSMHeads(nn.Module):
         conv = torch.zeros(batch_size, self.conv_kernel - 1, self.conv.in_channels, device=device, dtype=dtype)
         return RecurrentCache(state, conv)
 
-    def _conv(self, xbc: torch.Tensor, cache: RecurrentCache | None) -> torch.Tensor:
-        """Causal depthwise conv over time, (b, T, ch) -> (b, T, ch); the cache carries the last k-1 inputs."""
-        if cache is None:
-            padded = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))
-        else:
-            padded = torch.cat([cache.conv.to(xbc.dtype), xbc], dim=1)  # (b, k-1+T, ch)
-            cache.conv.copy_(padded[:, padded.shape[1] - cache.conv.shape[1] :])
-        y = F.conv1d(padded.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.in_channels)
-        return y.transpose(1, 2)
-
     def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
+        t = x.shape[1]
+        if cache is None and use_recompute(None, t, x, self.A_log):
+            # Training on a long sequence (CPU): blocks of the whole mixer under checkpointing, the conv's last
+            # inputs and the SSM state carried between them; backward recomputes one block at a time.
+            y, _ = checkpoint_blocks(self._step, (x,), 1, (None, None), recompute_block(self.chunk_size))
+            return y
+        y, conv, state = self._step(x, None if cache is None else cache.conv, None if cache is None else cache.state,
+                                    None if cache is None else cache.pad_mask(t))
+        if cache is not None:
+            cache.conv.copy_(conv)
+            cache.state.copy_(state)
+            cache.pos += t
+        return y
+
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        """After the gated norm: nothing here; ``SSM`` adds its output projection."""
+        return y
+
+    def _step(self, x: torch.Tensor, conv_in: torch.Tensor | None, initial: torch.Tensor | None,
+              pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixer over x (b, T, d) after the conv's last k-1 inputs ``conv_in`` (None: zeros) and the state
+        ``initial`` (None: zeros). Returns the output, the conv's last k-1 inputs and the final state."""
         b, t, _ = x.shape
         h, p, n = self.num_heads, self.head_dim, self.state_dim
         z, xbc, dt = linear(x, self.in_proj.weight).split([self.width, self.width + 2 * n, h], dim=-1)
-        pad = None if cache is None else cache.pad_mask(t)  # (b, T) True on left padding, or None
         if pad is not None:
-            # Padding leaves the row as if it were absent: zero conv inputs (the conv window an unpadded row starts
-            # from), and below dt = 0, so the state decays by exp(0) = 1 and takes in nothing.
+            # Padding (b, T) leaves the row as if it were absent: zero conv inputs (the conv window an unpadded row
+            # starts from), and below dt = 0, so the state decays by exp(0) = 1 and takes in nothing.
             xbc = xbc.masked_fill(pad[:, :, None], 0.0)
-        xs, B, C = F.silu(self._conv(xbc, cache)).split([self.width, n, n], dim=-1)
+        # Causal depthwise conv over time, (b, T, ch) -> (b, T, ch), after the previous k-1 inputs.
+        if conv_in is None:
+            padded = F.pad(xbc, (0, 0, self.conv_kernel - 1, 0))
+        else:
+            padded = torch.cat([conv_in.to(xbc.dtype), xbc], dim=1)  # (b, k-1+T, ch)
+        conv = F.conv1d(padded.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.conv.in_channels)
+        xs, B, C = F.silu(conv.transpose(1, 2)).split([self.width, n, n], dim=-1)
         xs = xs.view(b, t, h, p)
         dt = F.softplus(dt + self.dt_bias)  # (b, T, H)
         if pad is not None:
             dt = dt.masked_fill(pad[:, :, None], 0.0)
         A = -torch.exp(self.A_log)  # (H,)
-        initial = None if cache is None else cache.state
         # The scan runs in float32 at least, also under bf16 autocast: exponentials of long sums need it.
         with torch.autocast(x.device.type, enabled=False):
-            if cache is not None and t == 1:
+            if t == 1 and initial is not None:  # decoding
                 y, state = ssd_ref(xs, dt, A, B, C, initial)
             else:
                 y, state = ssd_scan(xs, dt, A, B, C, self.chunk_size, initial, self.fast_kernels)
-        if cache is not None:
-            cache.state.copy_(state)
-            cache.pos += t
         y = y + self.D[:, None] * xs  # (b, T, H, P)
-        return self.norm(y.reshape(b, t, self.width) * F.silu(z))
+        y = self._project(self.norm(y.reshape(b, t, self.width) * F.silu(z)))
+        return y, padded[:, padded.shape[1] - (self.conv_kernel - 1) :], state
 
     @staticmethod
     def heads_cost(cfg: ModelConfig, width: int, seq_len: int) -> LayerCost:
@@ -144,8 +159,8 @@ class SSM(SSMHeads):
         super().reset_parameters(std)
         init_linear(self.out_proj, out_std)
 
-    def forward(self, x: torch.Tensor, cache: RecurrentCache | None = None) -> torch.Tensor:
-        return linear(super().forward(x, cache), self.out_proj.weight)
+    def _project(self, y: torch.Tensor) -> torch.Tensor:
+        return linear(y, self.out_proj.weight)
 
     @staticmethod
     def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:

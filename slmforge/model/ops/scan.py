@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # GLA: sub-chunk length of the secondary level; a chunk length it does not divide uses their gcd. Pairwise work
 # within sub-chunks grows with it, work across sub-chunks with chunk / it: 8 balances them for chunks of 32-64.
@@ -31,6 +32,62 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _pad_time(t: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
     """Zeros appended along ``dim``: zero inputs and zero log decays leave the state as it is."""
     return F.pad(t, (0, 0) * (t.dim() - 1 - dim) + (0, pad)) if pad else t
+
+
+# Recompute: tokens per checkpointed block. Backward keeps each block's inputs and the state entering it, and
+# recomputes the block's intermediates (decay masks, scores, per-chunk states: tens of floats per token and head)
+# one block at a time, as the fused GPU kernels do within their chunks. The mixers (ssm.py, linear.py) checkpoint
+# whole blocks of their forward the same way, so that neither the scan's nor their own intermediates are kept.
+# Small blocks keep the CPU's resident set low (a block's temporaries, freed between saved activations, fragment
+# the heap: 1,024-token blocks cost ~100 MiB more at 4k tokens than 256) for ~20-35% more time in the mixer.
+RECOMPUTE_BLOCK = 256
+# Auto turns recompute on above this length: shorter sequences (the demo's 256, most CPU training) keep the faster
+# path, where their activations are small anyway.
+RECOMPUTE_MIN_TOKENS = 1024
+
+
+def use_recompute(recompute: bool | None, t: int, *tensors) -> bool:
+    """Whether to run in checkpointed blocks: ``recompute`` when given; else (auto) on CPU, when autograd will need
+    the intermediates and the sequence is longer than ``RECOMPUTE_MIN_TOKENS`` (and one block). On CUDA auto keeps today's path: the fused kernels
+    recompute already, and the PyTorch fallback trades memory for speed there."""
+    if recompute is not None:
+        return recompute
+    x = tensors[0]
+    return (t > max(RECOMPUTE_BLOCK, RECOMPUTE_MIN_TOKENS) and x.device.type == "cpu" and torch.is_grad_enabled()
+            and any(u is not None and u.requires_grad for u in tensors))
+
+
+def recompute_block(chunk: int) -> int:
+    """``RECOMPUTE_BLOCK`` rounded down to whole chunks (at least one), so blocking keeps the chunk boundaries."""
+    return max(chunk, RECOMPUTE_BLOCK // chunk * chunk)
+
+
+def checkpoint_blocks(step, seqs: tuple, dim: int, carry: tuple, block: int) -> tuple[torch.Tensor, tuple]:
+    """``step(*seq_blocks, *carry) -> (out, *carry)`` over blocks of ``block`` along ``dim``, each under activation
+    checkpointing: the carry (a recurrent state, a conv's last inputs) leaving one block enters the next. Returns
+    the outputs joined along ``dim`` and the last carry. ``step`` may use parameters it does not take as arguments
+    (non-reentrant checkpointing gives them their gradients)."""
+
+    def fresh(*args):
+        # A carry that is a view (a slice of a block's buffers) would keep the whole buffer alive: copy it.
+        out, *rest = step(*args)
+        return (out, *(u.clone() if u is not None and u._base is not None else u for u in rest))
+
+    t, result = seqs[0].shape[dim], None
+    # One split per input (not a slice per block): its backward joins the blocks' gradients once, where slices
+    # would each make a zero-filled gradient of the whole sequence.
+    for start, *part in zip(range(0, t, block), *(u.split(block, dim) for u in seqs)):
+        n = part[0].shape[dim]
+        # The steps draw no random numbers, so there is no RNG state to save and restore.
+        out, *carry = checkpoint(fresh, *part, *carry, use_reentrant=False, preserve_rng_state=False)
+        if n == t:
+            return out, tuple(carry)
+        if result is None:
+            result = out.new_empty(out.shape[:dim] + (t,) + out.shape[dim + 1 :])
+        # Each block's output goes straight into the result and is freed before the next block runs: no pieces
+        # left between the next block's temporaries (on CPU they fragment the heap and raise the resident set).
+        result.narrow(dim, start, n).copy_(out)
+    return result, tuple(carry)
 
 
 # ---------------------------------------------------------------- SSD (Mamba-2)
@@ -69,11 +126,21 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=a.device).tril(), float("-inf"))
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None) -> tuple[torch.Tensor, torch.Tensor]:
+def ssd_chunked(x, dt, A, B, C, chunk_size: int, initial_state=None,
+                recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``ssd_ref`` by state-space duality: quadratic attention-like form within chunks, states passed between them.
 
-    Same arguments and results as ``ssd_ref``; T need not be a multiple of ``chunk_size``.
+    Same arguments and results as ``ssd_ref``; T need not be a multiple of ``chunk_size``. ``recompute`` (None:
+    ``use_recompute`` decides) keeps only block-boundary states for backward and recomputes inside each block.
     """
+    if use_recompute(recompute, x.shape[1], x, dt, A, B, C, initial_state):
+        y, (state,) = checkpoint_blocks(lambda *u: _ssd(*u[:4], A, chunk_size, u[4]), (x, dt, B, C), 1,
+                                        (initial_state,), recompute_block(min(chunk_size, x.shape[1])))
+        return y, state
+    return _ssd(x, dt, B, C, A, chunk_size, initial_state)
+
+
+def _ssd(x, dt, B, C, A, chunk_size: int, initial_state):
     acc = _acc(x.dtype)
     xs, dt, A, B, C = (u.to(acc) for u in (x, dt, A, B, C))
     b, t, h, p = xs.shape
@@ -134,20 +201,31 @@ def gla_ref(q, k, v, g, scale: float | None = None, initial_state=None) -> tuple
     return torch.stack(outs, 2).to(q.dtype), state
 
 
-def gla_chunked(q, k, v, g, chunk_size: int, scale: float | None = None,
-                initial_state=None) -> tuple[torch.Tensor, torch.Tensor]:
+def gla_chunked(q, k, v, g, chunk_size: int, scale: float | None = None, initial_state=None,
+                recompute: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``gla_ref`` in chunks: parallel within a chunk, states passed between chunks.
 
     Same arguments and results as ``gla_ref``; T need not be a multiple of ``chunk_size``. The per-channel decay
     cannot be factored as (q exp(G)) (k exp(-G))^T the way a scalar one can: exp(-G) overflows once the summed
     decay is large. So every decay is taken relative to a reference point between the two positions, which keeps
     each exponent <= 0: the position itself within a sub-chunk (pairwise), the start of the query's sub-chunk
-    across sub-chunks, and the chunk's start or end across chunks.
+    across sub-chunks, and the chunk's start or end across chunks. ``recompute`` as in ``ssd_chunked``.
     """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # Blocks must be whole chunks: ``_gla`` rounds a short sequence's chunk up to whole sub-chunks.
+    chunk = min(chunk_size, -(-q.shape[2] // GLA_SUB_CHUNK) * GLA_SUB_CHUNK)
+    if use_recompute(recompute, q.shape[2], q, k, v, g, initial_state):
+        o, (state,) = checkpoint_blocks(lambda *u: _gla(*u[:4], scale, chunk, u[4]), (q, k, v, g), 2,
+                                        (initial_state,), recompute_block(chunk))
+        return o, state
+    return _gla(q, k, v, g, scale, chunk, initial_state)
+
+
+def _gla(q, k, v, g, scale: float, chunk_size: int, initial_state):
     acc = _acc(q.dtype)
     qs, k, v, g = (u.to(acc) for u in (q, k, v, g))
     (b, h, t, dk), dv = qs.shape, v.shape[-1]
-    qs = qs * (dk**-0.5 if scale is None else scale)
+    qs = qs * scale
     # A short sequence makes one chunk, rounded up to whole sub-chunks.
     chunk = min(chunk_size, -(-t // GLA_SUB_CHUNK) * GLA_SUB_CHUNK)
     pad = -t % chunk
