@@ -163,7 +163,7 @@ def test_mixture_dataclasses_live_in_config_which_imports_no_tokens():
 
 def test_describe_lists_every_key_with_default_and_choices():
     lines = [" ".join(line.split()) for line in describe(RunConfig).splitlines()]  # columns padded
-    assert "train.dtype=auto (auto | bf16 | fp32) auto: bf16 on GPU, fp32 on CPU" in lines
+    assert "train.dtype=auto (auto | bf16 | fp32) auto: bf16 on GPU, fp32 on CPU (bf16 there warns if emulated)" in lines
     assert "model.attn.num_heads=4" in lines and any(line.startswith("data.paths=[] ") for line in lines)
     assert len(lines) > 60
 
