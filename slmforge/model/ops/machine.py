@@ -16,6 +16,7 @@ apart. Benchmarks use it to report figures "with AVX-512 hidden".
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -92,11 +93,14 @@ def cache_dir() -> Path:
 
 
 def cached(name: str, key: dict[str, Any], measure: Callable[[], Any]) -> Any:
-    """``measure()``'s JSON-able result, kept in ``cache_dir()/<name>.json`` and reused while ``key`` is the same.
+    """``measure()``'s JSON-able result, kept in ``cache_dir()/<name>-<hash of key>.json`` and reused while ``key``
+    is the same. The hash in the name lets machines that share a home folder (a cluster's nodes, a benchmark run
+    with AVX-512 hidden beside a native one) keep their own measurements instead of replacing each other's.
 
     A cache that cannot be read or written (a read-only home, a damaged file) is measured again, never an error.
     """
-    path = cache_dir() / f"{name}.json"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"{name}-{digest}.json"
     try:
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
