@@ -59,6 +59,10 @@ def _machine_cache(tmp_path_factory):
     folder, never the user's ~/.cache; subprocesses inherit it."""
     if "SLMFORGE_CACHE_DIR" not in os.environ:
         os.environ["SLMFORGE_CACHE_DIR"] = str(tmp_path_factory.mktemp("machine_cache"))
+    # The fast kernels, forced (tests/model/test_kernel_choice.py tests the measuring): every test runs them, as the
+    # demo does where they win, and a test comparing two processes (ranks, a killed run and its resume) never sees
+    # two of them choose differently from timings taken at the same moment.
+    os.environ.setdefault("SLMFORGE_KERNELS", "train=onednn,decode=gemv,prefill=onednn")
 
 
 @pytest.fixture

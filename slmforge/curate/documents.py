@@ -199,21 +199,27 @@ class MissingField(ValueError):
         self.fields, self.count = fields, count
 
 
+def _decode_utf8(path: Path, raw: bytes, line_no: int, offset: int, skip: Skip | None) -> str | None:
+    """``raw`` decoded, or (bad UTF-8) the ValueError naming its byte offset, or None when ``skip`` counts it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        message = (f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
+                   f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text")
+        if skip is None:
+            raise ValueError(message) from None
+        skip("invalid_utf8", message)
+        return None
+
+
 def _lines(path: Path, f: IO[bytes], skip: Skip | None = None) -> Iterator[tuple[int, str]]:
     """Yield (1-based line number, decoded line) from a binary stream, naming the byte of any bad UTF-8."""
     offset = 0
     for line_no, raw in enumerate(f, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            message = (f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
-                       f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text")
-            if skip is None:
-                raise ValueError(message) from None
-            skip("invalid_utf8", message)
-            offset += len(raw)
-            continue
+        line = _decode_utf8(path, raw, line_no, offset, skip)
         offset += len(raw)
+        if line is None:
+            continue
         # A byte-order mark is legal UTF-8 but is not part of the text.
         yield line_no, (line.lstrip("\ufeff") if line_no == 1 else line)
 
@@ -338,14 +344,8 @@ def _struct_decoder(text_field: str) -> Callable[[bytes], msgspec.Struct]:
 def _careful_record(path: Path, raw: bytes, line_no: int, offset: int, text_field: str, skip: Skip | None):
     """One line (with its b"\\n" if it had one) the stdlib way: a (id, text, meta, None) record, None for a
     malformed one skipped, ``_NOTHING`` for a blank line or one not UTF-8 and skipped; or the ValueError."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        message = (f"{path} line {line_no}: not valid UTF-8 at byte offset {offset + exc.start} "
-                   f"(byte 0x{raw[exc.start]:02x}); expected UTF-8 text")
-        if skip is None:
-            raise ValueError(message) from None
-        skip("invalid_utf8", message)
+    line = _decode_utf8(path, raw, line_no, offset, skip)
+    if line is None:
         return _NOTHING
     if line_no == 1:
         line = line.lstrip("\ufeff")

@@ -189,16 +189,3 @@ def test_cli_info_kernels_without_config(tmp_path):
 def test_cli_info_needs_a_config_without_kernels(capsys):
     assert main(["info"]) == 2
     assert "give a preset" in capsys.readouterr().err
-
-
-@ONEDNN
-def test_forced_onednn_compiles(kernels):
-    kernels("train=onednn")
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    w = torch.randn(8, 16, requires_grad=True)
-    fn = torch.compile(lambda a, b: linear(torch.relu(a), b).square().sum(), fullgraph=True)
-    out, grads = _grads(fn, x, w)
-    ref, ref_grads = _grads(lambda a, b: F.linear(torch.relu(a), b).square().sum(), x, w)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 
 from slmforge.checkpoint import FAULT_POINTS
 from slmforge.cli import main
+from slmforge.model.ops import choice
 
 REPO = Path(__file__).resolve().parents[2]
 TIMING = ("tokens_per_second", "mfu")  # wall-clock fields, the only ones allowed to differ
@@ -23,9 +24,14 @@ RESUMED_FROM = {"weights": 4, "state_tensors": 4, "state": 4, "manifest": 4, "re
 
 
 @pytest.fixture(autouse=True)
-def _threads():
+def _threads_and_kernels(monkeypatch):
+    """One thread, and one matmul kernel for every process: the killed runs measure their kernels at the same
+    moment, and two kernels sum in another order (about 1e-7), which is not what this test is about."""
     n = torch.get_num_threads()  # train.num_threads=1 below sets it for this process too
+    monkeypatch.setenv(choice.KERNELS_ENV, "torch")  # the subprocesses inherit it
+    choice.reset()
     yield
+    choice.reset()
     torch.set_num_threads(n)
 
 

@@ -59,8 +59,9 @@ class Choice:
     errors: dict[str, str] = dataclasses.field(default_factory=dict)  # candidate -> why it was left out
 
 
-_CHOICES: dict[tuple[str, int, int, int], Choice] = {}
-_FAST: dict[tuple[int, int, int], Callable] = {}  # (row class, I, O) -> inference kernel: one lookup per call
+# Keyed with the thread count too: the fastest kernel at 1 thread need not be at 16 (train.num_threads).
+_CHOICES: dict[tuple[str, int, int, int, int], Choice] = {}
+_FAST: dict[tuple[int, int, int, int], Callable] = {}  # (row class, I, O, threads) -> kernel: one lookup per call
 _FORCED: list[dict[str, str]] = []  # SLMFORGE_KERNELS parsed, once
 
 
@@ -83,11 +84,11 @@ train_kernel._dynamo_marked_constant = True
 
 def inference_kernel(rows: int, weight: torch.Tensor) -> Callable:
     """The kernel for ``rows`` float32 rows times ``weight`` (O, I) without autograd."""
-    key = (row_class(rows), weight.shape[1], weight.shape[0])
+    key = (row_class(rows), weight.shape[1], weight.shape[0], torch.get_num_threads())
     kernel = _FAST.get(key)
     if kernel is None:
         path = "decode" if key[0] <= DECODE_ROWS[-1] else "prefill"
-        kernel = _FAST[key] = INFERENCE[path][choose(path, *key).kernel]
+        kernel = _FAST[key] = INFERENCE[path][choose(path, *key[:3]).kernel]
     return kernel
 
 
@@ -133,7 +134,7 @@ def parse_forced(text: str) -> dict[str, str]:
 
 def choose(path: str, rows: int, i: int, o: int) -> Choice:
     """The choice for a path and shape class: forced, measured (or read from the cache), or torch on any doubt."""
-    key = (path, rows, i, o)
+    key = (path, rows, i, o, torch.get_num_threads())
     if key in _CHOICES:
         return _CHOICES[key]
     names = candidates(path, rows)
