@@ -93,7 +93,7 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     missing = [m for m in missing if not (m == HEAD and model.cfg.tie_embeddings)]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
@@ -239,7 +239,7 @@ def _read_manifest(path: Path) -> dict:
         files, version = manifest["files"], manifest["format"]
         assert all(isinstance(e["size"], int) and isinstance(e["sha256"], str) for e in files.values())
     except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as exc:
-        raise ValueError(f"{path}: not a checkpoint manifest ({_first_line(exc) or 'a field is missing'})") from None
+        raise ValueError(f"{path}: not a checkpoint manifest ({first_line(exc) or 'a field is missing'})") from None
     if version != FORMAT:
         raise ValueError(f"{path}: checkpoint format {version}, but this slmforge reads format {FORMAT} (and 1)")
     missing = [name for name in (WEIGHTS, STATE_TENSORS, STATE_JSON) if name not in files]
@@ -255,7 +255,7 @@ def _verify_legacy(path: Path) -> None:
         with zipfile.ZipFile(state) as z:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ValueError(f"{state}: damaged ({_first_line(exc)})") from None
+        raise ValueError(f"{state}: damaged ({first_line(exc)})") from None
     if bad is not None:
         raise ValueError(f"{state}: damaged (its part {bad} fails its CRC check)")
     if not weights.is_file():
@@ -301,7 +301,7 @@ def read_state(path: str | Path, verify: bool = True) -> dict:
         encoded = json.loads((path / STATE_JSON).read_text())
         tensors = safetensors.torch.load_file(str(path / STATE_TENSORS))
     except (ValueError, SafetensorError) as exc:
-        raise ValueError(f"{path / STATE_JSON}: unreadable ({_first_line(exc)})") from None
+        raise ValueError(f"{path / STATE_JSON}: unreadable ({first_line(exc)})") from None
     return _decode(encoded, tensors)
 
 
@@ -317,7 +317,7 @@ def _read_legacy_state(file: Path) -> dict:
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for a file it cannot read safely
         raise ValueError(f"{file}: a format-1 state file that cannot be read without pickle "
-                         f"({_first_line(exc)[:200]}); resume from a newer checkpoint, or start over (slmforge "
+                         f"({first_line(exc)[:200]}); resume from a newer checkpoint, or start over (slmforge "
                          f"train --force); its weights still load for generate and eval") from None
 
 
@@ -330,7 +330,7 @@ def read_checkpoint(path: str | Path, tied: bool = False, verify: bool = True) -
     try:
         weights = safetensors.torch.load_file(str(path / WEIGHTS))
     except SafetensorError as exc:
-        raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({_first_line(exc)})") from None
+        raise ValueError(f"{path / WEIGHTS}: not a readable safetensors file ({first_line(exc)})") from None
     if tied:
         weights[HEAD] = weights[EMBEDDING]
     return weights, state
@@ -343,7 +343,7 @@ def load_model_weights(model: nn.Module, path: str | Path, verify: bool = True) 
     load_weights(model, Path(path) / WEIGHTS)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -6,6 +6,7 @@ stage through one function, ``load(cls, path, overrides)``. Unknown keys and bad
 catches numbers that would fail later, deep in the code. Every run writes its resolved config as ``config.yaml``.
 
   model.py    ModelConfig and its per-mixer sub-configs, the size presets
+  post.py     PostConfig: SFT, ORPO and DPO runs (slmforge/post/)
   run.py      DataConfig (with the data mixture), TrainConfig, CurateConfig, RunConfig; ``load_config``
   loading.py  ``load``, ``merge``, ``key=value`` parsing, YAML in and out, choice errors, ``describe``
 
@@ -18,12 +19,13 @@ from slmforge.config.loading import (Override, check_choice, check_min, choice_e
                                      load, merge, parse_overrides, read_yaml, to_dict, validate)
 from slmforge.config.model import (PRESETS, AttnConfig, HymbaConfig, LinearConfig, ModelConfig, ScalingConfig,
                                    SSMConfig, make_divisible, preset)
+from slmforge.config.post import PostConfig
 from slmforge.config.run import (CurateConfig, DataConfig, MixtureConfig, RunConfig, Source, SourceWeight, Stage,
                                  TextSplit, TrainConfig, load_config)
 
 __all__ = [
     "PRESETS", "AttnConfig", "CurateConfig", "DataConfig", "HymbaConfig", "LinearConfig", "MixtureConfig",
-    "ModelConfig", "Override", "RunConfig", "SSMConfig", "ScalingConfig", "Source", "SourceWeight", "Stage",
+    "ModelConfig", "Override", "PostConfig", "RunConfig", "SSMConfig", "ScalingConfig", "Source", "SourceWeight", "Stage",
     "TextSplit", "TrainConfig", "check_choice", "check_min", "choice_error", "describe", "dump_yaml", "from_dict",
     "load", "load_config", "make_divisible", "merge", "parse_overrides", "preset", "read_yaml", "to_dict", "validate",
 ]

@@ -18,6 +18,7 @@ import numpy as np
 
 from slmforge.config.loading import check_choice, check_min, choice_error, load, merge
 from slmforge.config.model import ModelConfig, preset
+from slmforge.config.post import PostConfig
 from slmforge.registry import lookup
 
 # How plain-text files (.txt/.md) split into documents: one per file, per blank-line-separated block, per line,
@@ -222,6 +223,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    # Start from another run's weights (its newest checkpoint, or a checkpoint folder): weights only, with a fresh
+    # optimizer and schedule (continued pre-training, SFT, ORPO, DPO). Ignored on --resume (the checkpoint wins).
+    init_from: str = ""
 
     def validate(self, prefix: str = "train.") -> None:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -254,6 +258,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    finetune: PostConfig = field(default_factory=PostConfig)  # what this run is: "" = pre-training, or sft/orpo/dpo
+    post: list[PostConfig] = field(default_factory=list)  # stages `slmforge run` chains after training (SFT, ORPO)
     sample_prompts: list[str] = field(default_factory=lambda: ["Question: Tom has 3 apples"])
     sample_tokens: int = 64
 

@@ -14,7 +14,11 @@ maj@k (``maj_k``) samples k answers per problem (temperature 0.2, as ``gsm8k-cot
 each filter to every answer and scores the most common extraction (``[invalid]`` votes too; ties go to the
 first seen), as lm-eval's ``majority_vote`` filter does. Our prompts start with EOS, the document boundary
 the model saw in training. ``data=procedural`` scores the run's held-out arithmetic problems the same way.
-Writes ``samples.jsonl`` (one record per problem) and ``summary.json``; an interrupted run resumes.
+``chat=true`` asks a chat model (one trained with SFT) instead: each shot is a user turn (the question) and an
+assistant turn (its solution), the problem the last user turn, rendered with ``Tokenizer.encode_chat`` (after the
+EOS, as ``slmforge chat`` does); the answer also ends at ``<|end|>`` or ``<|user|>``; scoring is the same.
+Writes ``samples.jsonl`` (one record per problem) and ``summary.json`` (under ``eval/gsm8k``, ``..._procedural``,
+``..._chat``); an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ PROMPT = "Question: {question}\nAnswer:"
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
 STOP = ("Question:", "</s>", "<|im_end|>")
+CHAT_STOP_TOKENS = ("<|end|>", "<|user|>")  # chat=true: an answer ends with its turn (as in serve/server.py)
 FALLBACK = "[invalid]"
 # name -> (pattern, group_select): lm-eval's RegexFilter followed by take_first.
 FILTERS = {
@@ -65,7 +70,8 @@ class GSM8KConfig:
     maj_k: int = 0  # > 0: also sample k answers per problem and score their majority (maj@k)
     temperature: float = 0.2  # maj@k sampling temperature
     seed: int = 0
-    out_dir: str = ""  # "" = <run_dir>/eval/gsm8k (gsm8k_procedural for data=procedural)
+    chat: bool = False  # ask in the chat template (a model trained with SFT); see the module docstring
+    out_dir: str = ""  # "" = <run_dir>/eval/gsm8k (gsm8k_procedural for data=procedural; a _chat suffix for chat)
 
 
 # ---------------------------------------------------------------- scoring
@@ -165,11 +171,11 @@ def _sources(cfg: GSM8KConfig) -> tuple[str, str]:
     return data, str(Path(data).with_name("train.jsonl"))
 
 
-def build_prompts(problems: list[dict], pool: list[dict], num_fewshot: int, seed: int = 1234,
-                  same_split: bool = False) -> list[str]:
-    """Few-shot contexts exactly as lm-eval builds them for the ``gsm8k`` task (module docstring)."""
+def draw_shots(problems: list[dict], pool: list[dict], num_fewshot: int, seed: int = 1234,
+               same_split: bool = False) -> list[list[dict]]:
+    """Each problem's few-shot examples, drawn as lm-eval's default sampler draws them (module docstring)."""
     rnd = random.Random(seed)
-    prompts = []
+    out = []
     for problem in problems:
         if not num_fewshot:
             shots = []
@@ -177,21 +183,54 @@ def build_prompts(problems: list[dict], pool: list[dict], num_fewshot: int, seed
             shots = [s for s in rnd.sample(pool, num_fewshot + 1) if s != problem][:num_fewshot]
         else:
             shots = rnd.sample(pool, num_fewshot)
+        out.append(shots)
+    return out
+
+
+def build_prompts(problems: list[dict], pool: list[dict], num_fewshot: int, seed: int = 1234,
+                  same_split: bool = False) -> list[str]:
+    """Few-shot contexts exactly as lm-eval builds them for the ``gsm8k`` task (module docstring)."""
+    prompts = []
+    for problem, shots in zip(problems, draw_shots(problems, pool, num_fewshot, seed, same_split)):
         context = "".join(PROMPT.format(question=s["question"]) + TARGET_DELIMITER + s["answer"] + FEWSHOT_DELIMITER
                           for s in shots)
         prompts.append(context + PROMPT.format(question=problem["question"]))
     return prompts
 
 
-def context_ids(tokenizer, text: str, max_len: int, max_new_tokens: int) -> list[int]:
-    """EOS (a new document) + the text's ids, keeping the last ``max_len - max_new_tokens`` (at least 1)."""
-    ids = [tokenizer.eos_id] + tokenizer.encode(text)
+def build_chats(problems: list[dict], pool: list[dict], num_fewshot: int, seed: int = 1234,
+                same_split: bool = False) -> list[list[dict]]:
+    """The same few-shot examples as ``build_prompts`` as conversations: each shot a user turn (its question) and
+    an assistant turn (its solution), then the problem as the last user turn."""
+    chats = []
+    for problem, shots in zip(problems, draw_shots(problems, pool, num_fewshot, seed, same_split)):
+        turns = [m for s in shots for m in ({"role": "user", "content": s["question"]},
+                                            {"role": "assistant", "content": s["answer"]})]
+        chats.append(turns + [{"role": "user", "content": problem["question"]}])
+    return chats
+
+
+def chat_stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end an assistant turn (``CHAT_STOP_TOKENS``)."""
+    return tuple(tokenizer.token_id(t) for t in CHAT_STOP_TOKENS)
+
+
+def context_ids(tokenizer, prompt: str | list[dict], max_len: int, max_new_tokens: int) -> list[int]:
+    """EOS (a new document) + the prompt's ids, keeping the last ``max_len - max_new_tokens`` (at least 1).
+
+    A prompt is text, or a conversation (a list of messages) rendered by ``encode_chat`` for the assistant to answer.
+    """
+    body = (tokenizer.encode_chat(prompt, add_generation_prompt=True) if isinstance(prompt, list)
+            else tokenizer.encode(prompt))
+    ids = [tokenizer.eos_id] + body
     return ids[-max(1, max_len - max_new_tokens):]
 
 
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, stop=STOP, temperature: float = 0.0,
-                   generator=None, batch_size: int = 8) -> list[str]:
-    """Continue each prompt until a stop string, EOS or ``max_new_tokens``; the text is cut at the stop string.
+def generate_texts(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int, stop=STOP,
+                   temperature: float = 0.0, generator=None, batch_size: int = 8,
+                   stop_ids: tuple[int, ...] = ()) -> list[str]:
+    """Continue each prompt (text or conversation) until a stop string, a stop id, EOS or ``max_new_tokens``; the
+    text is cut at the stop string (special tokens, a stop id among them, are not decoded).
 
     Prompts are batched longest first (little padding), as lm-eval's collator orders them.
     """
@@ -200,6 +239,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, st
     out = [""] * len(ids)
 
     def stopped(new: list[int]) -> bool:
+        if new[-1] in stop_ids:
+            return True
         text = tokenizer.decode(new)
         return any(s in text for s in stop)
 
@@ -230,13 +271,13 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     if cfg.limit:
         problems = problems[: cfg.limit]
     pool = load_problems(fewshot, "train", run_dir) if cfg.num_fewshot else []
-    same = data == fewshot and data not in ("hub", "procedural")
-    prompts = build_prompts(problems, pool, cfg.num_fewshot, cfg.fewshot_seed, same_split=same)
-    default_out = "gsm8k_procedural" if data == "procedural" else "gsm8k"
+    inputs, prompts, stop_ids = _prompts(cfg, tokenizer, problems, pool, data, fewshot)
+    default_out = ("gsm8k_procedural" if data == "procedural" else "gsm8k") + ("_chat" if cfg.chat else "")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else RunDir.at(run_dir or ".").eval_output(default_out)
     partial = out_dir / "samples.partial.jsonl"
-    # Records of an interrupted run are reused only under the same decoding settings.
-    settings = {k: v for k, v in asdict(cfg).items() if k in ("max_new_tokens", "maj_k", "temperature", "seed")}
+    # Records of an interrupted run are reused only under the same decoding settings and prompt format.
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k in ("max_new_tokens", "maj_k", "temperature", "seed", "chat")}
     done = _resume(partial, prompts, settings)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     todo = [i for i in range(len(problems)) if i not in done]
@@ -245,13 +286,13 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(todo), chunk):
         idx = todo[start : start + chunk]
-        greedy = generate_texts(model, tokenizer, [prompts[i] for i in idx], cfg.max_new_tokens,
-                                batch_size=cfg.batch_size)
+        greedy = generate_texts(model, tokenizer, [inputs[i] for i in idx], cfg.max_new_tokens,
+                                batch_size=cfg.batch_size, stop_ids=stop_ids)
         sampled = [None] * len(idx)
         if cfg.maj_k:
-            flat = generate_texts(model, tokenizer, [prompts[i] for i in idx for _ in range(cfg.maj_k)],
+            flat = generate_texts(model, tokenizer, [inputs[i] for i in idx for _ in range(cfg.maj_k)],
                                   cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
-                                  batch_size=cfg.batch_size)
+                                  batch_size=cfg.batch_size, stop_ids=stop_ids)
             sampled = [flat[j * cfg.maj_k : (j + 1) * cfg.maj_k] for j in range(len(idx))]
         with partial.open("a") as f:
             for i, gen, samples in zip(idx, greedy, sampled):
@@ -265,6 +306,17 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     summary = _summary(records, cfg, data, fewshot, time.perf_counter() - t0)
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _prompts(cfg: GSM8KConfig, tokenizer, problems: list[dict], pool: list[dict], data: str,
+             fewshot: str) -> tuple[list, list[str], tuple[int, ...]]:
+    """(what the model continues: texts or conversations, the prompts as text for the records, the stop ids)."""
+    same = data == fewshot and data not in ("hub", "procedural")
+    if not cfg.chat:
+        prompts = build_prompts(problems, pool, cfg.num_fewshot, cfg.fewshot_seed, same_split=same)
+        return prompts, prompts, ()
+    chats = build_chats(problems, pool, cfg.num_fewshot, cfg.fewshot_seed, same_split=same)
+    return chats, [tokenizer.apply_chat_template(c) for c in chats], chat_stop_ids(tokenizer)
 
 
 def _record(index: int, problem: dict, prompt: str, generation: str, samples: list[str] | None) -> dict:

@@ -56,6 +56,21 @@ def padded_mask(valid: torch.Tensor, t: int, window: int) -> torch.Tensor:
     return mask[:, None]
 
 
+def document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """doc: (B, T) document ids of packed sequences (equal ids in a run) -> (B, T) each token's position inside its
+    document, 0 at the document's first token: RoPE restarts per document, as if each ran alone."""
+    idx = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+def document_mask(doc: torch.Tensor, window: int) -> torch.Tensor:
+    """doc: (B, T) -> (B, 1, T, T) bool: causal (and windowed) within a document, nothing across documents."""
+    t = doc.shape[1]
+    return (causal_mask(t, t, window, doc.device) & (doc[:, :, None] == doc[:, None, :]))[:, None]
+
+
 def attention_ref(q, k, v, mask) -> torch.Tensor:
     """Plain softmax attention. q: (B, H, T, D); k, v: (B, K, S, D); mask: (T, S) bool."""
     groups = q.shape[1] // k.shape[1]
@@ -138,21 +153,25 @@ class Attention(nn.Module):
             self.cos, self.sin = cos, sin
         return self.cos[start : start + t], self.sin[start : start + t]
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        return linear(self.heads(x, cache), self.wo.weight)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(self.heads(x, cache, doc), self.wo.weight)
 
-    def heads(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cache: KVCache | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
         """Everything but the output projection: (B, T, C) -> the heads' outputs (B, T, H*D).
 
         With a left-padded cache (``cache.num_pad``: batched decoding of prompts of different lengths) each row
         gets its own RoPE positions, counted from its first real token, and a key mask (``padded_mask``), so every
-        row attends as it would alone. Otherwise positions follow the cache and ``_attend`` picks the kernel.
+        row attends as it would alone. With ``doc`` (B, T) (packed documents, no cache) positions restart at each
+        document and a query sees only its own document's keys (``document_mask``). Otherwise positions follow the
+        cache and ``_attend`` picks the kernel.
         """
         b, t, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = linear(x, self.wqkv.weight).view(b, t, h + 2 * kvh, d)
         cos, sin = self._rope(cache.pos if cache is not None else 0, t)  # (T, D/2)
         positions = None if cache is None else cache.positions(t)  # (B, T), or None when no row is padded
+        if doc is not None:
+            positions = document_positions(doc)
         if positions is None:
             rope = cos[:, None], sin[:, None]
         else:
@@ -166,7 +185,8 @@ class Attention(nn.Module):
         if positions is None:
             y = self._attend(q, k, v)
         else:
-            mask = padded_mask(cache.valid[:, : k.shape[2]], t, self.window)
+            mask = document_mask(doc, self.window) if doc is not None else padded_mask(cache.valid[:, : k.shape[2]],
+                                                                                        t, self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
         return y.transpose(1, 2).reshape(b, t, h * d)
 

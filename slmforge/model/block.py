@@ -59,9 +59,11 @@ class Block(nn.Module):
         if self.ffn is not None:
             self.ffn.reset_parameters(cfg.init_std, residual_out_std(cfg))
 
-    def forward(self, x: torch.Tensor, cache=None,
-                ffn: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
-        x = x + self.mixer(self.mixer_norm(x), cache=cache)
+    def forward(self, x: torch.Tensor, cache=None, ffn: nn.Module | None = None,
+                doc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | float]:
+        # Only attention takes ``doc`` (LM.forward refuses it for the other mixers), so they keep their signature.
+        mixed = self.mixer(self.mixer_norm(x), cache=cache) if doc is None else self.mixer(self.mixer_norm(x), doc=doc)
+        x = x + mixed
         y, aux = (self.ffn if ffn is None else ffn)(self.ffn_norm(x))
         return x + y, aux
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slmforge.config import ModelConfig
+from slmforge.model.attention import Attention
 from slmforge.model.block import Block, build_ffn, residual_out_std
 from slmforge.model.layers import RMSNorm, cross_entropy, linear
 
@@ -74,19 +75,22 @@ class LM(nn.Module):
 
     def forward(
         self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: list | None = None,
-        last_only: bool = False,
+        last_only: bool = False, doc: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """tokens: (B, T) -> logits (B, T, V) and, given targets (B, T), the mean next-token loss.
 
         With ``cache`` (from ``init_cache``) the tokens continue the cached sequence, which may be left-padded.
         ``last_only`` computes the logits of the last position only, (B, 1, V): a prefill needs no more, and the
         (B, T, V) head matmul is its largest. Targets equal to -100 are ignored. The loss includes the FFNs'
-        auxiliary losses.
+        auxiliary losses. ``doc`` (B, T) ints marks packed documents (equal ids in a run; training only, no
+        cache): each attends only to itself with positions from its own start, as if run alone.
         """
+        if doc is not None:
+            self._check_doc(doc, tokens, cache)
         x = self.tok_emb(tokens)
         aux_total = 0.0
         for i, block in enumerate(self.layers()):
-            x, aux = block(x, cache=None if cache is None else cache[i], ffn=self.ffn)
+            x, aux = block(x, cache=None if cache is None else cache[i], ffn=self.ffn, doc=doc)
             aux_total = aux_total + aux
         if last_only:
             x = x[:, -1:]
@@ -96,3 +100,11 @@ class LM(nn.Module):
         # Log-softmax in float32 (bf16 over a large vocabulary loses precision), a block of rows at a time.
         loss = cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss + aux_total
+
+    def _check_doc(self, doc: torch.Tensor, tokens: torch.Tensor, cache) -> None:
+        if cache is not None or doc.shape != tokens.shape:
+            raise ValueError(f"doc must be (B, T) like the tokens {tuple(tokens.shape)}, without a cache")
+        others = sorted({b.kind for b in self.blocks if not isinstance(b.mixer, Attention)})
+        if others:
+            raise ValueError(f"packed documents (document masking) need attention in every layer; model.layers has "
+                             f"{', '.join(others)}: train without packing (packing=false)")

@@ -3,19 +3,19 @@
 ``train`` reads top to bottom like torchtitan's ``Trainer.train``: ``setup`` (seed, model, optimizer, loaders,
 resume), then per step ``train_step`` (micro-batches, clipping, the update) and ``_log_step`` (metrics,
 evaluation, checkpoint), then ``_finish`` (the result, the loss plot). The loop knows nothing of data formats (it
-reads token shards through ``TokenLoader``) and the model knows nothing of the loop. ``loss_fn`` lets alignment
-stages reuse this loop unchanged.
+reads token shards through ``TokenLoader``) and the model knows nothing of the loop. A ``Task`` (what a step
+trains on: the loader, the loss, the validation) lets post-training (``slmforge/post/``: SFT, ORPO, DPO) reuse this
+loop unchanged, resume included; ``train.init_from`` starts any stage from another run's weights.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -23,18 +23,18 @@ from torch import nn
 from slmforge.checkpoint import checkpoint_folders, newest_valid_checkpoint
 from slmforge.config import RunConfig, TrainConfig
 from slmforge.log import log
-from slmforge.metrics import bits_per_byte, evaluate_loss, tokens_per_step
+from slmforge.metrics import bits_per_byte, tokens_per_step
 from slmforge.model.lm import LM
 from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
 from slmforge.runs import MetricsLog, RunDir, atomic_path, save_config, write_json
-from slmforge.tokens.mixture import MixtureLoader
-from slmforge.tokens.shards import TokenLoader, load_shards, recorded_tokenizer
+from slmforge.tokens.shards import load_shards, recorded_tokenizer
 from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import anneal_aligned, lr_at
 from slmforge.train.speed import autocast_dtype, peak_flops
+from slmforge.train.task import Task, init_checkpoint, load_init, reshard_loader_state, shards_task, train_shards
 
 
 @dataclass
@@ -65,36 +65,10 @@ def compile_enabled(value: str, device: torch.device) -> bool:
     raise ValueError(f"train.compile={value!r}: choose auto, true or false")
 
 
-def default_loss(model, batch) -> torch.Tensor:
-    x, y = batch
-    return model(x, targets=y)[1]
-
-
 def _autocast(device, amp_dtype):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=amp_dtype)
-
-
-def build_train_loader(cfg: RunConfig, rank: int = 0, world_size: int = 1):
-    """The mixture loader when the recipe declares stages, else one TokenLoader over <shards_dir>/train."""
-    if cfg.data.mixture.stages:
-        return MixtureLoader(cfg.data.mixture, cfg.data.seq_len, cfg.train.batch_size, rank, world_size,
-                             mode=cfg.data.packing)
-    return TokenLoader(RunDir.of(cfg).split_shards("train"), cfg.data.seq_len, cfg.train.batch_size,
-                       seed=cfg.data.seed, rank=rank, world_size=world_size, mode=cfg.data.packing)
-
-
-def reshard_loader_state(state: dict, batch_size: int, world_size: int) -> dict:
-    """A TokenLoader state saved at another world size, for this one (the global batch must be equal)."""
-    if state.get("world_size", world_size) == world_size or "position" not in state:
-        return state
-    old_global, new_global = state["batch_size"] * state["world_size"], batch_size * world_size
-    if old_global != new_global:
-        raise ValueError(f"resuming at world size {world_size}: the global batch was {old_global} sequences, "
-                         f"now {new_global}; set train.batch_size={old_global // world_size}")
-    # Global batch b went to rank b % world_size, so every rank's position counts global batches.
-    return {**state, "batch_size": batch_size, "world_size": world_size}
 
 
 @dataclass
@@ -110,17 +84,19 @@ class Trainer:
     model: LM  # the bare model: clipping, evaluation and checkpoints read it
     train_model: nn.Module  # the model as parallelized (DDP wrapper, FSDP2, compiled blocks): steps run it
     optimizer: torch.optim.Optimizer
-    loader: Any  # TokenLoader or MixtureLoader
-    val_batches: list
-    tokens_per_byte: float  # validation shards' tokens per UTF-8 byte, for bits per byte
+    task: Task
     metrics: MetricsLog
     tokens_per_step: int
     flops_per_token: float
     peak_flops: float | None  # one device's: GPU peak, CPU GEMM ceiling (train/speed.py); None: no MFU
     step: int = 0
 
+    @property
+    def loader(self):
+        return self.task.loader
+
     def stage_name(self) -> str | None:
-        return self.loader.current_stage[1].name if self.cfg.data.mixture.stages else None
+        return self.task.stage()
 
 
 @dataclass
@@ -128,17 +104,20 @@ class StepOutput:
     lr: float
     loss: float  # mean over micro-batches and ranks
     grad_norm: float  # before clipping
+    extra: dict  # the task's step metrics (rank 0's), mean over micro-batches
 
 
-def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss, progress: bool = True,
-          force: bool = False) -> RunResult:
-    """Train ``cfg``'s model on its token shards; ``resume`` continues exactly from the newest valid checkpoint.
+def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable | None = None, progress: bool = True,
+          force: bool = False, task: Task | None = None) -> RunResult:
+    """Train ``cfg``'s model on its token shards (or ``task``'s data); ``resume`` continues exactly from the newest
+    valid checkpoint. ``loss_fn`` replaces the task's loss.
 
     A run folder that already has checkpoints or metrics is refused without ``resume``; ``force`` deletes them and
     starts over.
     """
     info = dist.init(resolve_device(cfg.train.device).type)
-    tr = setup(cfg, info, resume, force)
+    tr = setup(cfg, info, resume, force, task)
+    loss_fn = loss_fn or tr.task.loss
     batches = iter(tr.loader)
     bar = progress_bar(total=tr.t.max_steps, initial=tr.step, disable=not (progress and info.is_main), desc="train",
                dynamic_ncols=True)
@@ -165,18 +144,20 @@ def train(cfg: RunConfig, resume: bool = False, loss_fn: Callable = default_loss
     return _finish(tr, start_step, time.perf_counter() - start_time, train_loss, val_loss)
 
 
-def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False) -> Trainer:
+def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False, task: Task | None = None) -> Trainer:
     """Seed, build the model, optimizer and loaders, then write config.yaml; restore the newest valid checkpoint if
-    asked. Every check a user error can fail comes first, so a refused run writes nothing."""
+    asked, else ``train.init_from``'s weights. Every check a user error can fail comes first, so a refused run
+    writes nothing."""
     t = anneal_aligned(cfg, info.world_size)
     device = dist.device_for(info, t.device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run = RunDir.of(cfg)
-    _check_vocab(cfg, run)
-    tokenizer = _shards_tokenizer(cfg, run)
-    val_dir = _validation_shards(cfg, run)
+    if task is None:
+        _check_vocab(cfg, run)
+        _validation_shards(cfg, run)
     ckpt = _resume_point(run, resume, force, info.is_main)
+    init = None if ckpt is not None or not t.init_from else init_checkpoint(t.init_from)
     # Measured on a CPU (the GEMM ceiling; the bf16 slowdown, if it warns) at the run's threads, before seeding.
     amp_dtype, peak = autocast_dtype(t.dtype, device), peak_flops(device)
     if peak and device.type == "cpu" and info.is_main:
@@ -184,24 +165,22 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
             f"{torch.get_num_threads()} threads")
     torch.manual_seed(t.seed)
     model = LM(cfg.model).to(device)
+    if init is not None:
+        load_init(model, init, t.init_from)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
-    loader = build_train_loader(cfg, info.rank, info.world_size)
-    val_meta = load_shards(val_dir).meta
-    val_batches = list(itertools.islice(TokenLoader(val_dir, cfg.data.seq_len, t.batch_size, shuffle=False),
-                                        t.eval_batches))
+    task = task or shards_task(cfg, run, t, info.rank, info.world_size)
     if info.is_main:
-        _write_run_folder(cfg, run, tokenizer, force)
-    tr = Trainer(cfg, t, info, device, amp_dtype, run, model, train_model, optimizer, loader, val_batches,
-                 tokens_per_byte=val_meta["num_tokens"] / max(val_meta["num_bytes"], 1),
+        _write_run_folder(cfg, run, task.tokenizer, force)
+    tr = Trainer(cfg, t, info, device, amp_dtype, run, model, train_model, optimizer, task,
                  metrics=MetricsLog(run.metrics), tokens_per_step=tokens_per_step(cfg, info.world_size),
                  flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len)["train"],
                  peak_flops=peak)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, info)
         tr.step = state["step"]
-        loader.load_state_dict(reshard_loader_state(state["loader"], t.batch_size, info.world_size))
+        task.loader.load_state_dict(reshard_loader_state(state["loader"], t.batch_size, info.world_size))
     if info.is_main:
         # A replayed step is not logged twice.
         tr.metrics.truncate_after(tr.step)
@@ -252,31 +231,18 @@ def _write_run_folder(cfg: RunConfig, run: RunDir, tokenizer: Path | None, force
             shutil.copyfile(tokenizer, tmp)
 
 
-def _train_shards(cfg: RunConfig, run: RunDir) -> list:
-    mix = cfg.data.mixture
-    return [s.shards for s in mix.sources] if mix.stages else [run.split_shards("train")]
-
-
 def _check_vocab(cfg: RunConfig, run: RunDir) -> None:
-    for folder in _train_shards(cfg, run):
+    for folder in train_shards(cfg, run):
         vocab = load_shards(folder).meta["vocab_size"]
         if vocab > cfg.model.vocab_size:
             raise ValueError(f"{folder}: tokenizer has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}")
-
-
-def _shards_tokenizer(cfg: RunConfig, run: RunDir) -> Path | None:
-    """Trained from given shards (data.shards_dir, no data.tokenizer): the tokenizer they were made with, which is
-    copied into the run folder so that generate, chat, serve, export and eval find it there."""
-    if not cfg.data.shards_dir or cfg.data.tokenizer:
-        return None
-    return recorded_tokenizer(_train_shards(cfg, run)[0])
 
 
 def _validation_shards(cfg: RunConfig, run: RunDir) -> Path:
     """<shards_dir>/validation; given shards without one: a one-line error with the command that makes it."""
     folder = run.split_shards("validation")
     if cfg.data.shards_dir and not folder.exists():
-        tokenizer = cfg.data.tokenizer or recorded_tokenizer(_train_shards(cfg, run)[0])
+        tokenizer = cfg.data.tokenizer or recorded_tokenizer(train_shards(cfg, run)[0])
         raise ValueError(f"{folder}: no validation split (data.shards_dir needs train/ and validation/); tokenize "
                          f"held-out documents into it: slmforge tokenize FILES tokenizer={tokenizer} out={folder}")
     return folder
@@ -288,32 +254,36 @@ def train_step(tr: Trainer, batches, loss_fn: Callable) -> StepOutput | None:
     lr = lr_at(tr.step, t)
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = 0.0
+    loss_sum, extra = 0.0, {}
     for micro in range(t.grad_accum):
         try:
-            x, y = next(batches)
+            batch = next(batches)
         except StopIteration:
             tr.optimizer.zero_grad(set_to_none=True)
             return None
         # Gradients are all-reduced on the last micro-batch only.
         with dist.no_sync(tr.train_model, micro == t.grad_accum - 1), _autocast(tr.device, tr.amp_dtype):
-            loss = loss_fn(tr.train_model, (x.to(tr.device), y.to(tr.device))) / t.grad_accum
+            out = loss_fn(tr.train_model, tuple(part.to(tr.device) for part in batch))
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            loss = loss / t.grad_accum
             loss.backward()
         loss_sum += loss.item()
+        for key, value in metrics.items():
+            extra[key] = extra.get(key, 0.0) + value / t.grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
     # Under FSDP2 the norm is a DTensor; its full value is the same on every rank.
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
     tr.step += 1
-    return StepOutput(lr, dist.all_reduce_mean(loss_sum, tr.info), grad_norm)
+    return StepOutput(lr, dist.all_reduce_mean(loss_sum, tr.info), grad_norm, extra)
 
 
 def _log_step(tr: Trainer, out: StepOutput, seconds: float, stage: str | None) -> dict:
     """The step's metrics record (written by rank 0), with an evaluation and a checkpoint when they are due."""
     t, step = tr.t, tr.step
     record = {"step": step, "loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm,
-              "tokens": step * tr.tokens_per_step, "tokens_per_second": tr.tokens_per_step / seconds}
+              "tokens": step * tr.tokens_per_step, "tokens_per_second": tr.tokens_per_step / seconds, **out.extra}
     if stage is not None:
         record["stage"] = stage
         if step % t.log_every == 0 or step == t.max_steps:
@@ -323,8 +293,7 @@ def _log_step(tr: Trainer, out: StepOutput, seconds: float, stage: str | None) -
     # The last step of a stage is evaluated too, so the report can show each stage's effect (the anneal's).
     stage_ends = stage is not None and tr.stage_name() != stage
     if step % t.eval_every == 0 or step == t.max_steps or stage_ends:
-        val_loss = _evaluate(tr)
-        record.update(val_loss=val_loss, val_bits_per_byte=bits_per_byte(val_loss, tr.tokens_per_byte))
+        record.update(_evaluate_all(tr))
     if tr.info.is_main:
         tr.metrics.log(record)
     if step % t.ckpt_every == 0 or step == t.max_steps:
@@ -332,9 +301,17 @@ def _log_step(tr: Trainer, out: StepOutput, seconds: float, stage: str | None) -
     return record
 
 
-def _evaluate(tr: Trainer) -> float:
+def _evaluate_all(tr: Trainer) -> dict:
+    """The task's validation metrics, with bits per byte when the task knows its bytes."""
     with _autocast(tr.device, tr.amp_dtype):
-        return evaluate_loss(tr.model, tr.val_batches, tr.device)
+        out = tr.task.evaluate(tr.model, tr.task.val_batches, tr.device)
+    if tr.task.tokens_per_byte == tr.task.tokens_per_byte:
+        out["val_bits_per_byte"] = bits_per_byte(out["val_loss"], tr.task.tokens_per_byte)
+    return out
+
+
+def _evaluate(tr: Trainer) -> float:
+    return _evaluate_all(tr)["val_loss"]
 
 
 def _save(tr: Trainer) -> None:
@@ -347,7 +324,7 @@ def _finish(tr: Trainer, start_step: int, seconds: float, train_loss: float, val
     result = RunResult(
         run_dir=str(tr.run.root), steps=tr.step, tokens=tr.step * tr.tokens_per_step, seconds=seconds,
         tokens_per_second=(tr.step - start_step) * tr.tokens_per_step / max(seconds, 1e-9),
-        train_loss=train_loss, val_loss=val_loss, val_bits_per_byte=bits_per_byte(val_loss, tr.tokens_per_byte),
+        train_loss=train_loss, val_loss=val_loss, val_bits_per_byte=bits_per_byte(val_loss, tr.task.tokens_per_byte),
         num_params=sum(p.numel() for p in tr.model.parameters()),
     )
     if tr.info.is_main:

@@ -160,3 +160,92 @@ def test_procedural_path_equals_procedural_split(eval_run):
     assert by_name == by_path and by_name and all("\n#### " in p["answer"] for p in by_name)
     with pytest.raises(ValueError, match="not JSON"):
         gsm8k.load_problems(str(eval_run / "config.yaml"), "test")
+
+
+# ---------------------------------------------------------------- chat=true (a model trained with SFT)
+
+
+def scripted_generate_batch(tok, script: str, calls: list):
+    """A stand-in for ``generate_batch`` that records its prompts and emits ``script``'s ids, with ``<|end|>``
+    spliced in after its first line, through the real stop rules (the stop callable and EOS)."""
+    first, rest = script.split("\n", 1)
+    ids = tok.encode(first) + [tok.token_id("<|end|>")] + tok.encode("\n" + rest)
+
+    def fake(model, prompts, max_new_tokens, eos_id=None, stop=None, **kw):
+        calls.append([list(p) for p in prompts])
+        out = []
+        for _ in prompts:
+            new = []
+            for token in ids[:max_new_tokens]:
+                if token == eos_id:
+                    break
+                new.append(token)
+                if stop is not None and stop(new):
+                    break
+            out.append(new)
+        return out
+
+    return fake
+
+
+def test_chat_prompts_are_encode_chat_ids_and_stop_at_end(eval_run, loaded, tmp_path, monkeypatch):
+    model, tok = loaded
+    calls = []
+    monkeypatch.setattr(gsm8k, "generate_batch", scripted_generate_batch(tok, "#### 18\nQ: more #### 99", calls))
+    cfg = gsm8k.GSM8KConfig(data="procedural", limit=2, num_fewshot=1, max_new_tokens=40, batch_size=2,
+                            chat=True, out_dir=str(tmp_path / "chat"))
+    gsm8k.evaluate_model(model, tok, cfg, eval_run, progress=False)
+    problems = gsm8k.load_problems("procedural", "test", eval_run)[:2]
+    chats = gsm8k.build_chats(problems, gsm8k.load_problems("procedural", "train", eval_run), 1)
+    assert [m["role"] for m in chats[0]] == ["user", "assistant", "user"]
+    assert chats[0][-1]["content"] == problems[0]["question"] and "####" in chats[0][1]["content"]
+    keep = model.cfg.max_seq_len - cfg.max_new_tokens
+    expected = [([tok.eos_id] + tok.encode_chat(c, add_generation_prompt=True))[-keep:] for c in chats]
+    (passed,) = calls
+    assert sorted(passed) == sorted(expected) and all(p[-1] == tok.token_id("<|assistant|>") for p in passed)
+    records = [json.loads(line) for line in (tmp_path / "chat" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in records] == [tok.apply_chat_template(c) for c in chats]
+    # The answer ends at <|end|>: the rest of the script (its #### 99) is never generated.
+    assert [r["generation"] for r in records] == ["#### 18", "#### 18"]
+    assert all(r["strict-match"]["answer"] == "18" and r["settings"]["chat"] for r in records)
+    # An untruncated conversation is EOS + encode_chat's ids.
+    assert gsm8k.context_ids(tok, chats[0], 10_000, 1) == [tok.eos_id] + tok.encode_chat(chats[0])
+
+
+def test_base_format_ignores_chat_stop_ids(eval_run, loaded, tmp_path, monkeypatch):
+    model, tok = loaded
+    calls = []
+    monkeypatch.setattr(gsm8k, "generate_batch", scripted_generate_batch(tok, "#### 18\nQ: more #### 99", calls))
+    cfg = gsm8k.GSM8KConfig(data="procedural", limit=1, num_fewshot=0, max_new_tokens=40, out_dir=str(tmp_path))
+    gsm8k.evaluate_model(model, tok, cfg, eval_run, progress=False)
+    (record,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    problem = gsm8k.load_problems("procedural", "test", eval_run)[0]
+    ids = [tok.eos_id] + tok.encode(gsm8k.PROMPT.format(question=problem["question"]))
+    assert calls[0] == [ids[-(model.cfg.max_seq_len - cfg.max_new_tokens):]]
+    assert record["generation"].endswith("#### 99") and record["settings"]["chat"] is False
+
+
+def test_chat_run_never_reuses_other_format_records(eval_run, loaded, tmp_path, monkeypatch):
+    model, tok = loaded
+    monkeypatch.setattr(gsm8k, "generate_batch", scripted_generate_batch(tok, "#### 18\nx", []))
+    cfg = gsm8k.GSM8KConfig(data="procedural", limit=2, num_fewshot=0, max_new_tokens=20, chat=True,
+                            out_dir=str(tmp_path))
+    gsm8k.evaluate_model(model, tok, cfg, eval_run, progress=False)
+    first = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    partial = tmp_path / "samples.partial.jsonl"
+    for chat, reused in ((False, False), (True, True)):
+        marked = {**first, "generation": "#### 7", "settings": {**first["settings"], "chat": chat}}
+        partial.write_text(json.dumps(marked) + "\n")
+        gsm8k.evaluate_model(model, tok, cfg, eval_run, progress=False)
+        again = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+        assert again["generation"] == ("#### 7" if reused else "#### 18")
+
+
+def test_cli_gsm8k_chat(eval_run, capsys):
+    assert main(["eval", "gsm8k", str(eval_run), "data=procedural", "chat=true", "limit=2", "num_fewshot=0",
+                 "max_new_tokens=4"]) == 0
+    assert "strict-match: exact_match" in capsys.readouterr().out
+    out = eval_run / "eval" / "gsm8k_procedural_chat"
+    assert json.loads((out / "summary.json").read_text())["config"]["chat"] is True
+    first = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].startswith("<|user|>") and first["prompt"].endswith("<|end|><|assistant|>")

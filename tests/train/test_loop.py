@@ -6,7 +6,8 @@ import torch
 from slmforge.checkpoint import latest_checkpoint
 from slmforge.config import load_config
 from slmforge.train.checkpoint import load_checkpoint
-from slmforge.train.loop import default_loss, train
+from slmforge.train.loop import train
+from slmforge.train.task import default_loss
 from tests.conftest import assert_png_drawn, saved_figure, tiny_run_config
 
 

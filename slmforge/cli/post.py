@@ -1,0 +1,36 @@
+"""Post-training subcommands: sft, orpo, dpo (a new run folder from a trained run) and eval-prefs."""
+
+from __future__ import annotations
+
+import argparse
+
+from slmforge.cli.common import dry_run
+
+WHAT = {"sft": "supervised fine-tuning on conversations (loss on assistant tokens, packed with document masking)",
+        "orpo": "ORPO on preference pairs: NLL on chosen + beta * odds-ratio term, no reference model",
+        "dpo": "DPO on preference pairs against the frozen starting model (its log-probs cached once)"}
+
+
+def cmd_post(args) -> None:
+    from slmforge.cli.train import format_result
+    from slmforge.post.run import finetune_config, post_train
+
+    cfg = finetune_config(args.run_dir, args.command, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg)
+    print(format_result(post_train(cfg, resume=args.resume, force=args.force)))
+
+
+def register(sub) -> None:
+    for name, what in WHAT.items():
+        p = sub.add_parser(name, help=what, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"{what}.\n\nKeys: data=... (files; sft: 'procedural'; orpo/dpo: 'verified', "
+                           f"'hh-rlhf:<path>'), beta, packing, max_len, overlong, val_data, val_fraction, "
+                           f"num_examples, and any run key (train.max_steps=..., name=...). The new run is "
+                           f"<RUN>_{name} beside RUN.")
+        p.add_argument("run_dir", help="the trained run folder (or a Hugging Face model folder) to start from")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="data=..., beta=..., train.* keys, name=...")
+        p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
+        p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config, then exit")
+        p.set_defaults(fn=cmd_post)

@@ -1,0 +1,183 @@
+"""``slmforge sft|orpo|dpo RUN [k=v]``: a post-training run folder made from a trained run.
+
+``finetune_config`` builds the new run's config from the source run's ``config.yaml`` (same model, same data seed,
+so held-out problems stay held out), the method's fine-tuning defaults and the user's keys; ``post_train`` reads
+the data, builds the task (``post/tasks.py``) and runs the one training loop. The new folder has everything
+``chat``, ``serve``, ``eval`` and ``export`` read (config.yaml, tokenizer.json, checkpoints) plus the source
+run's held-out documents (``data/{validation,test}.jsonl``), so ``eval gsm8k data=procedural`` scores the same
+problems before and after. A Hugging Face folder as the source is imported first (``<run>/init``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from slmforge.checkpoint import find_checkpoint, find_tokenizer, load_for_inference
+from slmforge.config import PostConfig, RunConfig, load_config
+from slmforge.config.post import HH_PREFIX, PROCEDURAL, VERIFIED
+from slmforge.log import log
+from slmforge.post.chat_data import procedural_conversations, read_conversations
+from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, split_pairs
+from slmforge.post.tasks import max_len, pair_task, reference_logps, sft_task
+from slmforge.post.verified import verified_pairs
+from slmforge.runs import RunDir
+from slmforge.train.loop import RunResult, train
+
+# Fine-tuning starts from trained weights: a lower peak rate, a short warm-up, cosine to 10%, frequent evaluation.
+DEFAULTS = {
+    "sft": ["train.max_steps=300", "train.lr_peak=1e-3", "train.warmup_steps=20"],
+    "orpo": ["train.max_steps=200", "train.lr_peak=3e-4", "train.warmup_steps=10"],
+    "dpo": ["train.max_steps=200", "train.lr_peak=1e-4", "train.warmup_steps=10"],
+}
+COMMON = ["train.schedule=cosine", "train.lr_min_ratio=0.1", "train.eval_every=50", "train.ckpt_every=50",
+          "train.weight_decay=0.0", "post=[]"]
+POST_KEYS = {f.name for f in dataclasses.fields(PostConfig)} - {"name", "train", "method"}
+
+
+def finetune_config(source: str | Path, method: str, overrides: list[str] | None = None) -> RunConfig:
+    """The config of ``method`` run on ``source`` (a run folder or a Hugging Face folder). Bare keys of
+    PostConfig (``data=...``, ``beta=0.2``) mean ``finetune.<key>``; the new run is <source>_<method> beside it."""
+    source = Path(source)
+    hf = (source / "config.json").is_file() and not (source / "config.yaml").is_file()
+    if not hf and not (source / "config.yaml").is_file():
+        raise ValueError(f"{source}: not a trained run folder (no config.yaml) nor a Hugging Face folder "
+                         f"(config.json); give one made by `slmforge run`, `train` or `import`")
+    user = [f"finetune.{o}" if o.split("=", 1)[0] in POST_KEYS else o for o in overrides or []]
+    base = [f"name={source.name}_{method}", f"out_dir={source.parent}", f"finetune.method={method}",
+            f"train.init_from={source}", *COMMON, *DEFAULTS[method]]
+    if hf:
+        from slmforge.serve.hf import import_hf_run
+
+        cfg = load_config(None, base + user)
+        imported = import_hf_run(source, RunDir.of(cfg).root / "init")
+        return load_config(imported / "config.yaml", [*base, f"train.init_from={imported}", *user])
+    find_checkpoint(source)  # a run folder that never saved a checkpoint is refused now
+    return load_config(source / "config.yaml", base + user)
+
+
+def stage_config(prev: RunConfig, stage: PostConfig) -> RunConfig:
+    """A recipe's ``post`` stage as a run config: it starts from ``prev``'s run folder."""
+    keys = [f"finetune.{k}={v}" for k, v in _flat(dataclasses.asdict(stage)) if k not in ("name", "train")]
+    keys += [f"train.{k}={v}" for k, v in stage.train.items()]
+    cfg = finetune_config(RunDir.of(prev).root, stage.method, keys)
+    return dataclasses.replace(cfg, name=stage.name or f"{prev.name}_{stage.method}")
+
+
+def _flat(d: dict):
+    for k, v in d.items():
+        yield k, ("[" + ", ".join(map(str, v)) + "]") if isinstance(v, list) else v
+
+
+def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
+    f = cfg.finetune
+    if f.method not in ("sft", "orpo", "dpo"):
+        raise ValueError(f"finetune.method={f.method!r}: post-training needs sft, orpo or dpo")
+    if not cfg.train.init_from:
+        raise ValueError("train.init_from is empty: post-training starts from a trained run")
+    model, tokenizer, src_cfg = load_for_inference(cfg.train.init_from)
+    if src_cfg.model != cfg.model:
+        raise ValueError(f"model: the config differs from {cfg.train.init_from}/config.yaml; fine-tuning keeps the "
+                         f"source's model (drop the model.* keys)")
+    run = RunDir.of(cfg)
+    tok_path = find_tokenizer(RunDir.at(cfg.train.init_from), src_cfg)
+    _copy_held_out(Path(cfg.train.init_from), run)
+    if f.method == "sft":
+        train_c, val_c = _conversations(cfg)
+        task = sft_task(cfg, tokenizer, tok_path, train_c, val_c)
+    else:
+        train_p, val_p = _pairs(cfg, model, tokenizer, run)
+        train_e, counts = encode_pairs(tokenizer, train_p, max_len(cfg), f.overlong)
+        val_e, _ = encode_pairs(tokenizer, val_p, max_len(cfg), f.overlong)
+        log(f"{f.method}: {counts['pairs']:,} pairs ({counts['truncated']} truncated, {counts['skipped']} skipped "
+            f"over finetune.max_len={max_len(cfg)}), {len(val_e):,} held out")
+        ref = None
+        if f.method == "dpo":
+            key = str(find_checkpoint(cfg.train.init_from)[1].resolve())
+            ref = reference_logps(model, train_e + val_e, tokenizer.pad_id, cfg.train.batch_size, run, key)
+        task = pair_task(cfg, tok_path, tokenizer.pad_id, train_e, val_e, ref)
+    del model
+    result = train(cfg, resume=resume, force=force, progress=progress, task=task)
+    if f.method != "sft":
+        from slmforge.post.plots import plot_preferences
+
+        plot_preferences(run.metrics, run.root / "preferences.png")
+    return result
+
+
+def _copy_held_out(source: Path, run: RunDir) -> None:
+    """The source run's held-out documents (following its own init_from chain), for ``eval ... data=procedural``."""
+    for split in ("validation", "test"):
+        found = _find_data(source, split)
+        if found is not None and not run.split_data(split).is_file():
+            run.split_data(split).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, run.split_data(split))
+
+
+def _find_data(source: Path, split: str, depth: int = 8) -> Path | None:
+    for _ in range(depth):
+        path = RunDir.at(source).split_data(split)
+        if path.is_file():
+            return path
+        if not (source / "config.yaml").is_file():
+            return None
+        parent = load_config(source / "config.yaml").train.init_from
+        if not parent:
+            return None
+        source = Path(parent)
+    return None
+
+
+def _conversations(cfg: RunConfig) -> tuple[list, list]:
+    f = cfg.finetune
+    train_c, val_c = [], []
+    for entry in f.data:
+        if entry == PROCEDURAL:
+            train_c += procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train")
+            val_c += procedural_conversations(f.families, max(f.num_examples // 20, 20), cfg.data.seed, "validation")
+        else:
+            convs = read_conversations(entry)
+            if not f.val_data:
+                cut = int(len(convs) * (1 - f.val_fraction))
+                train_c, val_c = train_c + convs[:cut], val_c + convs[cut:]
+            else:
+                train_c += convs
+    for entry in f.val_data:
+        val_c += read_conversations(entry)
+    if not val_c:
+        raise ValueError("finetune: no held-out conversations; give finetune.val_data or a val_fraction above 0")
+    return train_c, val_c
+
+
+def _pairs(cfg: RunConfig, model, tokenizer, run: RunDir) -> tuple[list[Pair], list[Pair]]:
+    f = cfg.finetune
+    pairs: list[Pair] = []
+    for entry in f.data:
+        if entry == VERIFIED:
+            pairs += _verified(cfg, model, tokenizer, run)
+        elif entry.startswith(HH_PREFIX):
+            found, counts = hh_rlhf_pairs(entry[len(HH_PREFIX):], limit=f.num_examples)
+            log(f"{f.method}: HH-RLHF {counts}")
+            pairs += found
+        else:
+            pairs += read_pairs(entry)
+    if f.val_data:
+        return pairs, [p for entry in f.val_data for p in read_pairs(entry)]
+    train_p, val_p = split_pairs(pairs, f.val_fraction, cfg.data.seed)
+    if not val_p:
+        raise ValueError(f"finetune.val_fraction={f.val_fraction}: no pair held out of {len(pairs)}; raise it or give "
+                         f"finetune.val_data")
+    return train_p, val_p
+
+
+def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
+    f = cfg.finetune
+    convs = procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train")
+    problems = [{"question": c[-2]["content"], "solution": c[-1]["content"],
+                 "answer": c[-1]["content"].rsplit("#### ", 1)[-1].strip()} for c in convs]
+    out = run.root / "pairs" / "verified.jsonl"
+    counts = verified_pairs(model, tokenizer, problems, f.samples_per_problem, f.sample_temperature,
+                            f.max_new_tokens, cfg.data.seed, out, batch_size=max(cfg.train.batch_size, 16))
+    log(f"{f.method}: verified pairs {counts}")
+    return read_pairs(out)
