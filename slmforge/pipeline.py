@@ -6,12 +6,13 @@ holds the data stages). A stage whose ``done(cfg)`` is true (its output exists) 
 resumes where it stopped; training itself resumes from its latest checkpoint. Eval, samples and the report run
 every time: they are quick and read the newest checkpoint.
 
-Adding a stage (SFT, ORPO, vision, ...) is one entry in ``STAGES``:
+The recipe's ``post`` list (SFT, ORPO, DPO; slmforge/post/) runs after samples, each stage into its own run folder.
+Adding a stage (vision, ...) is one entry in ``STAGES``:
 
-    Stage("sft", done=lambda cfg: RunDir.of(cfg).<its output>.exists(), run=run_sft,
-          enabled=lambda cfg: cfg.sft.enabled)
+    Stage("vision", done=lambda cfg: RunDir.of(cfg).<its output>.exists(), run=run_vision,
+          enabled=lambda cfg: cfg.vision.enabled)
 
-placed where it runs (after "train", before "eval" for SFT). ``run(cfg, walk)`` does the work, writes its
+placed where it runs. ``run(cfg, walk)`` does the work, writes its
 output under ``RunDir.of(cfg)`` and returns what later stages need (``walk.results["sft"]``); ``done(cfg)``
 checks that output; ``enabled`` is for a stage that can be switched off, and defaults to always on;
 ``depends`` names the config keys its output depends on and ``outputs`` the paths it writes.
@@ -47,6 +48,7 @@ from slmforge.log import log
 from slmforge.metrics import evaluate_loss
 from slmforge.model.block import check_model
 from slmforge.plan import count_params
+from slmforge.post.run import post_done, run_post_stages
 from slmforge.runs import MetricsLog, RunDir, write_json, write_text
 from slmforge.serve.generate import generate
 from slmforge.tokens.mixture import Source
@@ -282,6 +284,9 @@ STAGES: list[Stage] = [
           outputs=_outputs("checkpoints", "metrics", "loss_plot", "train_result")),
     Stage("eval", _never, lambda cfg, walk: evaluate_run(cfg), outputs=lambda cfg: [RunDir.of(cfg).root / "eval"]),
     Stage("samples", _never, lambda cfg, walk: samples(cfg)),
+    # SFT, ORPO, DPO into their own run folders (<name>_sft, ...), each from the one before: slmforge/post/run.py
+    Stage("post", post_done, lambda cfg, walk: run_post_stages(cfg), enabled=lambda cfg: bool(cfg.post),
+          reused="every post-training stage already finished"),
     Stage("report", _never, write_report, outputs=_outputs("report_json", "report_md")),
 ]
 

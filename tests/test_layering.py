@@ -40,7 +40,7 @@ class Rule:
     allowed: frozenset[str] = frozenset()  # modules they may import all the same (public entry points)
 
 
-UPPER = frozenset({"train", "serve", "eval", "science", "pipeline", "corpus", "cli"})
+UPPER = frozenset({"train", "serve", "eval", "post", "science", "pipeline", "corpus", "cli"})
 
 # The one table of layering rules; docs/ARCHITECTURE.md prints the same rules.
 RULES = (
@@ -48,11 +48,12 @@ RULES = (
     Rule({"registry", "log", "progress"}, all_but(), "registry, log and progress import nothing from slmforge"),
     Rule({"model"}, all_but("config", "registry"), "model/ imports only config, registry and model/"),
     Rule({"curate", "tokens", "synth"}, UPPER,
-         "curate/, tokens/ and synth/ import no train/, serve/, eval/, science/, pipeline, corpus or cli/"),
+         "curate/, tokens/ and synth/ import no train/, serve/, eval/, post/, science/, pipeline, corpus or cli/"),
     Rule({"runs", "checkpoint", "metrics"}, UPPER, "runs, checkpoint and metrics sit below train/, serve/ and eval/"),
     Rule({"plan", "info"}, UPPER, "plan and info are arithmetic over the model table, below train/ and serve/"),
-    Rule({"serve", "eval"}, {"train", "science", "pipeline"},
-         "serve/ and eval/ import no train/ (inference never imports training)"),
+    Rule({"serve", "eval"}, {"train", "post", "science", "pipeline"},
+         "serve/ and eval/ import no train/ or post/ (inference never imports training)"),
+    Rule({"post"}, {"science", "pipeline"}, "post/ sits above train/, serve/ and eval/ and below pipeline and science"),
     Rule({"science"}, {"train"}, "science/ uses train/ only through slmforge.train.loop (its entry point train)",
          allowed=frozenset({"slmforge.train.loop"})),
     Rule(all_but("__main__"), {"cli"}, "only slmforge/__main__.py imports cli/"),
@@ -272,7 +273,7 @@ def test_checker_finds_a_longer_cycle_and_rejects_other_importers_of_cli(tmp_pat
         "slmforge but registry)  at slmforge/config.py:1",
         "slmforge.pipeline -> slmforge.cli (rule: only slmforge/__main__.py imports cli/)  at slmforge/pipeline.py:2",
         "slmforge.tokens.mixture -> slmforge.pipeline (rule: curate/, tokens/ and synth/ import no train/, serve/, "
-        "eval/, science/, pipeline, corpus or cli/)  at slmforge/tokens/mixture.py:2",
+        "eval/, post/, science/, pipeline, corpus or cli/)  at slmforge/tokens/mixture.py:2",
     ]
 
 

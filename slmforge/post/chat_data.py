@@ -243,7 +243,7 @@ def _synth_turns(fields: dict, seed: dict) -> tuple[str, str] | None:
 
 @dataclass
 class ChatExample:
-    ids: np.ndarray  # (L,) int32: tokenizer.encode_chat(messages, add_generation_prompt=False)
+    ids: np.ndarray  # (L,) int32: EOS + tokenizer.encode_chat(messages, add_generation_prompt=False)
     train: np.ndarray  # (L,) bool: the tokens the model learns to predict (assistant contents and their <|end|>)
 
 
@@ -273,15 +273,16 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: in
         counts["trained_tokens"] += int(train.sum())
     if not examples:
         raise ValueError(f"no conversation left to train on: {counts['conversations']} given, {counts['skipped']} "
-                         f"longer than {max_len} tokens skipped (raise the sequence length, or truncate them with "
-                         f"overlong=truncate)" if counts["conversations"] else "no conversations to encode")
+                         f"longer than finetune.max_len={max_len} tokens skipped (raise it, or "
+                         f"truncate them with finetune.overlong=truncate)" if counts["conversations"] else "no conversations to encode")
     return examples, counts
 
 
 def _render(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_chat``'s ids, built segment by segment the same way, and the train mask beside them."""
+    """EOS (where pre-training documents and chat prompts at inference start) and ``encode_chat``'s ids, built the
+    same way, segment by segment, with the train mask beside them."""
     end = tokenizer.token_id("<|end|>")
-    ids, train = [], []
+    ids, train = [tokenizer.eos_id], [False]
     for message in messages:
         role = tokenizer.token_id(lookup(CHAT_ROLES, message["role"], "chat role"))
         content = tokenizer.encode_text(message["content"])

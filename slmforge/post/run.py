@@ -134,8 +134,9 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
     train_c, val_c = [], []
     for entry in f.data:
         if entry == PROCEDURAL:
-            train_c += procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train")
-            val_c += procedural_conversations(f.families, max(f.num_examples // 20, 20), cfg.data.seed, "validation")
+            train_c += procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train", corpus=cfg.data)
+            val_c += procedural_conversations(f.families, max(f.num_examples // 20, 20), cfg.data.seed, "validation",
+                                              corpus=cfg.data)
         else:
             convs = read_conversations(entry)
             if not f.val_data:
@@ -173,7 +174,7 @@ def _pairs(cfg: RunConfig, model, tokenizer, run: RunDir) -> tuple[list[Pair], l
 
 def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
     f = cfg.finetune
-    convs = procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train")
+    convs = procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train", corpus=cfg.data)
     problems = [{"question": c[-2]["content"], "solution": c[-1]["content"],
                  "answer": c[-1]["content"].rsplit("#### ", 1)[-1].strip()} for c in convs]
     out = run.root / "pairs" / "verified.jsonl"
@@ -181,3 +182,48 @@ def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
                             f.max_new_tokens, cfg.data.seed, out, batch_size=max(cfg.train.batch_size, 16))
     log(f"{f.method}: verified pairs {counts}")
     return read_pairs(out)
+
+
+def post_stage_configs(cfg: RunConfig) -> list[RunConfig]:
+    """The run configs of a recipe's ``post`` stages, chained: each starts from the run before it."""
+    out, prev = [], cfg
+    for stage in cfg.post:
+        prev = stage_config(prev, stage)
+        out.append(prev)
+    return out
+
+
+def post_done(cfg: RunConfig) -> bool:
+    return all(_finished(RunDir.of(c), c.train.max_steps) for c in _configs_if_ready(cfg))
+
+
+def _configs_if_ready(cfg: RunConfig) -> list[RunConfig]:
+    # A stage's config reads the folder of the one before it, which exists only once that one has trained.
+    out, prev = [], cfg
+    for stage in cfg.post:
+        if not _finished(RunDir.of(prev), 0):
+            return out + [prev]
+        prev = stage_config(prev, stage)
+        out.append(prev)
+    return out
+
+
+def _finished(run: RunDir, steps: int) -> bool:
+    import json
+
+    return run.train_result.is_file() and json.loads(run.train_result.read_text())["steps"] >= steps
+
+
+def run_post_stages(cfg: RunConfig) -> list[dict]:
+    """``slmforge run``'s post stages: each trains (or resumes) into its own folder, starting from the one before."""
+    results, prev = [], cfg
+    for stage in cfg.post:
+        this = stage_config(prev, stage)
+        if _finished(RunDir.of(this), this.train.max_steps):
+            log(f"post: {this.name}: already finished")
+        else:
+            log(f"post: {stage.method} {this.train.max_steps} steps -> {RunDir.of(this).root}")
+            post_train(this, resume=True)
+        results.append({"method": stage.method, "run_dir": str(RunDir.of(this).root)})
+        prev = this
+    return results

@@ -50,12 +50,13 @@ def test_rendering_is_encode_chat_and_only_assistant_tokens_are_trained(tok):
     role_ids = {tok.token_id(t) for t in ("<|system|>", "<|user|>", "<|assistant|>")}
     for messages, ex in zip(CHAT, examples):
         assert ex.ids.dtype == np.int32 and ex.train.dtype == bool and len(ex.ids) == len(ex.train)
-        assert ex.ids.tolist() == tok.encode_chat(messages, add_generation_prompt=False)
+        assert ex.ids.tolist() == [tok.eos_id, *tok.encode_chat(messages, add_generation_prompt=False)]
         replies = "".join(m["content"] + "<|end|>" for m in messages if m["role"] == "assistant")
         assert tok.decode(ex.ids[ex.train], skip_special=False) == replies
         assert not role_ids & set(ex.ids[ex.train].tolist())
         # every token of a system or user turn, its role id and its <|end|> included, is untrained
-        at = 0
+        at = 1  # after the EOS, which is never trained
+        assert not ex.train[0]
         for m in messages:
             n = len(tok.encode_text(m["content"])) + 2
             assert ex.train[at:at + n].tolist() == [False] + [m["role"] == "assistant"] * (n - 1)
@@ -180,11 +181,11 @@ def test_truncate_and_skip_are_counted(tok):
     short = _many(1)[0]  # 14 tokens
     examples, counts = encode_conversations(tok, [long_prompt, long_reply, short], max_len=20)
     assert counts["conversations"] == 3 and counts["truncated"] == 1 and counts["skipped"] == 1
-    assert [len(e.ids) for e in examples] == [20, len(tok.encode_chat(short, False))]
+    assert [len(e.ids) for e in examples] == [20, 1 + len(tok.encode_chat(short, False))]
     assert examples[0].train.any() and counts["tokens"] == sum(len(e.ids) for e in examples)
     _, counts = encode_conversations(tok, [long_prompt, long_reply, short], max_len=20, overlong="skip")
     assert counts["truncated"] == 0 and counts["skipped"] == 2
-    with pytest.raises(ValueError, match="3 given, 3 longer than 5 tokens skipped"):
+    with pytest.raises(ValueError, match="3 given, 3 longer than finetune.max_len=5 tokens skipped"):
         encode_conversations(tok, [long_prompt, long_reply, short], max_len=5, overlong="skip")
     with pytest.raises(ValueError, match="overlong='cut'"):
         encode_conversations(tok, [short], max_len=20, overlong="cut")
@@ -232,6 +233,10 @@ def test_empty_or_missing_file_is_an_error(tmp_path):
         read_conversations(empty)
     with pytest.raises(ValueError, match="no such file"):
         read_conversations(tmp_path / "missing.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"messages": CHAT[1]}).encode() + b'\n{"messages": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=f"^{latin}:2: not JSON .*utf-8"):
+        read_conversations(latin)
 
 
 # ---------------------------------------------------------------- procedural and synth sources
@@ -280,8 +285,21 @@ def test_synth_question_answer_records_become_conversations(tmp_path):
     assert [c[0]["content"] for c in convs] == [r["fields"]["question"] for r in records]
     assert all(c[1]["content"].endswith("#### " + r["fields"]["answer"]) for c, r in zip(convs, records))
     assert synth_conversations(out / "shards" / "00000.jsonl") == convs
+    passages = tmp_path / "passages.txt"
+    passages.write_text("The river Odra flows north through three countries before it reaches the sea.\n")
+    qa = _synth(tmp_path, "grounded_qa", inputs=[str(passages)])
+    records = [json.loads(line) for line in (qa / "shards" / "00000.jsonl").read_text().splitlines()]
+    assert [c[0]["content"] for c in synth_conversations(qa)] == [
+        r["seed"]["passage"] + "\n\n" + r["fields"]["question"] for r in records]
+    assert [c[1]["content"] for c in synth_conversations(qa)] == [
+        r["fields"]["reasoning"] + "\nAnswer: " + r["fields"]["answer"] for r in records]
     with pytest.raises(ValueError, match="template 'textbook'.*free text has no answer"):
         synth_conversations(_synth(tmp_path, "textbook"))
+    rewritten = tmp_path / "rewritten.jsonl"  # a record as write_jsonl writes it: the fields inside meta
+    fields = {"exercise": "E?", "solution": "S"}
+    rewritten.write_text(json.dumps({"id": "a", "text": "...", "meta": {"fields": fields}}))
+    assert synth_conversations(rewritten) == [[{"role": "user", "content": "E?"},
+                                               {"role": "assistant", "content": "S"}]]
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": CHAT[1]}) + "\n")
     with pytest.raises(ValueError, match=f"{chat}:1: not a synthesizer record"):
