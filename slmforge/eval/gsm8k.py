@@ -216,14 +216,16 @@ def chat_stop_ids(tokenizer) -> tuple[int, ...]:
 
 
 def context_ids(tokenizer, prompt: str | list[dict], max_len: int, max_new_tokens: int) -> list[int]:
-    """EOS (a new document) + the prompt's ids, keeping the last ``max_len - max_new_tokens`` (at least 1).
+    """EOS (a new document) + the prompt's ids, keeping the last ``max_len - max_new_tokens``, but at least half the
+    context: a generation budget as large as the context (256 new tokens for a 256-token model) must not cut the
+    question down to its last token; an answer that runs past the context decodes on (RoPE extends).
 
     A prompt is text, or a conversation (a list of messages) rendered by ``encode_chat`` for the assistant to answer.
     """
     body = (tokenizer.encode_chat(prompt, add_generation_prompt=True) if isinstance(prompt, list)
             else tokenizer.encode(prompt))
     ids = [tokenizer.eos_id] + body
-    return ids[-max(1, max_len - max_new_tokens):]
+    return ids[-max(1, max_len - max_new_tokens, max_len // 2):]
 
 
 def generate_texts(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int, stop=STOP,

@@ -8,8 +8,8 @@ A conversation is a list of messages ``{"role": "system"|"user"|"assistant", "co
                            gives it for the same seed and base corpus: held-out problems stay held out
   synth_conversations      the synthesizer's question/answer records (math, exercises, grounded_qa)
 
-``encode_conversations`` renders each with the chat template (``Tokenizer.encode_chat``) and marks the tokens to
-train on: every assistant content token and the ``<|end|>`` closing an assistant turn, never a role id or a
+``encode_conversations`` renders each (EOS first) with the chat template (``Tokenizer.encode_chat``) and marks the
+tokens to train on: every assistant content token and the ``<|end|>`` closing an assistant turn, never a role id or a
 system or user token (the loss on completions only, as in InstructGPT, arXiv:2203.02155).
 
 ``SFTLoader`` lays examples into rows of ``seq_len`` (packed, or one per row) and yields ``(x, y, doc)``, each
@@ -279,8 +279,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: in
 
 
 def _render(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """EOS (where pre-training documents and chat prompts at inference start) and ``encode_chat``'s ids, built the
-    same way, segment by segment, with the train mask beside them."""
+    """EOS (as pre-training documents and chat prompts start) and ``encode_chat``'s ids, with the train mask."""
     end = tokenizer.token_id("<|end|>")
     ids, train = [tokenizer.eos_id], [False]
     for message in messages:

@@ -199,7 +199,7 @@ def test_chat_prompts_are_encode_chat_ids_and_stop_at_end(eval_run, loaded, tmp_
     chats = gsm8k.build_chats(problems, gsm8k.load_problems("procedural", "train", eval_run), 1)
     assert [m["role"] for m in chats[0]] == ["user", "assistant", "user"]
     assert chats[0][-1]["content"] == problems[0]["question"] and "####" in chats[0][1]["content"]
-    keep = model.cfg.max_seq_len - cfg.max_new_tokens
+    keep = max(model.cfg.max_seq_len - cfg.max_new_tokens, model.cfg.max_seq_len // 2)
     expected = [([tok.eos_id] + tok.encode_chat(c, add_generation_prompt=True))[-keep:] for c in chats]
     (passed,) = calls
     assert sorted(passed) == sorted(expected) and all(p[-1] == tok.token_id("<|assistant|>") for p in passed)
@@ -212,6 +212,15 @@ def test_chat_prompts_are_encode_chat_ids_and_stop_at_end(eval_run, loaded, tmp_
     assert gsm8k.context_ids(tok, chats[0], 10_000, 1) == [tok.eos_id] + tok.encode_chat(chats[0])
 
 
+def test_a_generation_budget_as_long_as_the_context_keeps_the_question(loaded):
+    _, tok = loaded
+    ids = gsm8k.context_ids(tok, "Question: " + "Tom has 3 apples. " * 40, 256, 256)
+    # Before, max_len - max_new_tokens = 0 kept only the last token: the model never saw the question.
+    assert len(ids) == 128 and ids == ([tok.eos_id] + tok.encode("Question: " + "Tom has 3 apples. " * 40))[-128:]
+    short = gsm8k.context_ids(tok, "Question: 1 + 1?", 256, 256)
+    assert short == [tok.eos_id] + tok.encode("Question: 1 + 1?")
+
+
 def test_base_format_ignores_chat_stop_ids(eval_run, loaded, tmp_path, monkeypatch):
     model, tok = loaded
     calls = []
@@ -221,7 +230,7 @@ def test_base_format_ignores_chat_stop_ids(eval_run, loaded, tmp_path, monkeypat
     (record,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     problem = gsm8k.load_problems("procedural", "test", eval_run)[0]
     ids = [tok.eos_id] + tok.encode(gsm8k.PROMPT.format(question=problem["question"]))
-    assert calls[0] == [ids[-(model.cfg.max_seq_len - cfg.max_new_tokens):]]
+    assert calls[0] == [ids[-max(model.cfg.max_seq_len - cfg.max_new_tokens, model.cfg.max_seq_len // 2):]]
     assert record["generation"].endswith("#### 99") and record["settings"]["chat"] is False
 
 
