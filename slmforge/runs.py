@@ -211,3 +211,18 @@ class MetricsLog:
         atomically, so a crash leaves the old or the new one."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def partial_records(path: Path) -> list[dict]:
+    """The JSON lines an interrupted job appended to ``path`` (none if it does not exist); a last line cut short by
+    the interruption is skipped. The caller keeps those whose settings match its own."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+

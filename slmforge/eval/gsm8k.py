@@ -37,7 +37,7 @@ import torch
 from slmforge.checkpoint import load_for_inference
 from slmforge.curate.documents import read_documents
 from slmforge.progress import progress_bar
-from slmforge.runs import RunDir, write_json, write_text
+from slmforge.runs import RunDir, partial_records, write_json, write_text
 from slmforge.serve.generate import generate_batch
 
 LM_EVAL_TASK = "gsm8k (lm-eval-harness tasks/gsm8k/gsm8k.yaml, version 3.0)"
@@ -330,16 +330,8 @@ def _record(index: int, problem: dict, prompt: str, generation: str, samples: li
 
 def _resume(partial: Path, prompts: list[str], settings: dict) -> dict[int, dict]:
     """Records already written by an interrupted run with the same prompts and settings."""
-    done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the interruption
-                continue
-            if r["index"] < len(prompts) and r["prompt"] == prompts[r["index"]] and r["settings"] == settings:
-                done[r["index"]] = r
-    return done
+    return {r["index"]: r for r in partial_records(partial)
+            if r["index"] < len(prompts) and r["prompt"] == prompts[r["index"]] and r["settings"] == settings}
 
 
 def _summary(records: list[dict], cfg: GSM8KConfig, data: str, fewshot: str, seconds: float) -> dict:

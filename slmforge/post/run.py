@@ -178,8 +178,11 @@ def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
     problems = [{"question": c[-2]["content"], "solution": c[-1]["content"],
                  "answer": c[-1]["content"].rsplit("#### ", 1)[-1].strip()} for c in convs]
     out = run.root / "pairs" / "verified.jsonl"
+    if out.is_file():  # a resumed run: the pairs were sampled (deterministically) before it was stopped
+        log(f"{f.method}: reusing {out}")
+        return read_pairs(out)
     counts = verified_pairs(model, tokenizer, problems, f.samples_per_problem, f.sample_temperature,
-                            f.max_new_tokens, cfg.data.seed, out, batch_size=max(cfg.train.batch_size, 16))
+                            f.max_new_tokens, cfg.train.seed, out, batch_size=max(cfg.train.batch_size, 16))
     log(f"{f.method}: verified pairs {counts}")
     return read_pairs(out)
 

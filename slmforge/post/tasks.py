@@ -40,9 +40,9 @@ def sft_task(cfg: RunConfig, tokenizer, tokenizer_path: Path, train_convs: list,
     log(f"sft: {counts['conversations']:,} conversations, {counts['trained_tokens']:,} trained tokens of "
         f"{counts['tokens']:,}; {counts['truncated']} truncated, {counts['skipped']} skipped (over "
         f"finetune.max_len={max_len(cfg)}); {len(val_ex):,} held out")
-    loader = SFTLoader(train_ex, max_len(cfg), t.batch_size, cfg.data.seed, tokenizer.pad_id, packing=f.packing,
+    loader = SFTLoader(train_ex, max_len(cfg), t.batch_size, t.seed, tokenizer.pad_id, packing=f.packing,
                        rank=rank, world_size=world_size)
-    val = SFTLoader(val_ex, max_len(cfg), t.batch_size, cfg.data.seed, tokenizer.pad_id, packing=f.packing,
+    val = SFTLoader(val_ex, max_len(cfg), t.batch_size, t.seed, tokenizer.pad_id, packing=f.packing,
                     shuffle=False)
     val_batches = [b for _, b in zip(range(t.eval_batches), val)]
 
@@ -112,12 +112,24 @@ def pair_task(cfg: RunConfig, tokenizer_path: Path, pad_id: int, train_pairs: li
               world_size: int = 1) -> Task:
     """ORPO or DPO on encoded pairs; ``ref`` (len(train) + len(val), 2) for DPO, train pairs first."""
     f, t = cfg.finetune, cfg.train
-    loader = PairLoader(train_pairs, t.batch_size, cfg.data.seed, pad_id, rank=rank, world_size=world_size)
+    loader = PairLoader(train_pairs, t.batch_size, t.seed, pad_id, rank=rank, world_size=world_size)
     val_ref = None if ref is None else ref[len(train_pairs):]
-    val = PairLoader(val_pairs[: f.eval_pairs], t.batch_size, cfg.data.seed, pad_id, shuffle=False)
+    val = PairLoader(val_pairs[: f.eval_pairs], t.batch_size, t.seed, pad_id, shuffle=False)
     train_loss = pair_loss(f.method, f.beta, f.label_smoothing, None if ref is None else ref[: len(train_pairs)])
     val_loss = pair_loss(f.method, f.beta, f.label_smoothing, val_ref)
     return Task(loader, list(val), train_loss, pair_eval(val_loss), tokenizer=tokenizer_path)
+
+
+def evaluate_pairs(model, tokenizer, pairs: list, cfg: RunConfig, ref: torch.Tensor | None = None) -> dict:
+    """Held-out preference metrics of ``model`` on ``pairs`` (``Pair``s) under ``cfg.finetune``'s method and beta:
+    the loss, reward margin and accuracy, chosen and rejected log-probs (ORPO's rewards need no reference)."""
+    from slmforge.post.prefs import encode_pairs
+
+    encoded, _ = encode_pairs(tokenizer, pairs, max_len(cfg), cfg.finetune.overlong)
+    f = cfg.finetune
+    batches = list(PairLoader(encoded, cfg.train.batch_size, 0, tokenizer.pad_id, shuffle=False))
+    device = next(model.parameters()).device
+    return pair_eval(pair_loss(f.method, f.beta, f.label_smoothing, ref))(model, batches, device)
 
 
 @torch.no_grad()

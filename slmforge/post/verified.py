@@ -27,7 +27,7 @@ import torch
 
 from slmforge.eval.gsm8k import chat_stop_ids, exact_match, extract, generate_texts, load_problems
 from slmforge.progress import progress_bar
-from slmforge.runs import write_text
+from slmforge.runs import partial_records, write_text
 
 VERIFIER = "strict-match"  # the GSM8K filter whose answer must match: the "#### N" line
 
@@ -130,16 +130,10 @@ def _chunk_seed(seed: int, start: int) -> int:
 def _resume(partial: Path, problems: list[dict], settings: dict) -> dict[int, dict]:
     """Records an interrupted run wrote for the same problems under the same settings."""
     done = {}
-    if partial.exists():
-        for line in partial.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the interruption
-                continue
-            i = r.get("problem", -1)
-            same = 0 <= i < len(problems) and r.get("question") == problems[i]["question"]
-            if same and r.get("settings") == settings:
-                done[i] = r
+    for r in partial_records(partial):
+        i = r.get("problem", -1)
+        if 0 <= i < len(problems) and r.get("question") == problems[i]["question"] and r.get("settings") == settings:
+            done[i] = r
     return done
 
 

@@ -1,0 +1,180 @@
+"""sft / orpo / dpo end to end on a tiny run: the new run folder, exact resume, the DPO reference, bad inputs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slmforge.checkpoint import load_for_inference
+from slmforge.cli import main
+from slmforge.post.chat_data import SFTLoader, encode_conversations
+from slmforge.post.prefs import Pair, write_pairs
+from slmforge.post.run import finetune_config, post_train
+from slmforge.runs import MetricsLog, RunDir
+from tests.conftest import make_run
+
+FAST = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=3", "train.batch_size=4", "train.eval_batches=2",
+        "train.warmup_steps=1", "max_len=64"]
+
+
+@pytest.fixture
+def base(tmp_path):
+    return make_run(tmp_path, "base")
+
+
+def _pairs_file(path, n=24):
+    pairs = [Pair([{"role": "user", "content": f"What is {i} + {i}?"}], f"{i} + {i} = {2 * i}.\n#### {2 * i}",
+                  f"I think it is {i + 3}.\n#### {i + 3}") for i in range(n)]
+    write_pairs(path, pairs)
+    return path
+
+
+def _chats_file(path, n=40):
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"Add {i} and 3."},
+                                      {"role": "assistant", "content": f"{i} + 3 = {i + 3}.\n#### {i + 3}"}]})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _losses(run_dir, key="loss"):
+    return [r[key] for r in MetricsLog(RunDir.at(run_dir).metrics).read() if key in r]
+
+
+def test_sft_makes_a_run_folder_that_inference_loads(base, tmp_path):
+    cfg = finetune_config(base, "sft", [f"data={_chats_file(tmp_path / 'c.jsonl')}", *FAST])
+    assert cfg.name == "base_sft" and cfg.finetune.method == "sft" and cfg.train.init_from == str(base)
+    assert cfg.model == load_for_inference(base)[2].model
+    result = post_train(cfg, progress=False)
+    assert result.steps == 6 and math.isfinite(result.val_loss)
+    model, tok, saved = load_for_inference(cfg.run_dir)
+    assert saved.finetune.method == "sft" and saved.train.init_from == str(base)
+    # The held-out problems of the base run travel with it, for `eval gsm8k data=procedural`.
+    assert (cfg.run_dir / "data" / "test.jsonl").read_bytes() == (base / "data" / "test.jsonl").read_bytes()
+    # Weights moved away from the starting point (init_from loaded them, training changed them).
+    start = load_for_inference(base)[0].state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_init_from_loads_the_source_weights(base):
+    from slmforge.config import load_config
+    from slmforge.model.lm import LM
+    from slmforge.train.task import init_checkpoint, load_init
+
+    cfg = load_config(base / "config.yaml")
+    model = LM(cfg.model)
+    load_init(model, init_checkpoint(str(base)), str(base))
+    for k, v in load_for_inference(base)[0].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    other = LM(load_config(base / "config.yaml", ["model.d_model=48"]).model)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        load_init(other, init_checkpoint(str(base)), str(base))
+    with pytest.raises(ValueError, match="train.init_from=.*no such run folder"):
+        init_checkpoint(str(base / "missing"))
+
+
+@pytest.mark.parametrize("method", ["sft", "orpo"])
+def test_a_killed_run_resumes_exactly(base, tmp_path, method):
+    data = f"data={(_chats_file if method == 'sft' else _pairs_file)(tmp_path / 'd.jsonl')}"
+    extra = ["val_fraction=0.2"]
+    whole = finetune_config(base, method, [data, *extra, *FAST, "name=whole"])
+    post_train(whole, progress=False)
+    # The same run killed (SIGKILL) right after its step-3 checkpoint, then resumed.
+    argv = [sys.executable, "-m", "slmforge", method, str(base), data, *extra, *FAST, "name=half"]
+    env = {**os.environ, "SLMFORGE_FAULT": "ckpt:latest@3"}
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == -signal.SIGKILL
+    again = finetune_config(base, method, [data, *extra, *FAST, "name=half"])
+    assert len(_losses(again.run_dir)) == 3
+    post_train(again, resume=True, progress=False)
+    assert _losses(again.run_dir) == _losses(whole.run_dir) and len(_losses(whole.run_dir)) == 6
+    assert _losses(again.run_dir, "val_loss") == _losses(whole.run_dir, "val_loss")
+
+
+def test_orpo_logs_preference_metrics_and_plots_them(base, tmp_path):
+    cfg = finetune_config(base, "orpo", [f"data={_pairs_file(tmp_path / 'p.jsonl')}", "val_fraction=0.2", *FAST])
+    post_train(cfg, progress=False)
+    records = MetricsLog(RunDir.of(cfg).metrics).read()
+    for key in ("nll", "or_loss", "reward_margin", "reward_accuracy", "chosen_logps", "rejected_logps"):
+        assert all(key in r for r in records)
+    assert "val_reward_accuracy" in records[-1] and 0 <= records[-1]["val_reward_accuracy"] <= 1
+    assert (cfg.run_dir / "preferences.png").stat().st_size > 10_000
+
+
+def test_dpo_starts_at_log2_against_its_cached_reference(base, tmp_path):
+    cfg = finetune_config(base, "dpo", [f"data={_pairs_file(tmp_path / 'p.jsonl')}", "val_fraction=0.2", *FAST,
+                                        "train.max_steps=1", "train.lr_peak=0"])
+    post_train(cfg, progress=False)
+    (record,) = MetricsLog(RunDir.of(cfg).metrics).read()
+    # Policy == reference at step 0: every DPO logit is 0, the loss -log sigmoid(0) = log 2, no reward margin.
+    assert record["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert record["reward_margin"] == pytest.approx(0, abs=1e-6)
+    assert (cfg.run_dir / "reference_logps.npz").is_file()
+
+
+def test_packed_sft_loss_equals_the_conversations_one_by_one(loaded):
+    model, tok = loaded
+    convs = [[{"role": "user", "content": f"Add {i}."}, {"role": "assistant", "content": f"#### {i + 1}"}]
+             for i in range(6)]
+    examples, _ = encode_conversations(tok, convs, 64)
+    x, y, doc = next(iter(SFTLoader(examples, 64, 1, seed=0, pad_id=tok.pad_id, shuffle=False)))
+    in_row = int(doc.max()) + 1
+    assert in_row >= 2  # several conversations share the row
+    with torch.no_grad():
+        packed = model(x, targets=y, doc=doc)[1]
+    # The loader's shuffle=False order is the examples' order.
+    torch.testing.assert_close(packed.double(), _one_by_one(model, examples[:in_row]).double(), rtol=0, atol=1e-5)
+
+
+def _one_by_one(model, examples):
+    total = count = 0.0
+    for ex in examples:
+        ids = torch.as_tensor(ex.ids, dtype=torch.long)[None]
+        target = torch.full_like(ids, -100)
+        target[0, :-1] = torch.where(torch.as_tensor(ex.train[1:]), ids[0, 1:], -100)
+        n = int((target != -100).sum())
+        with torch.no_grad():
+            total += float(model(ids, targets=target)[1]) * n
+        count += n
+    return torch.tensor(total / count)
+
+
+def test_the_sft_loss_reads_assistant_tokens_only(loaded):
+    model, tok = loaded
+    conv = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "2 + 3 = 5.\n#### 5"}]
+    (ex,), _ = encode_conversations(tok, [conv], 64)
+    x, y, doc = next(iter(SFTLoader([ex], 64, 1, seed=0, pad_id=tok.pad_id, packing=False, shuffle=False)))
+    with torch.no_grad():
+        loss = model(x, targets=y)[1]
+        logp = torch.log_softmax(model(x)[0][0].double(), -1)
+    n = len(ex.ids)
+    trained = [t for t in range(n - 1) if ex.train[t + 1]]
+    assert tok.decode(x[0, [t + 1 for t in trained]].tolist(), skip_special=False) == "2 + 3 = 5.\n#### 5<|end|>"
+    manual = -sum(float(logp[t, int(x[0, t + 1])]) for t in trained) / len(trained)
+    assert float(loss) == pytest.approx(manual, abs=1e-5)
+    # So no prompt position's target is read: the mean runs over the assistant tokens (and its <|end|>) only.
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sft", "{tmp}/nothing", "data=procedural"], "not a trained run folder"),
+    (["sft", "{base}", "data={tmp}/no_assistant.jsonl"], "no_assistant.jsonl:1: .*assistant"),
+    (["orpo", "{base}", "data={tmp}/empty_side.jsonl"], "empty_side.jsonl:1: .*empty"),
+    (["orpo", "{base}"], "finetune.data is empty"),
+    (["sft", "{base}", "data=procedural", "overlong=skip", "num_examples=20"], "finetune.max_len=64"),
+    (["sft", "{untrained}", "data=procedural"], "no checkpoint found"),
+])
+def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys, args, message):
+    (tmp_path / "no_assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "empty_side.jsonl").write_text(json.dumps({"prompt": "hi", "chosen": " ", "rejected": "no"}) + "\n")
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "config.yaml").write_text((base / "config.yaml").read_text())
+    argv = [a.format(tmp=tmp_path, base=base, untrained=untrained) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
