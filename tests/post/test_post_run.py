@@ -178,3 +178,28 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+
+
+def test_a_recipes_post_stages_run_after_training_and_are_skipped_when_done(tmp_path):
+    from dataclasses import replace
+
+    from slmforge.config import PostConfig
+    from slmforge.pipeline import run
+    from slmforge.post.run import post_done
+    from tests.conftest import tiny_run_config
+
+    chats = _chats_file(tmp_path / "c.jsonl")
+    cfg = tiny_run_config(tmp_path, name="base", max_steps=4)
+    stages = [PostConfig(method="sft", data=[str(chats)], max_len=64, train={"max_steps": 2, "batch_size": 4}),
+              PostConfig(method="sft", name="again", data=[str(chats)], max_len=64, train={"max_steps": 2})]
+    cfg = replace(cfg, post=stages)
+    assert not post_done(cfg)
+    run(cfg)
+    first, second = RunDir.at(tmp_path / "base_sft"), RunDir.at(tmp_path / "again")
+    assert json.loads(first.train_result.read_text())["steps"] == 2
+    # The second stage starts from the first, not from the base.
+    assert load_for_inference(second.root)[2].train.init_from == str(first.root)
+    assert post_done(cfg)
+    mtime = first.train_result.stat().st_mtime_ns
+    run(cfg)
+    assert first.train_result.stat().st_mtime_ns == mtime
