@@ -5,7 +5,7 @@
 The base run is the recipe's own (``slmforge run recipes/post_cpu.yaml`` trains it; this script reuses it and
 the recipe's ``post`` settings). For each seed (``train.seed``: the SFT and ORPO data order and the on-policy
 samples) it runs SFT from the base and ORPO on verified pairs from that SFT model (``<base>_s<seed>_sft``,
-``..._orpo``), resuming whatever is finished, then prints one table:
+``..._orpo``; seed 0 is the recipe's own ``<base>_sft``), resuming whatever is finished, then prints one table:
 
 - accuracy: procedural arithmetic held out (the base corpus's test split, never trained on), the GSM8K scorer's
   strict match (the ``#### N`` line), 0-shot, greedy; the base model is asked in its pre-training format, the
@@ -83,7 +83,9 @@ def pair_metrics(run_dir: Path, pairs: list, orpo_dir: Path) -> dict:
 
 
 def one_seed(base: RunDir, seed: int, limit: int) -> dict:
-    sft = train_stage(base.root, "sft", f"{base.root.name}_s{seed}_sft", seed, stage_keys(base, "sft"))
+    # Seed 0 is the recipe's own post stages (<base>_sft, <base>_sft_orpo): `slmforge run` may have trained them.
+    name = f"{base.root.name}_sft" if seed == 0 else f"{base.root.name}_s{seed}_sft"
+    sft = train_stage(base.root, "sft", name, seed, stage_keys(base, "sft"))
     orpo = train_stage(sft, "orpo", f"{sft.name}_orpo", seed, stage_keys(base, "orpo"))
     pairs = held_out_pairs(orpo)
     row = {"seed": seed, "sft_accuracy": accuracy(sft, True, limit), "orpo_accuracy": accuracy(orpo, True, limit),
@@ -94,10 +96,10 @@ def one_seed(base: RunDir, seed: int, limit: int) -> dict:
 
 
 def hh_rows(base: RunDir, hh: str, limit_pairs: int) -> dict:
-    sft = base.root.parent / f"{base.root.name}_s0_sft"
+    sft = base.root.parent / f"{base.root.name}_sft"
     keys = [f"data=[hh-rlhf:{hh}]", f"num_examples={limit_pairs}", "val_fraction=0.1", "train.max_steps=150",
             "train.batch_size=8", "max_len=256"]
-    orpo = train_stage(sft, "orpo", f"{base.root.name}_s0_sft_orpo_hh", 0, keys)
+    orpo = train_stage(sft, "orpo", f"{base.root.name}_sft_orpo_hh", 0, keys)
     cfg = load_config(orpo / "config.yaml")
     pairs = split_pairs(hh_rlhf_pairs(hh, limit=limit_pairs)[0], cfg.finetune.val_fraction, cfg.data.seed)[1]
     return {"held_out_pairs": len(pairs), "sft": pair_metrics(sft, pairs, orpo), "orpo": pair_metrics(orpo, pairs, orpo),

@@ -203,3 +203,15 @@ def test_a_recipes_post_stages_run_after_training_and_are_skipped_when_done(tmp_
     mtime = first.train_result.stat().st_mtime_ns
     run(cfg)
     assert first.train_result.stat().st_mtime_ns == mtime
+
+
+def test_sft_starts_from_a_hugging_face_folder(base, tmp_path):
+    pytest.importorskip("transformers")
+    from slmforge.serve.hf import export_hf
+
+    hf = export_hf(base, tmp_path / "hf_model")
+    cfg = finetune_config(hf, "sft", [f"data={_chats_file(tmp_path / 'c.jsonl')}", *FAST, "train.max_steps=2"])
+    init = RunDir.at(tmp_path / "hf_model_sft" / "init")
+    assert cfg.train.init_from == str(init.root) and cfg.model == load_for_inference(base)[2].model
+    post_train(cfg, progress=False)
+    assert load_for_inference(cfg.run_dir)[2].train.init_from == str(init.root)
