@@ -33,4 +33,4 @@ def register(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
         p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
         p.add_argument("--dry-run", action="store_true", help="print the resolved config, then exit")
-        p.set_defaults(fn=cmd_post)
+        p.set_defaults(fn=cmd_post, config_cls="slmforge.config:PostConfig")

@@ -22,9 +22,8 @@ HH_PREFIX = "hh-rlhf:"  # ORPO/DPO: "hh-rlhf:<path to an Anthropic HH-RLHF jsonl
 class PostConfig:
     method: Literal["", "sft", "orpo", "dpo"] = ""  # "" = pre-training
     name: str = ""  # a recipe's post stage: its run folder's name; "" = <previous name>_<method>
-    # sft: conversation files (JSONL {"messages": [...]}) or "procedural"; orpo/dpo: pair files (TRL's JSONL
-    # formats), "verified" or "hh-rlhf:<path>"
-    data: list[str] = field(default_factory=list)
+    # sft: conversation files (JSONL {"messages": [...]}); orpo/dpo: pair files (TRL's JSONL formats)
+    data: list[str] = field(default_factory=list)  # files; sft: "procedural"; orpo/dpo: "verified", "hh-rlhf:<path>"
     val_data: list[str] = field(default_factory=list)  # held-out files; [] = val_fraction of `data`, by prompt hash
     val_fraction: float = 0.05
     families: list[str] = field(default_factory=lambda: ["arithmetic"])  # "procedural" / "verified" problems
