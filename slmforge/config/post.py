@@ -16,14 +16,16 @@ from slmforge.config.loading import check_min
 PROCEDURAL = "procedural"  # SFT: the procedural families as conversations (question -> worked solution)
 VERIFIED = "verified"  # ORPO/DPO: on-policy pairs sampled from the starting model, checked by the verifier
 HH_PREFIX = "hh-rlhf:"  # ORPO/DPO: "hh-rlhf:<path to an Anthropic HH-RLHF jsonl.gz>"
+SYNTH_PREFIX = "synth:"  # SFT: "synth:<a synthesizer job's output folder or shard>" (its question/answer records)
 
 
 @dataclass
 class PostConfig:
     method: Literal["", "sft", "orpo", "dpo"] = ""  # "" = pre-training
     name: str = ""  # a recipe's post stage: its run folder's name; "" = <previous name>_<method>
-    # sft: conversation files (JSONL {"messages": [...]}); orpo/dpo: pair files (TRL's JSONL formats)
-    data: list[str] = field(default_factory=list)  # files; sft: "procedural"; orpo/dpo: "verified", "hh-rlhf:<path>"
+    # sft: conversation files (JSONL {"messages": [...]}), "procedural", "synth:<job output>"; orpo/dpo: pair files
+    # (TRL's JSONL formats), "verified", "hh-rlhf:<path>"
+    data: list[str] = field(default_factory=list)  # conversation or pair files, or the special sources
     val_data: list[str] = field(default_factory=list)  # held-out files; [] = val_fraction of `data`, by prompt hash
     val_fraction: float = 0.05
     families: list[str] = field(default_factory=lambda: ["arithmetic"])  # "procedural" / "verified" problems
@@ -35,13 +37,14 @@ class PostConfig:
     label_smoothing: float = 0.0  # DPO: conservative DPO's assumed label noise
     samples_per_problem: int = 4  # verified: answers sampled per problem
     sample_temperature: float = 1.0
+    sample_batch_size: int = 64  # verified: rows decoded together (larger is faster on CPU; part of the seed's draw)
     max_new_tokens: int = 160
     eval_pairs: int = 256  # held-out pairs scored at each validation
     train: dict[str, Any] = field(default_factory=dict)  # a recipe's post stage: its train.* settings
 
     def validate(self, prefix: str = "finetune.") -> None:
         check_min(self, prefix, 0, "num_examples max_len beta label_smoothing samples_per_problem max_new_tokens")
-        check_min(self, prefix, 1, "eval_pairs")
+        check_min(self, prefix, 1, "eval_pairs sample_batch_size")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"{prefix}val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
         if not 0 <= self.label_smoothing < 0.5:

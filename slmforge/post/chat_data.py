@@ -16,8 +16,8 @@ system or user token (the loss on completions only, as in InstructGPT, arXiv:220
 (B, T) int64: x the tokens (``pad_id`` after a row's last example); y[t] = x[t+1] when that token is in the same
 example and trained, else -100 (cross-entropy's ignore index); doc[t] the index of t's example in its row (0, 1,
 ...), -1 on padding. The model attends only within equal doc values (a block-diagonal causal mask), positions
-restarting at each example (``positions_from_doc``), so packed conversations never see each other; padding is a
-block of its own that nothing reads and nothing is trained on.
+restarting at each example (``model.attention.document_positions``), so packed conversations never see each
+other; padding is a block of its own that nothing reads and nothing is trained on.
 """
 
 from __future__ import annotations
@@ -271,10 +271,12 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_len: in
         examples.append(ChatExample(ids, train))
         counts["tokens"] += len(ids)
         counts["trained_tokens"] += int(train.sum())
+    if not counts["conversations"]:
+        raise ValueError("no conversations to encode")
     if not examples:
         raise ValueError(f"no conversation left to train on: {counts['conversations']} given, {counts['skipped']} "
-                         f"longer than finetune.max_len={max_len} tokens skipped (raise it, or "
-                         f"truncate them with finetune.overlong=truncate)" if counts["conversations"] else "no conversations to encode")
+                         f"longer than finetune.max_len={max_len} tokens skipped (raise it, or truncate them with "
+                         f"finetune.overlong=truncate)")
     return examples, counts
 
 
@@ -389,12 +391,3 @@ class SFTLoader:
                 raise ValueError(f"SFT loader state has {key}={state[key]!r} but this loader has {mine!r}; "
                                  f"resume with the same data and settings")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-
-def positions_from_doc(doc: torch.Tensor) -> torch.Tensor:
-    """(B, T) position of each token inside its run of equal ``doc`` values: 0 where an example (or the padding)
-    starts, counting up to its end."""
-    index = torch.arange(doc.shape[-1], device=doc.device).expand_as(doc)
-    starts = torch.ones_like(doc, dtype=torch.bool)
-    starts[..., 1:] = doc[..., 1:] != doc[..., :-1]
-    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values

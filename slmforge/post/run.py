@@ -16,9 +16,9 @@ from pathlib import Path
 
 from slmforge.checkpoint import find_checkpoint, find_tokenizer, load_for_inference
 from slmforge.config import PostConfig, RunConfig, load_config
-from slmforge.config.post import HH_PREFIX, PROCEDURAL, VERIFIED
+from slmforge.config.post import HH_PREFIX, PROCEDURAL, SYNTH_PREFIX, VERIFIED
 from slmforge.log import log
-from slmforge.post.chat_data import procedural_conversations, read_conversations
+from slmforge.post.chat_data import procedural_conversations, read_conversations, synth_conversations
 from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, split_pairs
 from slmforge.post.tasks import max_len, pair_task, reference_logps, sft_task
 from slmforge.post.verified import verified_pairs
@@ -138,7 +138,8 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
             val_c += procedural_conversations(f.families, max(f.num_examples // 20, 20), cfg.data.seed, "validation",
                                               corpus=cfg.data)
         else:
-            convs = read_conversations(entry)
+            convs = synth_conversations(entry[len(SYNTH_PREFIX):]) if entry.startswith(SYNTH_PREFIX) else \
+                read_conversations(entry)
             if not f.val_data:
                 cut = int(len(convs) * (1 - f.val_fraction))
                 train_c, val_c = train_c + convs[:cut], val_c + convs[cut:]
@@ -182,7 +183,7 @@ def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
         log(f"{f.method}: reusing {out}")
         return read_pairs(out)
     counts = verified_pairs(model, tokenizer, problems, f.samples_per_problem, f.sample_temperature,
-                            f.max_new_tokens, cfg.train.seed, out, batch_size=max(cfg.train.batch_size, 16))
+                            f.max_new_tokens, cfg.train.seed, out, batch_size=f.sample_batch_size)
     log(f"{f.method}: verified pairs {counts}")
     return read_pairs(out)
 

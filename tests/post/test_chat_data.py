@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from slmforge.config import DataConfig, merge
-from slmforge.post.chat_data import (IGNORE, ChatExample, SFTLoader, encode_conversations, positions_from_doc,
+from slmforge.model.attention import document_positions as positions_from_doc
+from slmforge.post.chat_data import (IGNORE, ChatExample, SFTLoader, encode_conversations,
                                      procedural_conversations, read_conversations, synth_conversations)
 from slmforge.synth.jobs import SynthJob, synthesize
 from slmforge.synth.procedural import build_corpus
