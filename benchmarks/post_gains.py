@@ -3,9 +3,10 @@
     python benchmarks/post_gains.py [--base runs/post_cpu] [--seeds 0 1 2] [--limit 300] [--hh PATH] [--dpo]
 
 The base run is the recipe's own (``slmforge run recipes/post_cpu.yaml`` trains it; this script reuses it and
-the recipe's ``post`` settings). For each seed (``train.seed``: the SFT and ORPO data order and the on-policy
-samples) it runs SFT from the base and ORPO on verified pairs from that SFT model (``<base>_s<seed>_sft``,
-``..._orpo``; seed 0 is the recipe's own ``<base>_sft``), resuming whatever is finished, then prints one table:
+the recipe's ``post`` settings, read from ``--recipe``). For each seed (``train.seed``: the SFT and ORPO data
+order and the on-policy samples) it runs SFT from the base and ORPO on verified pairs from that SFT model
+(``<base>_s<seed>_sft``, ``..._orpo``; seed 0 is the recipe's own ``<base>_sft``), resuming whatever is
+finished, then prints one table:
 
 - accuracy: procedural arithmetic held out (the base corpus's test split, never trained on), the GSM8K scorer's
   strict match (the ``#### N`` line), 0-shot, greedy; the base model is asked in its pre-training format, the
@@ -41,9 +42,9 @@ from slmforge.runs import RunDir  # noqa: E402
 from slmforge.tokens.shards import TokenLoader  # noqa: E402
 
 
-def stage_keys(base: RunDir, method: str) -> list[str]:
+def stage_keys(recipe: str, method: str) -> list[str]:
     """The recipe's own settings for this post stage (its ``post`` entry), as key=value items."""
-    cfg = load_config(base.config)
+    cfg = load_config(recipe)
     stage = next(s for s in cfg.post if s.method == method)
     keys = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in vars(stage).items()
             if k not in ("name", "train", "method")]
@@ -82,11 +83,11 @@ def pair_metrics(run_dir: Path, pairs: list, orpo_dir: Path) -> dict:
     return {"reward_accuracy": m["val_reward_accuracy"], "reward_margin": m["val_reward_margin"]}
 
 
-def one_seed(base: RunDir, seed: int, limit: int) -> dict:
+def one_seed(base: RunDir, recipe: str, seed: int, limit: int) -> dict:
     # Seed 0 is the recipe's own post stages (<base>_sft, <base>_sft_orpo): `slmforge run` may have trained them.
     name = f"{base.root.name}_sft" if seed == 0 else f"{base.root.name}_s{seed}_sft"
-    sft = train_stage(base.root, "sft", name, seed, stage_keys(base, "sft"))
-    orpo = train_stage(sft, "orpo", f"{sft.name}_orpo", seed, stage_keys(base, "orpo"))
+    sft = train_stage(base.root, "sft", name, seed, stage_keys(recipe, "sft"))
+    orpo = train_stage(sft, "orpo", f"{sft.name}_orpo", seed, stage_keys(recipe, "orpo"))
     pairs = held_out_pairs(orpo)
     row = {"seed": seed, "sft_accuracy": accuracy(sft, True, limit), "orpo_accuracy": accuracy(orpo, True, limit),
            "sft_loss": base_loss(sft, base), "orpo_loss": base_loss(orpo, base), "held_out_pairs": len(pairs)}
@@ -102,8 +103,8 @@ def hh_rows(base: RunDir, hh: str, limit_pairs: int) -> dict:
     orpo = train_stage(sft, "orpo", f"{base.root.name}_sft_orpo_hh", 0, keys)
     cfg = load_config(orpo / "config.yaml")
     pairs = split_pairs(hh_rlhf_pairs(hh, limit=limit_pairs)[0], cfg.finetune.val_fraction, cfg.data.seed)[1]
-    return {"held_out_pairs": len(pairs), "sft": pair_metrics(sft, pairs, orpo), "orpo": pair_metrics(orpo, pairs, orpo),
-            "orpo_loss": base_loss(orpo, base)}
+    return {"held_out_pairs": len(pairs), "sft": pair_metrics(sft, pairs, orpo),
+            "orpo": pair_metrics(orpo, pairs, orpo), "orpo_loss": base_loss(orpo, base)}
 
 
 def spread(rows: list[dict], key: str) -> str:
@@ -115,6 +116,7 @@ def spread(rows: list[dict], key: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="runs/post_cpu")
+    ap.add_argument("--recipe", default="recipes/post_cpu.yaml", help="the post stages' settings (its `post` list)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--limit", type=int, default=300, help="held-out problems scored (0 = all)")
     ap.add_argument("--hh", default="", help="an HH-RLHF .jsonl.gz: also ORPO on it, scored on its held-out pairs")
@@ -124,7 +126,7 @@ def main() -> None:
     if not base.train_result.is_file():
         sys.exit(f"{base.root}: no trained base run; train it first: slmforge run recipes/post_cpu.yaml")
     report = {"base_accuracy": accuracy(base.root, False, args.limit), "base_loss": base_loss(base.root, base),
-              "seeds": [one_seed(base, s, args.limit) for s in args.seeds]}
+              "seeds": [one_seed(base, args.recipe, s, args.limit) for s in args.seeds]}
     if args.hh:
         report["hh_rlhf"] = hh_rows(base, args.hh, args.hh_pairs)
     rows = report["seeds"]

@@ -118,7 +118,7 @@ def source_configs(cfg: RunConfig) -> dict[str, DataConfig]:
     base = dataclasses.replace(cfg.data, sources={}, mixture=MixtureConfig())
     out = {}
     for name, keys in cfg.data.sources.items():
-        if not isinstance(keys, dict) or {"sources", "mixture", "tokenizer", "shards_dir"} & set(keys):
+        if not isinstance(keys, dict) or {"sources", "mixture", "tokenizer", "shards_dir", "split_digits"} & set(keys):
             raise ValueError(f"data.sources.{name}: expected a mapping of corpus keys (source, families, paths, "
                              f"num_train_docs, ...), got {keys!r}")
         out[name] = merge(base, keys, f"data.sources.{name}")
@@ -261,7 +261,7 @@ def build_tokenizer(cfg: RunConfig) -> Path:
     """Train the BPE tokenizer on the training documents (the curated ones when curation is on)."""
     path, t0 = RunDir.of(cfg).tokenizer, time.perf_counter()
     texts = (doc.text for doc in read_documents(documents_of(cfg, "train")))
-    tok = train_tokenizer(texts, cfg.model.vocab_size, path)
+    tok = train_tokenizer(texts, cfg.model.vocab_size, path, split_digits=cfg.data.split_digits)
     log(f"tokenizer: {tok.vocab_size} tokens in {time.perf_counter() - t0:.1f}s -> {path}")
     return path
 

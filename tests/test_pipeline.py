@@ -52,10 +52,10 @@ def curated_run(tmp_path_factory):
     tokenizer_docs = []
     train_tokenizer = corpus.train_tokenizer
 
-    def spy(texts, *args):
+    def spy(texts, *args, **kwargs):
         texts = list(texts)
         tokenizer_docs.append(len(texts))
-        return train_tokenizer(texts, *args)
+        return train_tokenizer(texts, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(corpus, "train_tokenizer", spy)

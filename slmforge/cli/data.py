@@ -19,6 +19,7 @@ class TokenizerConfig:
     vocab_size: int = 8192
     text_field: str = "text"  # JSONL/Parquet field holding the text
     text_split: TextSplit = "file"  # how plain-text files split into documents
+    split_digits: bool = True  # every digit its own token (false: plain GPT-2 byte-level BPE)
 
     def validate(self, prefix: str = "") -> None:
         _require_inputs_and_out(self, prefix)
@@ -89,7 +90,7 @@ def cmd_tokenizer(args) -> None:
     cfg, stats = _with_inputs(args), ReadStats()
     docs = read_documents(cfg.inputs, text_field=cfg.text_field, text_split=cfg.text_split, stats=stats)
     texts = (d.text for d in checked(docs, stats, "tokenizer", cfg.inputs, cfg.text_field))
-    tok = train_tokenizer(texts, cfg.vocab_size, cfg.out)
+    tok = train_tokenizer(texts, cfg.vocab_size, cfg.out, split_digits=cfg.split_digits)
     print(f"trained {tok.vocab_size} tokens -> {cfg.out}")
 
 

@@ -164,6 +164,7 @@ class DataConfig:
     packing: Literal["window", "documents"] = "window"  # "window": fixed-length windows of the token stream; "documents": packed docs
     num_workers: int = 2  # processes for tokenization
     tokenizer: str = ""  # tokenizer.json; "" = <run_dir>/tokenizer.json (trained by `slmforge run`)
+    split_digits: bool = True  # a tokenizer trained by `slmforge run` makes every digit its own token (Llama, SmolLM2)
     shards_dir: str = ""  # holds train/ and validation/ token shards; "" = <run_dir>/shards
     # Multi-stage data mixture over token-shard sources (slmforge/tokens/mixture.py); no stages = train on
     # <shards_dir>/train. Validation always uses <shards_dir>/validation.

@@ -17,6 +17,12 @@ reuse it from a cache. HF's own ``encode`` (what ``encode`` calls) is the refere
 the two. HF spends its time per byte (regex, alignment bookkeeping), not in the BPE merges, so on the
 Gutenberg books (vocab 8192) the cache gives about 9.5 MB per CPU second against HF's 1.4
 (``benchmarks/tokenize_throughput.py``).
+
+Digits: ``train_tokenizer(..., split_digits=True)`` (the default) puts HF's ``Digits(individual_digits=True)``
+before the byte-level pre-tokenizer, as Llama and SmolLM2 do, so every digit (every Unicode numeric character)
+is a piece of its own and no token holds two digits: " 345" is " ", "3", "4", "5". A tokenizer.json keeps its
+own pre-tokenizer, so files trained before (plain ``ByteLevel``) load and encode exactly as they did. The fast
+path's cuts hold for both: Digits only adds boundaries, around single characters.
 """
 
 from __future__ import annotations
@@ -254,16 +260,19 @@ def _check_message(i: int, message) -> None:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path | None = None,
-                    min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+                    min_frequency: int = 2, show_progress: bool = False, split_digits: bool = True) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` ids (special tokens and the 256 bytes included).
 
     With ``path`` (a directory or a ``.json`` file) the tokenizer is saved there as ``tokenizer.json``.
+    With ``split_digits`` every digit is a token of its own (module docstring); False is the plain GPT-2 BPE.
     """
     min_vocab = len(SPECIAL_TOKENS) + 256
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size={vocab_size}: must be at least {min_vocab} (special tokens + 256 bytes)")
     hf = tokenizers.Tokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                        if split_digits else byte_level)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
