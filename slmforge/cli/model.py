@@ -23,10 +23,12 @@ class GenerateConfig:
     top_p: float = 0.95
     stop: list[str] = field(default_factory=list)  # stop strings, never printed: stop=Question: or stop=[a, b]
     seed: int | None = None
+    tools: str = ""  # calculator: evaluate <<expr= in decoding (GSM8K's calculator); "" = off
 
     def validate(self, prefix: str = "") -> None:
         if not self.prompt:
             raise ValueError(f'{prefix}prompt is required: give prompt="..."')
+        _check_tools(self, prefix)
         check_min(self, prefix, 1, "max_new_tokens")
         check_min(self, prefix, 0, "temperature top_k")
         if not 0 < self.top_p <= 1:
@@ -38,10 +40,12 @@ class ChatConfig:
     system: str = ""  # system prompt
     max_new_tokens: int = 128
     temperature: float = 0.7
+    tools: str = ""  # calculator: evaluate <<expr= in decoding (GSM8K's calculator); "" = off
 
     def validate(self, prefix: str = "") -> None:
         check_min(self, prefix, 1, "max_new_tokens")
         check_min(self, prefix, 0, "temperature")
+        _check_tools(self, prefix)
 
 
 @dataclass
@@ -56,13 +60,21 @@ class ServeConfig:
     request_timeout_s: float = 60.0  # an answer ends here with finish_reason "length" and the text so far
     max_stop: int = 4  # stop strings per request (400 beyond)
     max_stop_chars: int = 64  # characters per stop string (400 beyond)
+    tools: str = ""  # calculator: evaluate <<expr= in every answer (GSM8K's calculator); "" = off
 
     def validate(self, prefix: str = "") -> None:
         check_min(self, prefix, 1, "max_batch max_body_bytes max_queue max_stop max_stop_chars")
+        _check_tools(self, prefix)
         if not self.request_timeout_s > 0:
             raise ValueError(f"{prefix}request_timeout_s={self.request_timeout_s}: expected seconds > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"{prefix}port={self.port}: expected a TCP port, 0-65535")
+
+
+def _check_tools(cfg, prefix: str) -> None:
+    from slmforge.serve.tools import check_tools
+
+    check_tools(cfg.tools, prefix)
 
 
 @dataclass
@@ -89,7 +101,7 @@ def cmd_generate(args) -> None:
               f"length {context}; only the prompt's last {context - cfg.max_new_tokens} tokens are used",
               file=sys.stderr)
     for piece in stream_text(model, tok, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                             stop=cfg.stop, seed=cfg.seed):
+                             stop=cfg.stop, seed=cfg.seed, tools=cfg.tools):
         print(piece, end="", flush=True)
     print()
 
@@ -100,7 +112,8 @@ def cmd_chat(args) -> None:
 
     cfg = load_args(args)
     model, tok, _ = load_for_inference(args.checkpoint)
-    chat(model, tok, system=cfg.system, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    chat(model, tok, system=cfg.system, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+         tools=cfg.tools)
 
 
 def cmd_serve(args) -> None:
@@ -110,7 +123,7 @@ def cmd_serve(args) -> None:
     serve(args.checkpoint, host=cfg.host, port=cfg.port, api_key=cfg.api_key or None,
           model_name=cfg.model_name or None, max_batch=cfg.max_batch, max_body_bytes=cfg.max_body_bytes,
           max_queue=cfg.max_queue, request_timeout_s=cfg.request_timeout_s, max_stop=cfg.max_stop,
-          max_stop_chars=cfg.max_stop_chars)
+          max_stop_chars=cfg.max_stop_chars, tools=cfg.tools)
 
 
 def cmd_export(args) -> None:

@@ -39,6 +39,7 @@ from slmforge.curate.documents import read_documents
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, partial_records, write_json, write_text
 from slmforge.serve.generate import generate_batch
+from slmforge.serve.tools import make_tool
 
 LM_EVAL_TASK = "gsm8k (lm-eval-harness tasks/gsm8k/gsm8k.yaml, version 3.0)"
 DEFAULT_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k"  # <repo>/../shared/data/gsm8k
@@ -71,6 +72,7 @@ class GSM8KConfig:
     temperature: float = 0.2  # maj@k sampling temperature
     seed: int = 0
     chat: bool = False  # ask in the chat template (a model trained with SFT); see the module docstring
+    tools: str = ""  # "calculator": GSM8K's calculator in decoding (serve/tools.py); "" = off
     out_dir: str = ""  # "" = <run_dir>/eval/gsm8k (gsm8k_procedural for data=procedural; a _chat suffix for chat)
 
 
@@ -230,7 +232,7 @@ def context_ids(tokenizer, prompt: str | list[dict], max_len: int, max_new_token
 
 def generate_texts(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_tokens: int, stop=STOP,
                    temperature: float = 0.0, generator=None, batch_size: int = 8,
-                   stop_ids: tuple[int, ...] = ()) -> list[str]:
+                   stop_ids: tuple[int, ...] = (), tools: str = "") -> list[str]:
     """Continue each prompt (text or conversation) until a stop string, a stop id, EOS or ``max_new_tokens``; the
     text is cut at the stop string (special tokens, a stop id among them, are not decoded).
 
@@ -239,6 +241,7 @@ def generate_texts(model, tokenizer, prompts: list[str] | list[list[dict]], max_
     ids = [context_ids(tokenizer, p, model.cfg.max_seq_len, max_new_tokens) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = [""] * len(ids)
+    tool = make_tool(tools, tokenizer)  # tools="calculator": serve/tools.py
 
     def stopped(new: list[int]) -> bool:
         if new[-1] in stop_ids:
@@ -249,7 +252,7 @@ def generate_texts(model, tokenizer, prompts: list[str] | list[list[dict]], max_
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         new = generate_batch(model, [ids[i] for i in chunk], max_new_tokens, eos_id=tokenizer.eos_id,
-                             temperature=temperature, generator=generator, stop=stopped)
+                             temperature=temperature, generator=generator, stop=stopped, tool=tool)
         for i, row in zip(chunk, new):
             out[i] = cut_at_stop(tokenizer.decode(row), stop)
     return out
@@ -279,7 +282,7 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     partial = out_dir / "samples.partial.jsonl"
     # Records of an interrupted run are reused only under the same decoding settings and prompt format.
     settings = {k: v for k, v in asdict(cfg).items()
-                if k in ("max_new_tokens", "maj_k", "temperature", "seed", "chat")}
+                if k in ("max_new_tokens", "maj_k", "temperature", "seed", "chat", "tools")}
     done = _resume(partial, prompts, settings)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.seed)
     todo = [i for i in range(len(problems)) if i not in done]
@@ -289,12 +292,12 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
     for start in range(0, len(todo), chunk):
         idx = todo[start : start + chunk]
         greedy = generate_texts(model, tokenizer, [inputs[i] for i in idx], cfg.max_new_tokens,
-                                batch_size=cfg.batch_size, stop_ids=stop_ids)
+                                batch_size=cfg.batch_size, stop_ids=stop_ids, tools=cfg.tools)
         sampled = [None] * len(idx)
         if cfg.maj_k:
             flat = generate_texts(model, tokenizer, [inputs[i] for i in idx for _ in range(cfg.maj_k)],
                                   cfg.max_new_tokens, temperature=cfg.temperature, generator=generator,
-                                  batch_size=cfg.batch_size, stop_ids=stop_ids)
+                                  batch_size=cfg.batch_size, stop_ids=stop_ids, tools=cfg.tools)
             sampled = [flat[j * cfg.maj_k : (j + 1) * cfg.maj_k] for j in range(len(idx))]
         with partial.open("a") as f:
             for i, gen, samples in zip(idx, greedy, sampled):

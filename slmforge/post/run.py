@@ -11,6 +11,7 @@ problems before and after. A Hugging Face folder as the source is imported first
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, s
 from slmforge.post.tasks import max_len, pair_task, reference_logps, sft_task
 from slmforge.post.verified import verified_pairs
 from slmforge.runs import RunDir
-from slmforge.train.loop import RunResult, train
+from slmforge.train.loop import RunResult, resolve_device, train
 
 # Fine-tuning starts from trained weights: a lower peak rate, a short warm-up, cosine to 10%, frequent evaluation.
 DEFAULTS = {
@@ -57,12 +58,12 @@ def finetune_config(source: str | Path, method: str, overrides: list[str] | None
     return load_config(source / "config.yaml", base + user)
 
 
-def stage_config(prev: RunConfig, stage: PostConfig) -> RunConfig:
-    """A recipe's ``post`` stage as a run config: it starts from ``prev``'s run folder."""
+def stage_config(source: Path, stage: PostConfig, prev_name: str) -> RunConfig:
+    """A recipe's ``post`` stage as a run config: it starts from ``source`` (the run before it), and its folder is
+    ``stage.name`` or <prev_name>_<method> beside it."""
     keys = [f"finetune.{k}={v}" for k, v in _flat(dataclasses.asdict(stage)) if k not in ("name", "train")]
     keys += [f"train.{k}={v}" for k, v in stage.train.items()]
-    cfg = finetune_config(RunDir.of(prev).root, stage.method, keys)
-    return dataclasses.replace(cfg, name=stage.name or f"{prev.name}_{stage.method}")
+    return finetune_config(source, stage.method, [*keys, f"name={stage.name or f'{prev_name}_{stage.method}'}"])
 
 
 def _flat(d: dict):
@@ -76,7 +77,8 @@ def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progre
         raise ValueError(f"finetune.method={f.method!r}: post-training needs sft, orpo or dpo")
     if not cfg.train.init_from:
         raise ValueError("train.init_from is empty: post-training starts from a trained run")
-    model, tokenizer, src_cfg = load_for_inference(cfg.train.init_from)
+    # On the training device: on-policy sampling (verified pairs) and DPO's reference pass run there too.
+    model, tokenizer, src_cfg = load_for_inference(cfg.train.init_from, str(resolve_device(cfg.train.device)))
     if src_cfg.model != cfg.model:
         raise ValueError(f"model: the config differs from {cfg.train.init_from}/config.yaml; fine-tuning keeps the "
                          f"source's model (drop the model.* keys)")
@@ -188,46 +190,43 @@ def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
     return read_pairs(out)
 
 
-def post_stage_configs(cfg: RunConfig) -> list[RunConfig]:
-    """The run configs of a recipe's ``post`` stages, chained: each starts from the run before it."""
-    out, prev = [], cfg
-    for stage in cfg.post:
-        prev = stage_config(prev, stage)
-        out.append(prev)
-    return out
-
-
 def post_done(cfg: RunConfig) -> bool:
-    return all(_finished(RunDir.of(c), c.train.max_steps) for c in _configs_if_ready(cfg))
-
-
-def _configs_if_ready(cfg: RunConfig) -> list[RunConfig]:
-    # A stage's config reads the folder of the one before it, which exists only once that one has trained.
-    out, prev = [], cfg
+    """Every post stage of ``cfg`` has trained to its max_steps (a stage's config reads the folder of the one before
+    it, so the walk stops at the first unfinished one)."""
+    source, name = RunDir.of(cfg).root, cfg.name
     for stage in cfg.post:
-        if not _finished(RunDir.of(prev), 0):
-            return out + [prev]
-        prev = stage_config(prev, stage)
-        out.append(prev)
-    return out
+        if not _finished(RunDir.at(source), 0):
+            return False
+        this = stage_config(source, stage, name)
+        if not _finished(RunDir.of(this), this.train.max_steps):
+            return False
+        source, name = RunDir.of(this).root, this.name
+    return True
 
 
 def _finished(run: RunDir, steps: int) -> bool:
-    import json
-
     return run.train_result.is_file() and json.loads(run.train_result.read_text())["steps"] >= steps
 
 
 def run_post_stages(cfg: RunConfig) -> list[dict]:
-    """``slmforge run``'s post stages: each trains (or resumes) into its own folder, starting from the one before."""
-    results, prev = [], cfg
-    for stage in cfg.post:
-        this = stage_config(prev, stage)
+    """``slmforge run``'s post stages, after its own training: ``post_chain`` from the run folder."""
+    return post_chain(RunDir.of(cfg).root, cfg.post, cfg.name)
+
+
+def post_chain(source: str | Path, stages: list[PostConfig], name: str = "") -> list[dict]:
+    """Run ``stages`` one after the other, the first from ``source`` (a trained run or a Hugging Face folder), each
+    into its own folder (trained, resumed or skipped when finished), each from the one before
+    (``slmforge post RECIPE SOURCE``)."""
+    if not stages:
+        raise ValueError("post: the recipe has no post stages (a `post:` list of {method, data, ...})")
+    results, source, name = [], Path(source), name or Path(source).name
+    for stage in stages:
+        this = stage_config(source, stage, name)
         if _finished(RunDir.of(this), this.train.max_steps):
             log(f"post: {this.name}: already finished")
         else:
             log(f"post: {stage.method} {this.train.max_steps} steps -> {RunDir.of(this).root}")
             post_train(this, resume=True)
         results.append({"method": stage.method, "run_dir": str(RunDir.of(this).root)})
-        prev = this
+        source, name = RunDir.of(this).root, this.name
     return results

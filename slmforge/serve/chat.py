@@ -8,8 +8,9 @@ from slmforge.serve.generate import stream_text
 
 
 def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
-         top_k: int = 50, top_p: float = 0.95, input_fn=None, out=None) -> list[dict]:
+         top_k: int = 50, top_p: float = 0.95, input_fn=None, out=None, tools: str = "") -> list[dict]:
     """Read user turns until EOF or '/exit'; '/reset' clears the history. Returns the transcript.
+    ``tools="calculator"``: the calculator in decoding (``tools.py``).
 
     ``input_fn`` and ``out`` default to ``input`` and ``sys.stdout`` as they are when called (not when imported)."""
     input_fn, out = input_fn or input, out or sys.stdout
@@ -32,7 +33,7 @@ def chat(model, tokenizer, system: str = "", max_new_tokens: int = 256, temperat
         out.write("model> ")
         reply = []
         for piece in stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p,
-                                 new_document=True,
+                                 new_document=True, tools=tools,
                                  stop_ids=[tokenizer.token_id("<|end|>"), tokenizer.token_id("<|user|>")]):
             reply.append(piece)
             out.write(piece)

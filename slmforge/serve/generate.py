@@ -9,7 +9,9 @@ mixer: attention masks padded keys and gives each row its own RoPE positions, th
 state untouched on padding (``model/cache.py``), so left-padded rows decode exactly as they would alone. Prefill
 computes logits for the last position only, the KV cache is preallocated, and finished rows leave the batch.
 ``generate_batch_ref`` (one prompt at a time, full recompute through ``LM.forward``) is the reference the tests
-compare it with. Shapes: B batch, T prompt length (padded), V vocabulary.
+compare it with. A tool (``tools.py``: ``tools="calculator"``, the GSM8K paper's calculator) is a per-row hook: after
+each token it reads the row's new ids and may queue ids that the next steps feed instead of sampled ones.
+Shapes: B batch, T prompt length (padded), V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
+
+from slmforge.serve.tools import Tool, force, make_tool
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -78,8 +82,9 @@ class PaddedDecoder:
 @torch.no_grad()
 def stream_ids(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None,
-               return_logits: bool = False) -> Iterator:
-    """Yield next ids (B,) one step at a time (with their logits (B, V) if ``return_logits``)."""
+               return_logits: bool = False, tool: Tool | None = None) -> Iterator:
+    """Yield next ids (B,) one step at a time (with their logits (B, V) if ``return_logits``); with ``tool``, the
+    ids it queues (from each row's ids so far) replace the sampled ones."""
     model.eval()
     if use_cache:
         decoder = PaddedDecoder(model, prompt.tolist(), max_new_tokens)
@@ -94,8 +99,15 @@ def stream_ids(model, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
             return model(tokens)[0][:, -1]
 
         last = model(prompt)[0][:, -1]
+    new: list[list[int]] = [[] for _ in range(prompt.shape[0])]
+    queued: list[list[int]] = [[] for _ in new]
     for i in range(max_new_tokens):
         nxt = sample_next(last, temperature, top_k, top_p, generator)
+        if tool is not None:
+            nxt = force(nxt, queued)
+            for row, token in zip(new, nxt.tolist()):
+                row.append(token)
+            queued = [q or tool(row) for q, row in zip(queued, new)]
         yield (nxt, last) if return_logits else nxt
         if i + 1 == max_new_tokens:
             break
@@ -105,25 +117,31 @@ def stream_ids(model, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
-                   stop: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                   stop: Callable[[list[int]], bool] | None = None, tool: Tool | None = None) -> list[list[int]]:
     """Continue prompts of any lengths in one left-padded batch; return each row's new ids.
 
     A row ends at ``eos_id`` (not included), once ``stop(new_ids)`` is true (checked after every token; the
-    ids are kept), or after ``max_new_tokens``; finished rows leave the batch.
+    ids are kept), or after ``max_new_tokens``; finished rows leave the batch. ``tool(new_ids)`` (``tools.py``),
+    called after each token, queues ids the row feeds next instead of sampled ones (each row on its own).
     """
     model.eval()
     decoder = PaddedDecoder(model, prompts, max_new_tokens)
     new: list[list[int]] = [[] for _ in prompts]
+    queued: list[list[int]] = [[] for _ in prompts]  # forced ids still to feed, per prompt
     rows = list(range(len(prompts)))  # batch row -> prompt index
     logits = decoder.prefill()
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        if tool is not None:
+            nxt = force(nxt, [queued[p] for p in rows])
         alive = []
         for r, token in enumerate(nxt.tolist()):
             ended = token == eos_id
             if not ended:
                 new[rows[r]].append(token)
                 ended = stop is not None and stop(new[rows[r]])
+                if tool is not None and not queued[rows[r]]:
+                    queued[rows[r]] = tool(new[rows[r]])
             if not ended:
                 alive.append(r)
         if not alive or i + 1 == max_new_tokens:
@@ -136,14 +154,15 @@ def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id:
 def generate_batch_ref(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
                        temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                        generator: torch.Generator | None = None,
-                       stop: Callable[[list[int]], bool] | None = None, use_cache: bool = False) -> list[list[int]]:
+                       stop: Callable[[list[int]], bool] | None = None, use_cache: bool = False,
+                       tool: Tool | None = None) -> list[list[int]]:
     """``generate_batch`` one prompt at a time, no padding; with full recompute by default: the reference."""
     device = next(model.parameters()).device
     out = []
     for p in prompts:
         new: list[int] = []
         for nxt in stream_ids(model, torch.tensor([p], device=device), max_new_tokens, temperature, top_k, top_p,
-                              use_cache=use_cache, generator=generator):
+                              use_cache=use_cache, generator=generator, tool=tool):
             if int(nxt[0]) == eos_id:
                 break
             new.append(int(nxt[0]))
@@ -167,24 +186,26 @@ def generate_ids(model, prompt: torch.Tensor, max_new_tokens: int, eos_id: int |
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
              top_p: float = 0.95, stop: list[str] | None = None, seed: int | None = None,
-             new_document: bool = True) -> str:
+             new_document: bool = True, tools: str = "") -> str:
     """Text in, continuation out; stops at EOS, at any stop string (excluded), or after max_new_tokens."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, stop, seed,
-                               new_document))
+                               new_document, tools=tools))
 
 
 def stream_text(model, tokenizer, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
                 top_p: float = 0.95, stop: list[str] | None = None, seed: int | None = None,
-                new_document: bool = True, stop_ids: list[int] | None = None) -> Iterator[str]:
+                new_document: bool = True, stop_ids: list[int] | None = None, tools: str = "") -> Iterator[str]:
     """Yield text pieces as they are decoded; stop strings and stop tokens are never emitted.
 
     Token shards separate documents with EOS, so ``new_document`` starts the prompt with EOS: the
     context in which the model saw every document begin (GPT-2's ``<|endoftext|>`` convention). ``prompt`` is
     text, or token ids already encoded (``Tokenizer.encode_chat``). A prompt longer than the context leaves
     room for ``max_new_tokens`` by keeping its last tokens; ``max_new_tokens`` must be below the context length.
+    ``tools="calculator"`` turns on the calculator (``tools.py``).
     """
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
+    tool = make_tool(tools, tokenizer)
     if max_new_tokens >= max_len:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be below the model's context length {max_len}, "
                          f"to leave room for the prompt")
@@ -197,7 +218,7 @@ def stream_text(model, tokenizer, prompt: str | list[int], max_new_tokens: int =
     emitted = ""
     stop = [s for s in (stop or []) if s]
     hold = max((len(s) for s in stop), default=0)  # chars held back until we know they start no stop string
-    for nxt in stream_ids(model, prompt_t, max_new_tokens, temperature, top_k, top_p, generator=gen):
+    for nxt in stream_ids(model, prompt_t, max_new_tokens, temperature, top_k, top_p, generator=gen, tool=tool):
         token = int(nxt[0])
         if token == tokenizer.eos_id or token in (stop_ids or ()):
             break

@@ -19,6 +19,7 @@ tokenizing), ``max_queue`` (429 with ``Retry-After`` when that many jobs already
 (the answer ends there with the text so far and finish_reason "length", streamed or not), ``max_stop`` stop
 strings of at most ``max_stop_chars`` characters, ``n`` = 1 and 0 <= ``seed`` < 2**63 (400 naming the field).
 Chat content and completion prompts are tokenized as text: ``<|end|>`` in them is never a control token.
+``tools="calculator"`` (a server setting) runs the GSM8K calculator (``tools.py``) in every answer.
 
 long: a little over 400 lines since the limits came in; each check sits next to the request handling it guards.
 """
@@ -45,6 +46,7 @@ from starlette.exceptions import HTTPException
 
 from slmforge.checkpoint import load_for_inference
 from slmforge.tokens.tokenizer import CHAT_ROLES
+from slmforge.serve.tools import make_tool
 from slmforge.serve.worker import Job, QueueFull, Worker
 
 __all__ = ["CHAT_STOP_TOKENS", "APIError", "ChatRequest", "CompletionRequest", "Job", "Worker", "build_app",
@@ -112,6 +114,7 @@ class _Api:
         self.worker, self.tokenizer, self.model_name, self.api_key = worker, tokenizer, model_name, api_key
         self.context_length, self.device, self.limits = context_length, device, limits
         self.created = int(time.time())
+        self.tool = None  # tools.py's calculator with build_app's tools="calculator"
         self.chat_stop_ids = tuple(tokenizer.token_id(t) for t in CHAT_STOP_TOKENS)
         # Every token covers at most this many bytes, so a text of more characters than
         # context_length * max_token_chars cannot fit, whatever it tokenizes to.
@@ -156,7 +159,7 @@ class _Api:
                            param=param, code="context_length_exceeded")
         generator = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
         return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
-                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator,
+                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator, tool=self.tool,
                    deadline=time.monotonic() + self.limits["request_timeout_s"])
 
     def submit(self, job: Job) -> asyncio.Queue:
@@ -350,7 +353,7 @@ def _add_routes(app: FastAPI, api: _Api) -> None:
 def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
               context_length: int | None = None, batch_window_s: float = 0.02, max_body_bytes: int = 1_000_000,
               max_queue: int = 64, request_timeout_s: float = 60.0, max_stop: int = 4,
-              max_stop_chars: int = 64) -> FastAPI:
+              max_stop_chars: int = 64, tools: str = "") -> FastAPI:
     """The FastAPI app serving ``model``; its worker starts and stops with the app (``app.state.worker``).
 
     ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens; the limits are
@@ -360,6 +363,7 @@ def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max
     limits = {"request_timeout_s": request_timeout_s, "max_stop": max_stop, "max_stop_chars": max_stop_chars}
     api = _Api(worker, tokenizer, model_name, api_key, context_length or model.cfg.max_seq_len,
                next(model.parameters()).device, limits)
+    api.tool = make_tool(tools, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -403,7 +407,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, device: str | None = None, **limits) -> None:
     """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY;
-    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars."""
+    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars, tools."""
     import uvicorn
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))

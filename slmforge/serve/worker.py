@@ -6,8 +6,9 @@ tokenized on the event loop, becomes a ``Job`` and goes into the worker's queue.
 waiting plus the others already queued, up to ``max_batch``, and decodes them in one left-padded batch
 (``generate.PaddedDecoder``), streamed or not, greedy or sampled: each row samples with its own temperature, top-p
 and seeded generator, and a row that finishes (EOS, a stop token or string, ``max_tokens``, or a client gone away)
-leaves the batch. Rows decode as they would alone, so batching changes no result (the tests check it). A job sends
-its events, ("text", piece) ... ("done", finish_reason, num_tokens), through its ``emit`` callback, which the
+leaves the batch. A job's ``tool`` (``tools.py``, the calculator) reads its ids after each token and queues ids
+that its row feeds next instead of sampled ones. Rows decode as they would alone, so batching changes no result
+(the tests check it). A job sends its events, ("text", piece) ... ("done", finish_reason, num_tokens), through its ``emit`` callback, which the
 server points at its request's asyncio queue with ``call_soon_threadsafe``.
 Requests do not join a batch that is already decoding (continuous batching): ``PaddedDecoder`` cannot add rows,
 and batching what arrives together already gives the speedup at a handful of clients. Instead, after a batch of
@@ -31,6 +32,7 @@ from typing import Callable
 import torch
 
 from slmforge.serve.generate import PaddedDecoder, sample_next
+from slmforge.serve.tools import Tool, force
 
 
 @dataclass(eq=False)
@@ -48,7 +50,9 @@ class Job:
     generator: torch.Generator | None = None
     cancelled: bool = False  # set by the request side when its client goes away
     deadline: float = float("inf")  # time.monotonic() after which the job ends with finish_reason "length"
+    tool: Tool | None = None  # tools.py: ids to force after each token (the calculator)
     new: list[int] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)  # queued by ``tool``, fed before sampling resumes
     emitted: str = ""
     num_tokens: int = 0
 
@@ -62,6 +66,8 @@ class Job:
         if token in self.stop_ids:
             return self._finish(decode(self.new), "stop")
         self.new.append(token)
+        if self.tool is not None and not self.forced:
+            self.forced = self.tool(self.new)
         text = decode(self.new)
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
@@ -178,7 +184,7 @@ class Worker:
             decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
             logits = decoder.prefill()  # (B, V)
             while True:
-                nxt = _sample(logits, jobs)  # (B,)
+                nxt = force(_sample(logits, jobs), [j.forced for j in jobs])  # (B,)
                 self.num_tokens += len(jobs)
                 alive = [r for r, (job, token) in enumerate(zip(jobs, nxt.tolist())) if self._step(job, token)]
                 if not alive:

@@ -215,3 +215,16 @@ def test_sft_starts_from_a_hugging_face_folder(base, tmp_path):
     assert cfg.train.init_from == str(init.root) and cfg.model == load_for_inference(base)[2].model
     post_train(cfg, progress=False)
     assert load_for_inference(cfg.run_dir)[2].train.init_from == str(init.root)
+
+
+def test_slmforge_post_runs_a_recipes_chain_from_a_source(base, tmp_path, capsys):
+    chats = _chats_file(tmp_path / "c.jsonl")
+    recipe = tmp_path / "post.yaml"
+    recipe.write_text(f"post:\n  - method: sft\n    data: [{chats}]\n    max_len: 64\n"
+                      f"    train: {{max_steps: 2, batch_size: 4}}\n")
+    assert main(["post", str(recipe), str(base)]) in (0, None)
+    assert f"sft: {tmp_path / 'base_sft'}" in capsys.readouterr().out
+    assert json.loads(RunDir.at(tmp_path / "base_sft").train_result.read_text())["steps"] == 2
+    (tmp_path / "empty.yaml").write_text("name: x\n")
+    assert main(["post", str(tmp_path / "empty.yaml"), str(base)]) == 2
+    assert "no post stages" in capsys.readouterr().err
