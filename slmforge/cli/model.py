@@ -140,10 +140,13 @@ def cmd_import(args) -> None:
 
 def cmd_eval_gsm8k(args) -> None:
     from slmforge.eval.gsm8k import evaluate
+    from slmforge.eval.strata import format_strata
 
     summary = evaluate(args.run_dir, load_args(args))
     for name, m in summary["metrics"].items():
         print(f"{name}: exact_match {m['exact_match']:.4f} ({summary['num_problems']} problems)")
+    if summary["num_problems"]:
+        print("\n".join(format_strata(summary["strata"])))
 
 
 def cmd_eval_ppl(args) -> None:

@@ -17,8 +17,9 @@ the model saw in training. ``data=procedural`` scores the run's held-out arithme
 ``chat=true`` asks a chat model (one trained with SFT) instead: each shot is a user turn (the question) and an
 assistant turn (its solution), the problem the last user turn, rendered with ``Tokenizer.encode_chat`` (after the
 EOS, as ``slmforge chat`` does); the answer also ends at ``<|end|>`` or ``<|user|>``; scoring is the same.
-Writes ``samples.jsonl`` (one record per problem) and ``summary.json`` (under ``eval/gsm8k``, ``..._procedural``,
-``..._chat``); an interrupted run resumes.
+Writes ``samples.jsonl`` (one record per problem, with the wrong ``<<a=b>>`` steps of its generation) and
+``summary.json`` (under ``eval/gsm8k``, ``..._procedural``, ``..._chat``; its ``strata``: accuracy by number of steps
+and by largest operand, right answers with a wrong step, see ``eval/strata.py``); an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from slmforge.checkpoint import load_for_inference
 from slmforge.curate.documents import read_documents
+from slmforge.eval.strata import check_steps, strata
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, partial_records, write_json, write_text
 from slmforge.serve.generate import generate_batch
@@ -328,7 +330,7 @@ def _record(index: int, problem: dict, prompt: str, generation: str, samples: li
     scored = score(generation, problem["answer"], samples)
     return {"index": index, "question": problem["question"], "prompt": prompt, "generation": generation,
             "gold": problem["answer"], "gold_answer": normalize(problem["answer"]), **scored,
-            **({"samples": samples} if samples else {})}
+            "wrong_steps": check_steps(generation)[1], **({"samples": samples} if samples else {})}
 
 
 def _resume(partial: Path, prompts: list[str], settings: dict) -> dict[int, dict]:
@@ -345,4 +347,4 @@ def _summary(records: list[dict], cfg: GSM8KConfig, data: str, fewshot: str, sec
         # lm-eval's stderr of a mean, the sample standard deviation over sqrt(n), for 0/1 scores.
         metrics[key] = {"exact_match": p, "exact_match_stderr": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None}
     return {"task": LM_EVAL_TASK, "data": data, "fewshot_data": fewshot, "num_problems": n, "metrics": metrics,
-            "config": asdict(cfg), "seconds": seconds}
+            "strata": strata(records, list(metrics)), "config": asdict(cfg), "seconds": seconds}
