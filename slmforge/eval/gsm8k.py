@@ -279,7 +279,8 @@ def evaluate_model(model, tokenizer, cfg: GSM8KConfig, run_dir: str | Path | Non
         problems = problems[: cfg.limit]
     pool = load_problems(fewshot, "train", run_dir) if cfg.num_fewshot else []
     inputs, prompts, stop_ids = _prompts(cfg, tokenizer, problems, pool, data, fewshot)
-    default_out = ("gsm8k_procedural" if data == "procedural" else "gsm8k") + ("_chat" if cfg.chat else "")
+    default_out = ("gsm8k_procedural" if data == "procedural" else "gsm8k") + ("_chat" if cfg.chat else "") + \
+        (f"_{cfg.tools}" if cfg.tools else "")  # each setting keeps its own summary.json
     out_dir = Path(cfg.out_dir) if cfg.out_dir else RunDir.at(run_dir or ".").eval_output(default_out)
     partial = out_dir / "samples.partial.jsonl"
     # Records of an interrupted run are reused only under the same decoding settings and prompt format.

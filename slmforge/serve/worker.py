@@ -8,8 +8,8 @@ waiting plus the others already queued, up to ``max_batch``, and decodes them in
 and seeded generator, and a row that finishes (EOS, a stop token or string, ``max_tokens``, or a client gone away)
 leaves the batch. A job's ``tool`` (``tools.py``, the calculator) reads its ids after each token and queues ids
 that its row feeds next instead of sampled ones. Rows decode as they would alone, so batching changes no result
-(the tests check it). A job sends its events, ("text", piece) ... ("done", finish_reason, num_tokens), through its ``emit`` callback, which the
-server points at its request's asyncio queue with ``call_soon_threadsafe``.
+(the tests check it). A job sends its events, ("text", piece) ... ("done", finish_reason, num_tokens), through
+its ``emit`` callback, which the server points at its request's asyncio queue with ``call_soon_threadsafe``.
 Requests do not join a batch that is already decoding (continuous batching): ``PaddedDecoder`` cannot add rows,
 and batching what arrives together already gives the speedup at a handful of clients. Instead, after a batch of
 k > 1 rows the worker waits up to ``batch_window_s`` for k jobs, because clients that send their next request just

@@ -146,7 +146,8 @@ def trained(loaded):
 
 def test_batched_calculator_equals_each_prompt_alone(trained):
     model, tok = trained
-    starts = ["Tom", "Tom has", "Tom has <<3*4=99>>99 pens", "Tom has <<3*4=99>>99 pens and Ann"]
+    # Row 1 ends (EOS) after two tokens, before the others' calls: forcing must follow rows as the batch shrinks.
+    starts = ["Tom", TEXT[:-1], "Tom has <<3*4=99>>99 pens", "Tom has <<3*4=99>>99 pens and Ann"]
     prompts = [[tok.eos_id] + tok.encode(s) for s in starts]
     calc = Calculator(tok)
     plain = [tok.decode(r) for r in generate_batch(model, prompts, 24, eos_id=tok.eos_id)]
