@@ -33,6 +33,7 @@ class PostConfig:
     max_len: int = 0  # tokens per example (prompt + reply); 0 = model.max_seq_len
     overlong: Literal["truncate", "skip"] = "truncate"  # an example longer than max_len (both are counted)
     packing: bool = True  # sft: conversations packed into rows with document masking (attention-only models)
+    replay: float = 0.0  # sft: share of each batch's rows that are the base run's pre-training windows
     beta: float = 0.1  # ORPO's lambda (weight of the odds-ratio term) / DPO's beta (KL strength)
     label_smoothing: float = 0.0  # DPO: conservative DPO's assumed label noise
     samples_per_problem: int = 4  # verified: answers sampled per problem
@@ -47,6 +48,8 @@ class PostConfig:
         check_min(self, prefix, 1, "eval_pairs sample_batch_size")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"{prefix}val_fraction={self.val_fraction}: expected a fraction in [0, 1)")
+        if not 0 <= self.replay < 1:
+            raise ValueError(f"{prefix}replay={self.replay}: expected a share of the batch in [0, 1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"{prefix}label_smoothing={self.label_smoothing}: expected a value in [0, 0.5)")
         if self.method and not self.data:

@@ -75,7 +75,7 @@ class GSM8KConfig:
     seed: int = 0
     chat: bool = False  # ask in the chat template (a model trained with SFT); see the module docstring
     tools: str = ""  # "calculator": GSM8K's calculator in decoding (serve/tools.py); "" = off
-    out_dir: str = ""  # "" = <run_dir>/eval/gsm8k (gsm8k_procedural for data=procedural; a _chat suffix for chat)
+    out_dir: str = ""  # "" = <run_dir>/eval/gsm8k (gsm8k_procedural for data=procedural; _chat, _calculator suffixes)
 
 
 # ---------------------------------------------------------------- scoring

@@ -87,7 +87,8 @@ def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progre
     _copy_held_out(Path(cfg.train.init_from), run)
     if f.method == "sft":
         train_c, val_c = _conversations(cfg)
-        task = sft_task(cfg, tokenizer, tok_path, train_c, val_c)
+        task = sft_task(cfg, tokenizer, tok_path, train_c, val_c,
+                        replay_shards=_replay_shards(cfg) if f.replay else None)
     else:
         train_p, val_p = _pairs(cfg, model, tokenizer, run)
         train_e, counts = encode_pairs(tokenizer, train_p, max_len(cfg), f.overlong)
@@ -117,10 +118,22 @@ def _copy_held_out(source: Path, run: RunDir) -> None:
             shutil.copyfile(found, run.split_data(split))
 
 
-def _find_data(source: Path, split: str, depth: int = 8) -> Path | None:
+def _replay_shards(cfg: RunConfig) -> Path:
+    """The pre-training shards of the run this one descends from (``finetune.replay``)."""
+    found = _find_data(Path(cfg.train.init_from), "train", shards=cfg.data.shards_dir)
+    if found is None:
+        raise ValueError(f"finetune.replay={cfg.finetune.replay}: no pre-training shards (shards/train) in "
+                         f"{cfg.train.init_from} or the runs it was trained from; set finetune.replay=0")
+    return found
+
+
+def _find_data(source: Path, split: str, depth: int = 8, shards: str | None = None) -> Path | None:
+    """``split``'s documents (or, given ``shards``, its token shards) in ``source`` or the run it was trained from,
+    following ``train.init_from``."""
     for _ in range(depth):
-        path = RunDir.at(source).split_data(split)
-        if path.is_file():
+        path = (RunDir.at(source, shards=shards).split_shards(split) if shards is not None
+                else RunDir.at(source).split_data(split))
+        if path.exists():
             return path
         if not (source / "config.yaml").is_file():
             return None

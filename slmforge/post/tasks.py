@@ -24,6 +24,7 @@ from slmforge.post.losses import dpo_loss, orpo_loss, sequence_logps
 from slmforge.post.prefs import EncodedPair, PairLoader
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, atomic_path
+from slmforge.tokens.shards import TokenLoader
 from slmforge.train.task import Task
 
 
@@ -32,16 +33,21 @@ def max_len(cfg: RunConfig) -> int:
 
 
 def sft_task(cfg: RunConfig, tokenizer, tokenizer_path: Path, train_convs: list, val_convs: list,
-             rank: int = 0, world_size: int = 1) -> Task:
-    """SFT on conversations: y is -100 except on assistant tokens; ``doc`` keeps packed conversations apart."""
+             rank: int = 0, world_size: int = 1, replay_shards: Path | None = None) -> Task:
+    """SFT on conversations: y is -100 except on assistant tokens; ``doc`` keeps packed conversations apart. With
+    ``finetune.replay`` > 0 that share of each batch's rows are pre-training windows of ``replay_shards``."""
     f, t = cfg.finetune, cfg.train
     train_ex, counts = encode_conversations(tokenizer, train_convs, max_len(cfg), f.overlong)
     val_ex, _ = encode_conversations(tokenizer, val_convs, max_len(cfg), f.overlong)
     log(f"sft: {counts['conversations']:,} conversations, {counts['trained_tokens']:,} trained tokens of "
         f"{counts['tokens']:,}; {counts['truncated']} truncated, {counts['skipped']} skipped (over "
         f"finetune.max_len={max_len(cfg)}); {len(val_ex):,} held out")
-    loader = SFTLoader(train_ex, max_len(cfg), t.batch_size, t.seed, tokenizer.pad_id, packing=f.packing,
-                       rank=rank, world_size=world_size)
+    replay_rows = round(f.replay * t.batch_size)
+    loader = SFTLoader(train_ex, max_len(cfg), t.batch_size - replay_rows, t.seed, tokenizer.pad_id,
+                       packing=f.packing, rank=rank, world_size=world_size)
+    if replay_rows:
+        loader = ReplayLoader(loader, TokenLoader(replay_shards, max_len(cfg), replay_rows, seed=t.seed, rank=rank,
+                                                  world_size=world_size))
     val = SFTLoader(val_ex, max_len(cfg), t.batch_size, t.seed, tokenizer.pad_id, packing=f.packing,
                     shuffle=False)
     val_batches = [b for _, b in zip(range(t.eval_batches), val)]
@@ -51,6 +57,25 @@ def sft_task(cfg: RunConfig, tokenizer, tokenizer_path: Path, train_convs: list,
         return model(x, targets=y, doc=doc if f.packing else None)[1]
 
     return Task(loader, val_batches, loss, _sft_eval(f.packing), tokenizer=tokenizer_path)
+
+
+class ReplayLoader:
+    """SFT batches with pre-training windows appended as extra rows (loss on every token, one document each):
+    replaying the base corpus keeps what pre-training taught (the "alignment tax" on it) from being forgotten."""
+
+    def __init__(self, sft: SFTLoader, replay: TokenLoader):
+        self.sft, self.replay = sft, replay
+
+    def __iter__(self):
+        for (x, y, doc), (rx, ry) in zip(self.sft, self.replay):
+            yield torch.cat([x, rx]), torch.cat([y, ry]), torch.cat([doc, torch.zeros_like(rx)])
+
+    def state_dict(self) -> dict:
+        return {"sft": self.sft.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sft.load_state_dict(state["sft"])
+        self.replay.load_state_dict(state["replay"])
 
 
 def _sft_eval(packing: bool):

@@ -228,3 +228,57 @@ def test_slmforge_post_runs_a_recipes_chain_from_a_source(base, tmp_path, capsys
     (tmp_path / "empty.yaml").write_text("name: x\n")
     assert main(["post", str(tmp_path / "empty.yaml"), str(base)]) == 2
     assert "no post stages" in capsys.readouterr().err
+
+
+def test_sft_replays_pretraining_windows_as_extra_rows(tmp_path, monkeypatch):
+    from slmforge.config import load_config
+    from slmforge.pipeline import run
+    from slmforge.post import run as post_run
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, name="base", max_steps=2)
+    run(cfg)
+    chats = _chats_file(tmp_path / "c.jsonl")
+    sft = finetune_config(cfg.run_dir, "sft", [f"data={chats}", "replay=0.5", *FAST, "max_len=32",
+                                                "train.max_steps=2"])
+    captured = []
+
+    def spy(model, batch):
+        captured.append(batch)
+        return model(batch[0], targets=batch[1], doc=batch[2])[1]
+
+    real = post_run.train
+    monkeypatch.setattr(post_run, "train", lambda c, **kw: real(c, loss_fn=spy, **kw))
+    post_train(sft, progress=False)
+    x, y, doc = captured[0]
+    assert x.shape == (4, 32)
+    # Rows 2-3 are pre-training windows: every position is a target (the next token), one document each.
+    assert bool((y[2:] != -100).all()) and bool((doc[2:] == 0).all())
+    assert bool((y[:2] == -100).any())  # the SFT rows mask their prompts
+    with pytest.raises(ValueError, match="finetune.replay"):
+        load_config(None, ["finetune.replay=1.5"])
+
+
+def test_replay_loader_resumes_exactly(shards_dir, loaded):
+    from slmforge.post.tasks import ReplayLoader
+    from slmforge.tokens.shards import TokenLoader
+
+    _, tok = loaded
+    convs = [[{"role": "user", "content": f"Add {i}."}, {"role": "assistant", "content": f"#### {i + 1}"}]
+             for i in range(30)]
+    examples, _ = encode_conversations(tok, convs, 32)
+
+    def make():
+        return ReplayLoader(SFTLoader(examples, 32, 2, seed=3, pad_id=0),
+                            TokenLoader(shards_dir / "shards" / "train", 32, 1, seed=3))
+
+    first = make()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    want = [next(it) for _ in range(4)]
+    again = make()
+    again.load_state_dict(state)
+    got = [b for _, b in zip(range(4), again)]
+    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
