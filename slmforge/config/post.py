@@ -34,6 +34,7 @@ class PostConfig:
     overlong: Literal["truncate", "skip"] = "truncate"  # an example longer than max_len (both are counted)
     packing: bool = True  # sft: conversations packed into rows with document masking (attention-only models)
     replay: float = 0.0  # sft: share of each batch's rows that are the base run's pre-training windows
+    curriculum: bool = False  # sft: first epoch easy to hard (steps, then largest operand; post/curriculum.py)
     beta: float = 0.1  # ORPO's lambda (weight of the odds-ratio term) / DPO's beta (KL strength)
     label_smoothing: float = 0.0  # DPO: conservative DPO's assumed label noise
     samples_per_problem: int = 4  # verified: answers sampled per problem

@@ -298,15 +298,17 @@ def _render(tokenizer, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 class SFTLoader:
     """Seeded, resumable (x, y, doc) batches of chat examples (the module docstring says what they hold).
 
-    Epoch e takes the examples in the order of ``np.random.default_rng(seed + e)`` (``shuffle``; else as given)
-    into rows: with ``packing`` greedily end to end (an example that does not fit in the row's remaining space
-    starts the next row), else one per row. Global batch b is rows [b*B*W, (b+1)*B*W), rank r taking the r-th B.
+    Epoch e takes the examples in the order of ``np.random.default_rng(seed + e)`` (``shuffle``; else as given;
+    epoch 0 as given with ``curriculum``, post/curriculum.py's easy-to-hard order) into rows: with ``packing``
+    greedily end to end (an example that does not fit in the row's remaining space starts the next row), else one
+    per row. Global batch b is rows [b*B*W, (b+1)*B*W), rank r taking the r-th B.
     ``shuffle``: endless, an epoch's remainder rows dropped so ranks stay in step; else one pass per ``iter``, the
     last batch smaller. ``trained_tokens_per_step`` and ``fill`` (tokens / row space) are epoch 0's.
     """
 
     def __init__(self, examples: list[ChatExample], seq_len: int, batch_size: int, seed: int, pad_id: int,
-                 packing: bool = True, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+                 packing: bool = True, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 curriculum: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"SFTLoader rank={rank}: must be in [0, world_size={world_size})")
         if not examples:
@@ -320,6 +322,7 @@ class SFTLoader:
         self.labels = [np.append(np.where(e.train[1:], e.ids[1:], IGNORE), IGNORE).astype(np.int64) for e in examples]
         self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
         self.packing, self.shuffle, self.rank, self.world_size = packing, shuffle, rank, world_size
+        self.curriculum = curriculum
         self.epoch = self.position = 0  # position: global batches of the current epoch already yielded
         self._plan: tuple[int, list[list[int]]] | None = None
         # Rows in any order number at least this many: no epoch goes without a whole batch.
@@ -338,7 +341,8 @@ class SFTLoader:
         """The example indices of each row of ``epoch``; cached for the epoch."""
         if self._plan is None or self._plan[0] != epoch:
             n = len(self.lengths)
-            order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
+            shuffled = self.shuffle and not (self.curriculum and epoch == 0)
+            order = np.random.default_rng(self.seed + epoch).permutation(n) if shuffled else np.arange(n)
             rows, row, used = [], [], 0
             for i in order.tolist():
                 if row and (not self.packing or used + self.lengths[i] > self.seq_len):
@@ -382,10 +386,11 @@ class SFTLoader:
     def state_dict(self) -> dict:
         return dict(epoch=self.epoch, position=self.position, seed=self.seed, seq_len=self.seq_len,
                     batch_size=self.batch_size, world_size=self.world_size, packing=self.packing,
-                    shuffle=self.shuffle, num_examples=len(self.lengths))
+                    shuffle=self.shuffle, num_examples=len(self.lengths), curriculum=self.curriculum)
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "batch_size", "world_size", "packing", "shuffle", "num_examples"):
+        state = {"curriculum": False, **state}  # a state saved before finetune.curriculum existed
+        for key in ("seed", "seq_len", "batch_size", "world_size", "packing", "shuffle", "num_examples", "curriculum"):
             mine = len(self.lengths) if key == "num_examples" else getattr(self, key)
             if state[key] != mine:
                 raise ValueError(f"SFT loader state has {key}={state[key]!r} but this loader has {mine!r}; "

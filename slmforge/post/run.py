@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
 from pathlib import Path
 
 from slmforge.checkpoint import find_checkpoint, find_tokenizer, load_for_inference
 from slmforge.config import PostConfig, RunConfig, load_config
 from slmforge.config.post import HH_PREFIX, PROCEDURAL, SYNTH_PREFIX, VERIFIED
+from slmforge.corpus import source_configs
 from slmforge.log import log
 from slmforge.post.chat_data import procedural_conversations, read_conversations, synth_conversations
 from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, split_pairs
@@ -33,7 +35,7 @@ DEFAULTS = {
     "dpo": ["train.max_steps=200", "train.lr_peak=1e-4", "train.warmup_steps=10"],
 }
 COMMON = ["train.schedule=cosine", "train.lr_min_ratio=0.1", "train.eval_every=50", "train.ckpt_every=50",
-          "train.weight_decay=0.0", "post=[]"]
+          "train.weight_decay=0.0", "train.anneal_stage=", "post=[]"]  # no pre-training mixture stage to anneal
 POST_KEYS = {f.name for f in dataclasses.fields(PostConfig)} - {"name", "train", "method"}
 
 
@@ -149,9 +151,8 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
     train_c, val_c = [], []
     for entry in f.data:
         if entry == PROCEDURAL:
-            train_c += procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train", corpus=cfg.data)
-            val_c += procedural_conversations(f.families, max(f.num_examples // 20, 20), cfg.data.seed, "validation",
-                                              corpus=cfg.data)
+            train_c += procedural_problems(cfg, f.num_examples, "train")
+            val_c += procedural_problems(cfg, max(f.num_examples // 20, 20), "validation")
         else:
             convs = synth_conversations(entry[len(SYNTH_PREFIX):]) if entry.startswith(SYNTH_PREFIX) else \
                 read_conversations(entry)
@@ -165,6 +166,27 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
     if not val_c:
         raise ValueError("finetune: no held-out conversations; give finetune.val_data or a val_fraction above 0")
     return train_c, val_c
+
+
+def procedural_problems(cfg: RunConfig, num: int, split: str) -> list[list[dict]]:
+    """``procedural_conversations`` of ``finetune.families`` in ``split`` of the base run's corpus. With
+    ``data.sources`` a family keeps the split of the first procedural source that holds it (the source's keys
+    merged over the top-level ones, as the corpus stage builds it), so its held-out problems stay held out."""
+    families = list(dict.fromkeys(cfg.finetune.families))
+    if not cfg.data.sources:
+        return procedural_conversations(families, num, cfg.data.seed, split, corpus=cfg.data)
+    corpora = {n: d for n, d in source_configs(cfg).items() if d.source == "procedural"}
+    groups: dict[str | None, list[int]] = {}  # source (None: in no source) -> indices of its families
+    for i, name in enumerate(families):
+        groups.setdefault(next((n for n, d in corpora.items() if name in d.families), None), []).append(i)
+    out = []
+    for source, members in groups.items():
+        d = corpora[source] if source is not None else cfg.data
+        need = sum(num // len(families) + (i < num % len(families)) for i in members)
+        out += procedural_conversations([families[i] for i in members], need, d.seed, split, corpus=d)
+    if len(groups) > 1:
+        random.Random(f"slmforge.post.sources:{cfg.data.seed}:{split}").shuffle(out)
+    return out
 
 
 def _pairs(cfg: RunConfig, model, tokenizer, run: RunDir) -> tuple[list[Pair], list[Pair]]:
@@ -190,7 +212,7 @@ def _pairs(cfg: RunConfig, model, tokenizer, run: RunDir) -> tuple[list[Pair], l
 
 def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
     f = cfg.finetune
-    convs = procedural_conversations(f.families, f.num_examples, cfg.data.seed, "train", corpus=cfg.data)
+    convs = procedural_problems(cfg, f.num_examples, "train")
     problems = [{"question": c[-2]["content"], "solution": c[-1]["content"],
                  "answer": c[-1]["content"].rsplit("#### ", 1)[-1].strip()} for c in convs]
     out = run.root / "pairs" / "verified.jsonl"

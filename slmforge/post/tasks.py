@@ -20,6 +20,7 @@ import torch
 from slmforge.config import RunConfig
 from slmforge.log import log
 from slmforge.post.chat_data import SFTLoader, encode_conversations
+from slmforge.post.curriculum import order_by_difficulty
 from slmforge.post.losses import dpo_loss, orpo_loss, sequence_logps
 from slmforge.post.prefs import EncodedPair, PairLoader
 from slmforge.progress import progress_bar
@@ -37,6 +38,8 @@ def sft_task(cfg: RunConfig, tokenizer, tokenizer_path: Path, train_convs: list,
     """SFT on conversations: y is -100 except on assistant tokens; ``doc`` keeps packed conversations apart. With
     ``finetune.replay`` > 0 that share of each batch's rows are pre-training windows of ``replay_shards``."""
     f, t = cfg.finetune, cfg.train
+    if f.curriculum:  # epoch 0 easy to hard: the loader keeps this order in its first epoch
+        train_convs = order_by_difficulty(train_convs, t.seed)
     train_ex, counts = encode_conversations(tokenizer, train_convs, max_len(cfg), f.overlong)
     val_ex, _ = encode_conversations(tokenizer, val_convs, max_len(cfg), f.overlong)
     log(f"sft: {counts['conversations']:,} conversations, {counts['trained_tokens']:,} trained tokens of "
@@ -44,7 +47,7 @@ def sft_task(cfg: RunConfig, tokenizer, tokenizer_path: Path, train_convs: list,
         f"finetune.max_len={max_len(cfg)}); {len(val_ex):,} held out")
     replay_rows = round(f.replay * t.batch_size)
     loader = SFTLoader(train_ex, max_len(cfg), t.batch_size - replay_rows, t.seed, tokenizer.pad_id,
-                       packing=f.packing, rank=rank, world_size=world_size)
+                       packing=f.packing, rank=rank, world_size=world_size, curriculum=f.curriculum)
     if replay_rows:
         loader = ReplayLoader(loader, TokenLoader(replay_shards, max_len(cfg), replay_rows, seed=t.seed, rank=rank,
                                                   world_size=world_size))
