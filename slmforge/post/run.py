@@ -86,7 +86,6 @@ def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progre
                          f"source's model (drop the model.* keys)")
     run = RunDir.of(cfg)
     tok_path = find_tokenizer(RunDir.at(cfg.train.init_from), src_cfg)
-    _copy_held_out(Path(cfg.train.init_from), run)
     if f.method == "sft":
         train_c, val_c = _conversations(cfg)
         task = sft_task(cfg, tokenizer, tok_path, train_c, val_c,
@@ -103,6 +102,8 @@ def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progre
             ref = reference_logps(model, train_e + val_e, tokenizer.pad_id, cfg.train.batch_size, run, key)
         task = pair_task(cfg, tok_path, tokenizer.pad_id, train_e, val_e, ref)
     del model
+    # After the data is read (a bad file is refused before anything is written), before the training writes.
+    _copy_held_out(Path(cfg.train.init_from), run)
     result = train(cfg, resume=resume, force=force, progress=progress, task=task)
     if f.method != "sft":
         from slmforge.post.plots import plot_preferences

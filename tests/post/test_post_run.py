@@ -178,6 +178,8 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and __import__("re").search(message, err), err
+    # Nothing left half-written: no run folder for the refused stage.
+    assert not [p.name for p in base.parent.iterdir() if p.name.startswith(("base_", "untrained_", "nothing_"))]
 
 
 def test_a_recipes_post_stages_run_after_training_and_are_skipped_when_done(tmp_path):
