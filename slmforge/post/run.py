@@ -24,7 +24,7 @@ from slmforge.log import log
 from slmforge.post.chat_data import procedural_conversations, read_conversations, synth_conversations
 from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, split_pairs
 from slmforge.post.tasks import max_len, pair_task, reference_logps, sft_task
-from slmforge.post.verified import verified_pairs
+from slmforge.post.verified import problem, verified_pairs
 from slmforge.runs import RunDir
 from slmforge.train.loop import RunResult, resolve_device, train
 
@@ -69,8 +69,9 @@ def stage_config(source: Path, stage: PostConfig, prev_name: str) -> RunConfig:
 
 
 def _flat(d: dict):
+    # Lists as JSON (valid YAML flow): a path with ", " or ": " in it stays one item.
     for k, v in d.items():
-        yield k, ("[" + ", ".join(map(str, v)) + "]") if isinstance(v, list) else v
+        yield k, json.dumps(v) if isinstance(v, list) else v
 
 
 def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progress: bool = True) -> RunResult:
@@ -213,13 +214,11 @@ def _pairs(cfg: RunConfig, model, tokenizer, run: RunDir) -> tuple[list[Pair], l
 
 def _verified(cfg: RunConfig, model, tokenizer, run: RunDir) -> list[Pair]:
     f = cfg.finetune
-    convs = procedural_problems(cfg, f.num_examples, "train")
-    problems = [{"question": c[-2]["content"], "solution": c[-1]["content"],
-                 "answer": c[-1]["content"].rsplit("#### ", 1)[-1].strip()} for c in convs]
     out = run.root / "pairs" / "verified.jsonl"
     if out.is_file():  # a resumed run: the pairs were sampled (deterministically) before it was stopped
         log(f"{f.method}: reusing {out}")
         return read_pairs(out)
+    problems = [problem(c[-2]["content"], c[-1]["content"]) for c in procedural_problems(cfg, f.num_examples, "train")]
     counts = verified_pairs(model, tokenizer, problems, f.samples_per_problem, f.sample_temperature,
                             f.max_new_tokens, cfg.train.seed, out, batch_size=f.sample_batch_size)
     log(f"{f.method}: verified pairs {counts}")

@@ -22,7 +22,7 @@ from slmforge.log import log
 from slmforge.post.chat_data import SFTLoader, encode_conversations
 from slmforge.post.curriculum import order_by_difficulty
 from slmforge.post.losses import dpo_loss, orpo_loss, sequence_logps
-from slmforge.post.prefs import EncodedPair, PairLoader
+from slmforge.post.prefs import EncodedPair, PairLoader, encode_pairs
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir, atomic_path
 from slmforge.tokens.shards import TokenLoader
@@ -151,8 +151,6 @@ def pair_task(cfg: RunConfig, tokenizer_path: Path, pad_id: int, train_pairs: li
 def evaluate_pairs(model, tokenizer, pairs: list, cfg: RunConfig, ref: torch.Tensor | None = None) -> dict:
     """Held-out preference metrics of ``model`` on ``pairs`` (``Pair``s) under ``cfg.finetune``'s method and beta:
     the loss, reward margin and accuracy, chosen and rejected log-probs (ORPO's rewards need no reference)."""
-    from slmforge.post.prefs import encode_pairs
-
     encoded, _ = encode_pairs(tokenizer, pairs, max_len(cfg), cfg.finetune.overlong)
     f = cfg.finetune
     batches = list(PairLoader(encoded, cfg.train.batch_size, 0, tokenizer.pad_id, shuffle=False))

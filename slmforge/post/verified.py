@@ -100,10 +100,15 @@ def judge(index: int, problem: dict, samples: list[str]) -> dict:
     return {"problem": index, "question": problem["question"], "samples": samples, "correct": correct, "pair": pair}
 
 
+def problem(question: str, solution: str) -> dict:
+    """A problem as ``verified_pairs`` takes it: the question, the final number of the worked ``solution`` (its
+    ``#### N`` line) and the solution itself, the reference answer."""
+    return {"question": question, "answer": solution.rsplit("#### ", 1)[-1].strip(), "solution": solution}
+
+
 def load_procedural(run_dir: str | Path, split: str = "train") -> list[dict]:
-    """A run's procedural arithmetic problems (``data/<split>.jsonl``) as ``{"question", "answer", "solution"}``."""
-    return [{"question": p["question"], "answer": p["answer"].rsplit("#### ", 1)[-1].strip(), "solution": p["answer"]}
-            for p in load_problems("procedural", split, run_dir)]
+    """A run's procedural arithmetic problems (``data/<split>.jsonl``), as ``problem`` makes them."""
+    return [problem(p["question"], p["answer"]) for p in load_problems("procedural", split, run_dir)]
 
 
 def _check(model, problems: list[dict], k: int, temperature: float, max_new_tokens: int, batch_size: int) -> None:
