@@ -1,14 +1,18 @@
-"""Serving throughput of ``slmforge.serve.server``: requests/s and completion tokens/s at 1 and 8 concurrent clients.
+"""Serving throughput and latency of ``slmforge serve``: continuous against static batching, 1, 8 and 32 clients.
 
-The server runs in a child process (so the clients do not share its GIL) on a random-weight model of a preset
-(``--preset tiny`` or ``10m``), with a byte-level BPE of the preset's vocabulary trained on TinyStories (cached
-under runs/bench_serve/), or on a trained run folder (``--run``). asyncio clients send ``--requests`` requests
-drawn in turn from a fixed set of 16 TinyStories prompts (14 to 200 characters), greedy, ``max_tokens`` fixed;
-each client sends its next request as soon as it has its answer. Rows: max_batch 8 at concurrency 1 (the
-single-client latency), max_batch 1 at concurrency 8 (one request at a time: the baseline), max_batch 8 at
-concurrency 8 (batched). Completion tokens are the server's own count (``usage``); a random model can stop early
-at EOS, but greedy answers are the same in every row, so the rows do the same work.
-Never run in CI. Example: ``python benchmarks/serve.py --preset 10m`` (smoke: ``--requests 8 --max-tokens 8``).
+The server runs in a child process (so the clients do not share its GIL) on a trained run folder (``--run``, e.g.
+runs/tiny_cpu) or a random-weight model of a preset (``--preset tiny`` or ``10m``, with a byte-level BPE of the
+preset's vocabulary trained on TinyStories, cached under runs/bench_serve/). For each scheduler
+(``batching=continuous|static``, same ``max_batch``) and each number of clients, asyncio clients arrive staggered
+(client i starts ``i * --stagger-ms`` after the first) and each sends ``--per-client`` streamed requests one after
+another, drawn in turn from 16 TinyStories prompts (14 to 200 characters) with ``max_tokens`` cycling from an
+eighth of ``--max-tokens`` to all of it (answers of different lengths: what static batching waits for), greedy.
+Reported per row: requests/s and completion tokens/s over the measured window, p50 and p99 latency (request sent
+to last chunk), p50 and p99 time to first token (request sent to the first text chunk), and rows per forward (the
+server's tokens decoded / (decoding steps + prefills)). Every answer is checked: the same prompt and max_tokens
+give the same text in every row and mode, and with ``--check`` (default) the text ``generate.stream_text`` gives
+that prompt alone in this process. Never run in CI. Example: ``python benchmarks/serve.py --run runs/tiny_cpu``
+(smoke: ``--per-client 1 --max-tokens 8 --clients 1 8``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def prompts() -> list[str]:
     return [line[: 14 + 12 * i] for i, line in enumerate(lines[:16])]
 
 
+def request(i: int, max_tokens: int) -> tuple[int, int]:
+    """Request i's (prompt index, max_tokens): max_tokens cycles over 8 lengths, from max_tokens / 8 up."""
+    return i % 16, max(1, max_tokens * (1 + (5 * i) % 8) // 8)
+
+
 def tokenizer_for(vocab_size: int) -> Path:
     from slmforge.tokens.tokenizer import train_tokenizer
 
@@ -42,7 +51,23 @@ def tokenizer_for(vocab_size: int) -> Path:
     return path
 
 
-def run_server(args, max_batch: int, port: int) -> None:
+def load_model(args):
+    import torch
+
+    if args.run:
+        from slmforge.checkpoint import load_for_inference
+
+        return load_for_inference(args.run, args.device)[:2]
+    from slmforge.config import preset
+    from slmforge.model.lm import LM
+    from slmforge.tokens.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    cfg = preset(args.preset)
+    return LM(cfg).to(args.device).eval(), Tokenizer.load(tokenizer_for(cfg.vocab_size))
+
+
+def run_server(args, batching: str, port: int) -> None:
     """Child process: build the model and serve it on loopback until terminated."""
     import torch
     import uvicorn
@@ -51,103 +76,164 @@ def run_server(args, max_batch: int, port: int) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.run:
-        from slmforge.checkpoint import load_for_inference
-
-        model, tokenizer, _ = load_for_inference(args.run, args.device)
-    else:
-        from slmforge.config import preset
-        from slmforge.tokens.tokenizer import Tokenizer
-        from slmforge.model.lm import LM
-
-        torch.manual_seed(0)
-        cfg = preset(args.preset)
-        model, tokenizer = LM(cfg).to(args.device).eval(), Tokenizer.load(tokenizer_for(cfg.vocab_size))
-    app = build_app(model, tokenizer, "bench", max_batch=max_batch, batch_window_s=args.window_ms / 1000)
+    model, tokenizer = load_model(args)
+    app = build_app(model, tokenizer, "bench", max_batch=args.max_batch, batch_window_s=args.window_ms / 1000,
+                    max_queue=1024, batching=batching)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-async def load(url: str, concurrency: int, num_requests: int, max_tokens: int, stream: bool) -> dict:
-    """Closed loop: ``concurrency`` clients share ``num_requests`` requests."""
-    texts, todo, latencies, tokens = prompts(), list(range(num_requests)), [], []
+async def one(client: httpx.AsyncClient, i: int, max_tokens: int, texts: list[str]) -> dict:
+    """Send request i, streamed -> its latency, time to first token, text and completion tokens."""
+    p, n = request(i, max_tokens)
+    body = {"model": "bench", "prompt": texts[p], "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0, first, pieces, usage = time.perf_counter(), None, [], None
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                first = first or time.perf_counter()
+                pieces.append(chunk["choices"][0]["text"])
+            usage = chunk.get("usage") or usage
+    end = time.perf_counter()
+    return {"key": (p, n), "text": "".join(pieces), "latency": end - t0, "ttft": (first or end) - t0,
+            "tokens": usage["completion_tokens"]}
+
+
+async def load(url: str, clients: int, args) -> dict:
+    """``clients`` clients arrive ``stagger`` apart; each sends ``per_client`` requests, one after another."""
+    texts, done = prompts(), []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        async def one(i: int) -> None:
-            body = {"model": "bench", "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0,
-                    "stream": stream, "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            r = await client.post("/v1/completions", json=body)
-            r.raise_for_status()
-            # Streamed, the usage comes in the last chunk before "data: [DONE]".
-            usage = json.loads(r.text.split("data: ")[-2])["usage"] if stream else r.json()["usage"]
-            latencies.append(time.perf_counter() - t0)
-            tokens.append(usage["completion_tokens"])
-
-        async def client_loop() -> None:
-            while todo:
-                await one(todo.pop())
-
-        # Warm-up: one round at this concurrency (a long-running server's batch size has settled too).
-        await asyncio.gather(*(one(i) for i in range(concurrency)))
-        latencies.clear()
-        tokens.clear()
+        await asyncio.gather(*(one(client, i, args.max_tokens, texts) for i in range(min(clients, 4))))  # warm-up
         before = (await client.get("/health")).json()
+
+        async def client_loop(c: int) -> None:
+            await asyncio.sleep(c * args.stagger_ms / 1000)
+            for k in range(args.per_client):
+                done.append(await one(client, c * args.per_client + k, args.max_tokens, texts))
+
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(c) for c in range(clients)))
         seconds = time.perf_counter() - t0
         after = (await client.get("/health")).json()
-    batches = after["num_batches"] - before["num_batches"]
-    return {"requests_per_s": num_requests / seconds, "tokens_per_s": sum(tokens) / seconds,
-            "latency_p50_ms": 1000 * statistics.median(latencies),
-            "mean_batch": (after["num_rows"] - before["num_rows"]) / batches}
+    return {"seconds": seconds, "done": done, "tokens": after["num_tokens"] - before["num_tokens"],
+            "forwards": after["num_steps"] - before["num_steps"] + after["num_batches"] - before["num_batches"]}
 
 
-def measure(args, max_batch: int, concurrencies: list[int]) -> list[dict]:
+def summary(batching: str, clients: int, runs: list[dict]) -> dict:
+    """The runs of one row pooled: requests/s over their total time, percentiles over all their requests."""
+    done, seconds = [r for run in runs for r in run["done"]], sum(run["seconds"] for run in runs)
+    latency, ttft = sorted(r["latency"] for r in done), sorted(r["ttft"] for r in done)
+    return {"batching": batching, "clients": clients, "requests": len(done), "requests_per_s": len(done) / seconds,
+            "tokens_per_s": sum(r["tokens"] for r in done) / seconds,
+            "latency_p50_ms": 1000 * statistics.median(latency), "latency_p99_ms": 1000 * pct(latency, 0.99),
+            "ttft_p50_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * pct(ttft, 0.99),
+            "rows_per_forward": sum(run["tokens"] for run in runs) / max(1, sum(run["forwards"] for run in runs)),
+            "_texts": [(r["key"], r["text"]) for r in done]}
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-quantile of sorted ``values`` (nearest rank)."""
+    return values[min(len(values) - 1, max(0, round(q * len(values)) - 1))]
+
+
+def start_server(args, batching: str) -> tuple[mp.Process, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = mp.get_context("spawn").Process(target=run_server, args=(args, max_batch, port), daemon=True)
+    server = mp.get_context("spawn").Process(target=run_server, args=(args, batching, port), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            httpx.get(url + "/health").raise_for_status()
+            return server, url
+        except httpx.TransportError:
+            if not server.is_alive() or time.time() > deadline:
+                raise RuntimeError("the benchmark server did not start") from None
+            time.sleep(0.2)
+
+
+def measure(args) -> list[dict]:
+    """One server per scheduler, both up; each row's runs alternate between them (a busy machine drifts)."""
+    servers = {}
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                httpx.get(url + "/health").raise_for_status()
-                break
-            except httpx.TransportError:
-                if not server.is_alive() or time.time() > deadline:
-                    raise RuntimeError("the benchmark server did not start") from None
-                time.sleep(0.2)
-        return [{"max_batch": max_batch, "concurrency": c,
-                 **asyncio.run(load(url, c, args.requests, args.max_tokens, args.stream))} for c in concurrencies]
+        for batching in args.batching:
+            servers[batching] = start_server(args, batching)
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for c in args.clients:
+            for _ in range(args.repeat):
+                for batching, (_, url) in servers.items():
+                    runs.setdefault((batching, c), []).append(asyncio.run(load(url, c, args)))
+        return [summary(b, c, runs[b, c]) for b in args.batching for c in args.clients]
     finally:
-        server.terminate()
-        server.join()
+        for server, _ in servers.values():
+            server.terminate()
+            server.join()
+
+
+def check(args, results: list[dict]) -> str:
+    """Every (prompt, max_tokens) has one answer in every row; with --check, the one it gets decoded alone."""
+    seen: dict[tuple[int, int], set[str]] = {}
+    for r in results:
+        for key, text in r.pop("_texts"):
+            seen.setdefault(key, set()).add(text)
+    differ = [k for k, v in seen.items() if len(v) > 1]
+    if differ:
+        return f"NOT EQUAL: {len(differ)} of {len(seen)} (prompt, max_tokens) got different answers across rows"
+    if not args.check:
+        return f"equal across rows and modes ({len(seen)} distinct requests)"
+    from slmforge.serve.generate import stream_text
+
+    model, tokenizer = load_model(args)
+    texts = prompts()
+    alone = {k: "".join(stream_text(model, tokenizer, texts[k[0]], k[1], 0.0, 0, 1.0)) for k in seen}
+    wrong = [k for k, v in seen.items() if v != {alone[k]}]
+    return (f"NOT EQUAL to alone: {len(wrong)} of {len(seen)}" if wrong else
+            f"every answer equals its prompt decoded alone ({len(seen)} distinct requests, all rows and modes)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "10m"])
     ap.add_argument("--run", default="", help="serve this run folder instead of a random-weight preset")
-    ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--stream", action="store_true", help="streamed responses (server-sent events)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--per-client", type=int, default=3, help="requests each client sends, one after another")
+    ap.add_argument("--stagger-ms", type=float, default=50.0, help="client i starts i * this after client 0")
+    ap.add_argument("--max-tokens", type=int, default=64, help="the longest answer; max_tokens cycles up to it")
+    ap.add_argument("--max-batch", type=int, default=32, help="the server's max_batch, in both modes")
+    ap.add_argument("--batching", nargs="+", default=["static", "continuous"], choices=["static", "continuous"])
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row, alternating between the schedulers")
     ap.add_argument("--threads", type=int, default=0, help="server torch threads; 0 = torch's default")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--window-ms", type=float, default=20.0, help="the server's batch_window_s, in milliseconds")
+    ap.add_argument("--window-ms", type=float, default=20.0, help="static batching's batch_window_s, in ms")
+    ap.add_argument("--no-check", dest="check", action="store_false", help="skip the decoded-alone reference")
     args = ap.parse_args()
     if not args.run:
         from slmforge.config import preset
 
         tokenizer_for(preset(args.preset).vocab_size)  # train it once, here, not in the server
-    results = measure(args, 8, [1, 8]) + measure(args, 1, [8])
-    results.sort(key=lambda r: (r["concurrency"], -r["max_batch"]))
-    print(f"model {args.run or args.preset}, {args.requests} requests, max_tokens {args.max_tokens}, greedy, "
-          f"{'streamed' if args.stream else 'not streamed'}")
-    print(f"{'max_batch':>9} {'clients':>7} {'req/s':>8} {'tok/s':>9} {'p50 ms':>8} {'mean batch':>10}")
+    results = measure(args)
+    verdict = check(args, results)
+    print(f"model {args.run or args.preset}, max_batch {args.max_batch}, {args.per_client} streamed requests per "
+          f"client, clients {args.stagger_ms:g} ms apart, max_tokens {args.max_tokens // 8}-{args.max_tokens}, greedy, "
+          f"{args.repeat} run(s) per row")
+    print(f"{'batching':>10} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'TTFT p50':>8} {'TTFT p99':>8} {'rows/fwd':>8}")
     for r in results:
-        print(f"{r['max_batch']:>9} {r['concurrency']:>7} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} "
-              f"{r['latency_p50_ms']:>8.1f} {r['mean_batch']:>10.2f}")
+        print(f"{r['batching']:>10} {r['clients']:>7} {r['requests_per_s']:>7.2f} {r['tokens_per_s']:>7.1f} "
+              f"{r['latency_p50_ms']:>7.0f} {r['latency_p99_ms']:>7.0f} {r['ttft_p50_ms']:>8.0f} "
+              f"{r['ttft_p99_ms']:>8.0f} {r['rows_per_forward']:>8.2f}")
+    for c in args.clients:
+        rows = {r["batching"]: r for r in results if r["clients"] == c}
+        if len(rows) == 2:
+            print(f"{c} clients: continuous / static requests/s = "
+                  f"{rows['continuous']['requests_per_s'] / rows['static']['requests_per_s']:.2f}x")
+    print(verdict)
 
 
 if __name__ == "__main__":

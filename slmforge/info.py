@@ -48,9 +48,11 @@ def info(cfg: ModelConfig, seq_lens: tuple[int, ...] = (4096, 16384),
     n = count_params(cfg)
     blocks = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
     return {
-        "params": {"total": n.total, "non_embedding": n.non_embedding, "embedding": n.embedding, "shared": n.shared},
+        "params": {"total": n.total, "non_embedding": n.non_embedding, "embedding": n.embedding, "shared": n.shared,
+                   "active": n.active},
         "layers": {"num_layers": cfg.num_layers, "num_unique_blocks": cfg.num_unique_blocks,
                    "mixers": dict(Counter(cfg.layer_kinds())), "share_ffn": cfg.share_ffn,
+                   "ffns": dict(Counter(cfg.block_ffns()[j] for j in cfg.block_index())),
                    "block_repeat": cfg.block_repeat, "scaling": cfg.scaling.enabled,
                    "attn_heads": [b.attn.num_heads for b in blocks], "ffn_dims": [b.ffn_dim for b in blocks]},
         "state_bytes": {dtype: {tokens: state_bytes(cfg, tokens, dtype) for tokens in seq_lens} for dtype in dtypes},
@@ -71,9 +73,12 @@ def format_info(result: dict) -> str:
     sharing = [name for name, on in (("shared FFN", layers["share_ffn"]),
                                      (f"each block x{layers['block_repeat']}", layers["block_repeat"] > 1),
                                      ("OpenELM scaling", layers["scaling"])) if on]
+    active = f"; {p['active']:,} active per token (MoE)" if p.get("active", p["total"]) != p["total"] else ""
+    ffns = ", ".join(f"{k} x{v}" for k, v in layers.get("ffns", {}).items() if k != "dense")
     lines = [f"Parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['shared']:,} shared "
-             f"by more than one layer",
-             f"Layers: {layers['num_layers']} ({mixers}) from {layers['num_unique_blocks']} unique blocks"
+             f"by more than one layer{active}",
+             f"Layers: {layers['num_layers']} ({mixers}{'; FFN ' + ffns if ffns else ''}) from "
+             f"{layers['num_unique_blocks']} unique blocks"
              + (f"; {', '.join(sharing)}" if sharing else "")]
     if layers["scaling"]:
         lines.append(f"  attention heads per block {layers['attn_heads']}, FFN widths {layers['ffn_dims']}")

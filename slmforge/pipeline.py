@@ -267,7 +267,7 @@ CURATION_KEYS = {"dedup": ("curate.dedup_threshold",), "quality": (),
 # too, so that raising it trains further.
 OPERATIONAL = ("-model.fast_kernels", "-train.max_steps", "-train.eval_every", "-train.eval_batches",
                "-train.ckpt_every", "-train.log_every", "-train.num_threads", "-train.device", "-train.compile",
-               "-train.parallel", "-train.activation_checkpointing")
+               "-train.parallel", "-train.activation_checkpointing", "-train.loggers")
 
 
 STAGES: list[Stage] = [

@@ -60,10 +60,11 @@ USABLE_MEMORY_FRACTION = 0.9
 
 def _block_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
     """(mixer, FFN) cost of each unique block, from its own config (OpenELM scaling changes it per block)."""
-    ffn = lookup(FFNS, cfg.ffn, "FFN (model.ffn)")
+    ffns = {kind: lookup(FFNS, kind, "FFN (model.ffn)") for kind in dict.fromkeys(cfg.block_ffns())}
     mixers = {kind: lookup(MIXERS, kind, "token mixer (model.layers)") for kind in dict.fromkeys(cfg.block_kinds())}
     configs = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
-    return [(mixers[kind].cost(c, seq_len), ffn.cost(c, seq_len)) for c, kind in zip(configs, cfg.block_kinds())]
+    return [(mixers[kind].cost(c, seq_len), ffns[ffn].cost(c, seq_len))
+            for c, kind, ffn in zip(configs, cfg.block_kinds(), cfg.block_ffns())]
 
 
 def _layer_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerCost]]:
@@ -79,6 +80,7 @@ class ParamCount:
     embedding: int
     per_layer: list[int] = field(default_factory=list)  # parameters each layer uses, shared ones in every user
     shared: int = 0  # parameters used by more than one layer (a shared FFN, repeated blocks), counted once
+    active: int = 0  # total minus the routed experts a token is not sent to (MoE); == total for dense FFNs
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
@@ -93,7 +95,10 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     total = embedding + sum(own) + shared_ffn + h  # + final RMSNorm
     shared = sum(own) if cfg.block_repeat > 1 else 0
     shared += shared_ffn if cfg.num_layers > 1 else 0
-    return ParamCount(total, total - embedding, embedding, [per_block[j] for j in cfg.block_index()], shared)
+    inactive = blocks[0][1].inactive_params if cfg.share_ffn else sum(f.inactive_params for _, f in blocks)
+    inactive += sum(m.inactive_params for m, _ in blocks)
+    return ParamCount(total, total - embedding, embedding, [per_block[j] for j in cfg.block_index()], shared,
+                      total - inactive)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -234,6 +239,7 @@ def plan(cfg: PlanConfig) -> dict:
         "compute_optimal": {"chinchilla": chinchilla_optimal(budget), "tokens_20x": rule},
         "preset": {"name": name, "chosen": "given" if cfg.preset else "nearest",
                    "params_total": params.total, "params_non_embedding": params.non_embedding,
+                   "params_active": params.active,
                    "seq_len": cfg.seq_len, "train_flops_per_token": fpt["train"],
                    "train_flops_per_token_causal": fpt["train_causal"],
                    "attention_share": fpt["attention_share"], "tokens": tokens,
@@ -286,7 +292,9 @@ def format_plan(result: dict) -> str:
     ]) + [f"  * {LOSS_NOTE}"]
     how = "as requested" if p["chosen"] == "given" else "nearest to the 20 tokens/param size"
     lines += ["", f"Preset {p['name']} ({how})"] + _table([
-        ("params", f"{_count(p['params_total'])} total, {_count(p['params_non_embedding'])} non-embedding"),
+        ("params", f"{_count(p['params_total'])} total, {_count(p['params_non_embedding'])} non-embedding"
+                   + (f", {_count(p['params_active'])} active per token" if p["params_active"] != p["params_total"]
+                      else "")),
         ("train FLOPs/token", f"{_si(p['train_flops_per_token'], 'FLOP')} at seq {p['seq_len']} "
                               f"(attention {p['attention_share']:.1%}; causal-only "
                               f"{_si(p['train_flops_per_token_causal'], 'FLOP')})"),

@@ -76,6 +76,10 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
     def loss_plot(self) -> Path:
         return self.root / "loss.png"
 

@@ -12,7 +12,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # (id, argv, text the error line must contain); {tmp} is the test's folder, {out} a run folder inside it.
 ROWS = [
     ("layer-name", ["run", "out_dir={out}", "model.layers=attn,atn"], "model.layers 'atn'"),
-    ("ffn-name", ["run", "out_dir={out}", "model.ffn=moe"], "model.ffn 'moe'"),
+    ("ffn-name", ["run", "out_dir={out}", "model.ffn=mox"], "model.ffn 'mox'"),
     ("dtype", ["train", "out_dir={out}", "train.dtype=fp16"], "train.dtype='fp16': choose one of auto, bf16, fp32"),
     ("device", ["train", "out_dir={out}", "train.device=tpu"], "train.device='tpu'"),
     ("schedule", ["run", "out_dir={out}", "train.schedule=cos"], "train.schedule='cos'"),

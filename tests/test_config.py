@@ -59,7 +59,7 @@ def test_a_yaml_boolean_is_a_choice_too(tmp_path):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("model.d_modle=3", "unknown key 'model.d_modle' (did you mean d_model?)"),
+        ("model.d_modle=3", "unknown key 'model.d_modle' (did you mean d_model"),
         ("train.max_steps=ten", "override: train.max_steps: expected int, got 'ten'"),
         ("model.tie_embeddings=maybe", "model.tie_embeddings: expected true or false"),
         ("nokeyvalue", "key=value"),

@@ -53,6 +53,10 @@ RULES = (
     Rule({"plan", "info"}, UPPER, "plan and info are arithmetic over the model table, below train/ and serve/"),
     Rule({"serve", "eval"}, {"train", "post", "science", "pipeline"},
          "serve/ and eval/ import no train/ or post/ (inference never imports training)"),
+    Rule({"compress"}, all_but("model", "checkpoint", "tokens", "config", "runs", "metrics", "progress", "log",
+                               "registry"),
+         "compress/ sits beside serve/ and eval/: it loads models through checkpoint and imports no train/, serve/, "
+         "eval/ or anything above them"),
     Rule({"post"}, {"science", "pipeline"}, "post/ sits above train/, serve/ and eval/ and below pipeline and science"),
     Rule({"science"}, {"train"}, "science/ uses train/ only through slmforge.train.loop (its entry point train)",
          allowed=frozenset({"slmforge.train.loop"})),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import Literal
 
 from slmforge.cli.common import config_args, load_args, split_items
 from slmforge.config import check_min
@@ -61,6 +62,7 @@ class ServeConfig:
     max_stop: int = 4  # stop strings per request (400 beyond)
     max_stop_chars: int = 64  # characters per stop string (400 beyond)
     tools: str = ""  # calculator: evaluate <<expr= in every answer (GSM8K's calculator); "" = off
+    batching: Literal["continuous", "static"] = "continuous"  # continuous: requests join the running batch
 
     def validate(self, prefix: str = "") -> None:
         check_min(self, prefix, 1, "max_batch max_body_bytes max_queue max_stop max_stop_chars")
@@ -123,7 +125,7 @@ def cmd_serve(args) -> None:
     serve(args.checkpoint, host=cfg.host, port=cfg.port, api_key=cfg.api_key or None,
           model_name=cfg.model_name or None, max_batch=cfg.max_batch, max_body_bytes=cfg.max_body_bytes,
           max_queue=cfg.max_queue, request_timeout_s=cfg.request_timeout_s, max_stop=cfg.max_stop,
-          max_stop_chars=cfg.max_stop_chars, tools=cfg.tools)
+          max_stop_chars=cfg.max_stop_chars, tools=cfg.tools, batching=cfg.batching)
 
 
 def cmd_export(args) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from slmforge.config.loading import check_min, merge
 from slmforge.registry import lookup
@@ -51,6 +51,19 @@ class HymbaConfig:
 
 
 @dataclass
+class MoEConfig:
+    # DeepSeekMoE FFN (slmforge/model/moe.py, arXiv 2401.06066): fine-grained routed experts, top_k per token, plus
+    # num_shared always-on experts; aux-loss-free balancing by a per-expert selection bias (DeepSeek-V3, 2412.19437).
+    num_experts: int = 8  # routed experts
+    num_shared: int = 1  # shared experts, always on (one SwiGLU of num_shared * expert_hidden units)
+    top_k: int = 2  # routed experts per token
+    expert_hidden: int = 0  # hidden units per expert; 0 = ffn_dim // (top_k + num_shared): the dense FFN's active size
+    gate: Literal["softmax", "sigmoid"] = "sigmoid"  # sigmoid: V3 (top-k weights normalised); softmax: DeepSeekMoE
+    bias_update_rate: float = 1e-3  # selection bias += rate * sign(mean load - load) per optimizer step; 0 = off
+    seq_aux_loss: float = 0.0  # weight of V3's sequence-wise balance loss (0 = none)
+
+
+@dataclass
 class ScalingConfig:
     # OpenELM layer-wise scaling (Mehta et al. 2024, arXiv 2404.14619, sec. 2.1): unique block i of N gets
     #   alpha_i = alpha_min + (alpha_max - alpha_min) * i / (N - 1),   beta_i likewise,
@@ -87,12 +100,14 @@ class ModelConfig:
     # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side).
     # Names are checked against the model's tables by slmforge.model.block.check_model (config cannot import model).
     layers: str = "attn"
+    # FFN per unique block, a comma-separated pattern tiled like `layers`: dense (SwiGLU), moe ("dense,moe", ...).
     ffn: str = "dense"
     init_std: float = 0.02
     attn: AttnConfig = field(default_factory=AttnConfig)
     ssm: SSMConfig = field(default_factory=SSMConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     # Parameter sharing. num_layers is always the depth (layer applications); the parameters live in
     # num_layers / block_repeat unique blocks, and the `layers` pattern is tiled over the unique blocks.
     share_ffn: bool = False  # MobiLlama (arXiv 2402.16840): one FFN shared by every layer
@@ -104,7 +119,15 @@ class ModelConfig:
         check_min(self, prefix, 1, "vocab_size d_model num_layers max_seq_len block_repeat attn.num_heads "
                                    "attn.num_kv_heads ssm.state_dim ssm.head_dim ssm.expand ssm.conv_kernel "
                                    "ssm.chunk_size linear.num_heads linear.decay_rank linear.chunk_size")
-        check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window")
+        check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window moe.num_shared moe.expert_hidden "
+                                   "moe.bias_update_rate moe.seq_aux_loss")
+        check_min(self, prefix, 1, "moe.num_experts moe.top_k")
+        if self.moe.top_k > self.moe.num_experts:
+            raise ValueError(f"{prefix}moe.top_k={self.moe.top_k}: expected at most "
+                             f"{prefix}moe.num_experts={self.moe.num_experts}")
+        if self.share_ffn and len({p.strip() for p in self.ffn.split(",") if p.strip()}) > 1:
+            raise ValueError(f"{prefix}ffn={self.ffn!r} with {prefix}share_ffn: one shared FFN has one kind; "
+                             f"give a single name")
         if self.num_layers % self.block_repeat:
             raise ValueError(f"{prefix}num_layers={self.num_layers}: expected a multiple of "
                              f"{prefix}block_repeat={self.block_repeat}")
@@ -136,6 +159,11 @@ class ModelConfig:
     def block_kinds(self) -> list[str]:
         """The token mixer of each unique block."""
         pattern = [p.strip() for p in self.layers.split(",") if p.strip()]
+        return [pattern[j % len(pattern)] for j in range(self.num_unique_blocks)]
+
+    def block_ffns(self) -> list[str]:
+        """The FFN of each unique block: the ``ffn`` pattern tiled like ``layers``."""
+        pattern = [p.strip() for p in self.ffn.split(",") if p.strip()] or [self.ffn]
         return [pattern[j % len(pattern)] for j in range(self.num_unique_blocks)]
 
     def layer_kinds(self) -> list[str]:

@@ -17,13 +17,15 @@ PROCEDURAL = "procedural"  # SFT: the procedural families as conversations (ques
 VERIFIED = "verified"  # ORPO/DPO: on-policy pairs sampled from the starting model, checked by the verifier
 HH_PREFIX = "hh-rlhf:"  # ORPO/DPO: "hh-rlhf:<path to an Anthropic HH-RLHF jsonl.gz>"
 SYNTH_PREFIX = "synth:"  # SFT: "synth:<a synthesizer job's output folder or shard>" (its question/answer records)
+GSM8K_PREFIX = "gsm8k:"  # SFT: "gsm8k:<GSM8K-format JSONL>" (question -> worked solution with <<calc>> and #### N)
 
 
 @dataclass
 class PostConfig:
     method: Literal["", "sft", "orpo", "dpo"] = ""  # "" = pre-training
     name: str = ""  # a recipe's post stage: its run folder's name; "" = <previous name>_<method>
-    # sft: conversation files (JSONL {"messages": [...]}), "procedural", "synth:<job output>"; orpo/dpo: pair files
+    # sft: conversation files (JSONL {"messages": [...]}), "procedural", "synth:<job output>", "gsm8k:<train.jsonl>";
+    # orpo/dpo: pair files
     # (TRL's JSONL formats), "verified", "hh-rlhf:<path>"
     data: list[str] = field(default_factory=list)  # conversation or pair files, or the special sources
     val_data: list[str] = field(default_factory=list)  # held-out files; [] = val_fraction of `data`, by prompt hash

@@ -19,6 +19,7 @@ from slmforge.model.ffn import SwiGLU
 from slmforge.model.hymba import Hymba
 from slmforge.model.layers import RMSNorm
 from slmforge.model.linear import GatedLinear
+from slmforge.model.moe import MoE
 from slmforge.model.ssm import SSM
 from slmforge.registry import lookup
 
@@ -36,7 +37,7 @@ from slmforge.registry import lookup
 # like the mixer (cfg.attn, cfg.ssm, cfg.linear, cfg.hymba), since config.py is the torch-free ground floor and
 # cannot import model files; a mixer reading only d_model and the like needs no config change.
 MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba}
-FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU}
+FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE}
 
 
 class Block(nn.Module):
@@ -44,13 +45,13 @@ class Block(nn.Module):
     is the model's shared one, passed to ``forward``; a block repeated by ``model.block_repeat`` is simply
     called several times, each time with its own cache."""
 
-    def __init__(self, cfg: ModelConfig, mixer: str, own_ffn: bool = True):
+    def __init__(self, cfg: ModelConfig, mixer: str, own_ffn: bool = True, ffn: str | None = None):
         super().__init__()
         self.kind = mixer
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = lookup(MIXERS, mixer, "token mixer (model.layers)")(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = build_ffn(cfg) if own_ffn else None
+        self.ffn = build_ffn(cfg, ffn) if own_ffn else None
 
     def reset_parameters(self, cfg: ModelConfig) -> None:
         self.mixer_norm.weight.data.fill_(1.0)
@@ -68,8 +69,9 @@ class Block(nn.Module):
         return x + y, aux
 
 
-def build_ffn(cfg: ModelConfig) -> nn.Module:
-    return lookup(FFNS, cfg.ffn, "FFN (model.ffn)")(cfg)
+def build_ffn(cfg: ModelConfig, kind: str | None = None) -> nn.Module:
+    """The FFN named ``kind`` (default ``cfg.ffn``, a single name when the FFN is shared)."""
+    return lookup(FFNS, kind or cfg.ffn, "FFN (model.ffn)")(cfg)
 
 
 def residual_out_std(cfg: ModelConfig) -> float:
@@ -85,4 +87,8 @@ def check_model(cfg: ModelConfig) -> None:
         raise ValueError("model.layers is empty; give a comma-separated pattern of token mixers, e.g. attn,ssm")
     for kind in dict.fromkeys(p.strip() for p in cfg.layers.split(",") if p.strip()):
         lookup(MIXERS, kind, "token mixer in model.layers")
-    lookup(FFNS, cfg.ffn, "FFN in model.ffn")
+    ffns = [p.strip() for p in cfg.ffn.split(",") if p.strip()]
+    if not ffns:
+        raise ValueError("model.ffn is empty; give an FFN (dense, moe) or a comma-separated pattern, e.g. dense,moe")
+    for kind in dict.fromkeys(ffns):
+        lookup(FFNS, kind, "FFN in model.ffn")

@@ -24,13 +24,15 @@ class LayerCost:
     context_flops: float = 0.0  # forward FLOPs per token that grow with the context (scores and AV)
     context_flops_causal: float = 0.0
     activation_bytes: int = 0  # bytes per token kept for the backward pass (bf16)
+    inactive_params: int = 0  # parameters a token does not use: the routed experts it is not sent to (MoE)
 
     def __add__(self, other: LayerCost) -> LayerCost:
         """Two parts of one layer side by side (Hymba's branches, a projection after a scan)."""
         return LayerCost(self.params + other.params, self.matmul_params + other.matmul_params,
                          self.context_flops + other.context_flops,
                          self.context_flops_causal + other.context_flops_causal,
-                         self.activation_bytes + other.activation_bytes)
+                         self.activation_bytes + other.activation_bytes,
+                         self.inactive_params + other.inactive_params)
 
 
 def mean_keys(seq_len: int, window: int, causal: bool) -> float:

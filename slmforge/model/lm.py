@@ -27,8 +27,8 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.block_config(j), kind, own_ffn=not cfg.share_ffn)
-                                    for j, kind in enumerate(cfg.block_kinds()))
+        self.blocks = nn.ModuleList(Block(cfg.block_config(j), kind, own_ffn=not cfg.share_ffn, ffn=ffn)
+                                    for j, (kind, ffn) in enumerate(zip(cfg.block_kinds(), cfg.block_ffns())))
         self.ffn = build_ffn(cfg) if cfg.share_ffn else None
         self.block_index = cfg.block_index()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from slmforge.checkpoint import find_checkpoint, find_tokenizer, load_for_inference
 from slmforge.config import PostConfig, RunConfig, load_config
-from slmforge.config.post import HH_PREFIX, PROCEDURAL, SYNTH_PREFIX, VERIFIED
+from slmforge.config.post import GSM8K_PREFIX, HH_PREFIX, PROCEDURAL, SYNTH_PREFIX, VERIFIED
 from slmforge.corpus import source_configs
+from slmforge.eval.gsm8k import load_problems
 from slmforge.log import log
 from slmforge.post.chat_data import procedural_conversations, read_conversations, synth_conversations
 from slmforge.post.prefs import Pair, encode_pairs, hh_rlhf_pairs, read_pairs, split_pairs
@@ -156,8 +157,7 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
             train_c += procedural_problems(cfg, f.num_examples, "train")
             val_c += procedural_problems(cfg, max(f.num_examples // 20, 20), "validation")
         else:
-            convs = synth_conversations(entry[len(SYNTH_PREFIX):]) if entry.startswith(SYNTH_PREFIX) else \
-                read_conversations(entry)
+            convs = sft_source(entry)
             if not f.val_data:
                 cut = int(len(convs) * (1 - f.val_fraction))
                 train_c, val_c = train_c + convs[:cut], val_c + convs[cut:]
@@ -168,6 +168,22 @@ def _conversations(cfg: RunConfig) -> tuple[list, list]:
     if not val_c:
         raise ValueError("finetune: no held-out conversations; give finetune.val_data or a val_fraction above 0")
     return train_c, val_c
+
+
+def sft_source(entry: str) -> list[list[dict]]:
+    """The conversations of one ``finetune.data`` entry that is not "procedural": synthesizer output, GSM8K's
+    train split (question -> its worked solution, ``<<expr=result>>`` annotations kept for the calculator) or a
+    ``messages`` file."""
+    if entry.startswith(SYNTH_PREFIX):
+        return synth_conversations(entry[len(SYNTH_PREFIX):])
+    if entry.startswith(GSM8K_PREFIX):
+        path = entry[len(GSM8K_PREFIX):]
+        if not path.endswith(".jsonl") or path.endswith("test.jsonl"):
+            raise ValueError(f"finetune.data: {entry!r}: give GSM8K's train split as JSONL (question, answer per "
+                             f"line); its test split is what eval gsm8k scores")
+        return [[{"role": "user", "content": p["question"]}, {"role": "assistant", "content": p["answer"]}]
+                for p in load_problems(path, "train")]
+    return read_conversations(entry)
 
 
 def procedural_problems(cfg: RunConfig, num: int, split: str) -> list[list[dict]]:

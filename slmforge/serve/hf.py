@@ -36,6 +36,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
     if cfg.scaling.enabled:
         raise ValueError("export_hf: model.scaling.enabled (OpenELM layer-wise scaling) gives every layer its own "
                          "head count and FFN width, which LlamaForCausalLM cannot represent")
+    if "moe" in cfg.block_ffns():
+        raise ValueError(f"export_hf: model.ffn={cfg.ffn!r} has mixture-of-experts layers, which LlamaForCausalLM "
+                         f"cannot represent; export a dense model (model.ffn=dense) or serve this run with slmforge")
     kinds = sorted(set(cfg.layer_kinds()))
     if kinds != ["attn"] or cfg.ffn != "dense" or cfg.attn.window:
         raise ValueError(f"export_hf: only attention-only dense models map onto LlamaForCausalLM; this model has "

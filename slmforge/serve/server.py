@@ -17,9 +17,11 @@ Limits (``build_app`` arguments, ``slmforge serve`` keys), each answered in Open
 when the text has more characters than the context could hold at the tokenizer's longest token, else after
 tokenizing), ``max_queue`` (429 with ``Retry-After`` when that many jobs already wait), ``request_timeout_s``
 (the answer ends there with the text so far and finish_reason "length", streamed or not), ``max_stop`` stop
-strings of at most ``max_stop_chars`` characters, ``n`` = 1 and 0 <= ``seed`` < 2**63 (400 naming the field).
+strings of at most ``max_stop_chars`` characters, ``n`` <= ``max_batch`` (choice i is a job of its own, seeded
+``seed + i``) and 0 <= ``seed`` < 2**63 (400 naming the field); ``batching`` picks the worker's scheduler.
 Chat content and completion prompts are tokenized as text: ``<|end|>`` in them is never a control token.
-``tools="calculator"`` (a server setting) runs the GSM8K calculator (``tools.py``) in every answer.
+``tools="calculator"`` (a server setting) runs the GSM8K calculator (``tools.py``) in every answer; a request's
+``"tools": "calculator"`` in its own. ``/`` is the chat web page (``webpage.py``).
 
 long: a little over 400 lines since the limits came in; each check sits next to the request handling it guards.
 """
@@ -40,13 +42,14 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from slmforge.checkpoint import load_for_inference
 from slmforge.tokens.tokenizer import CHAT_ROLES
-from slmforge.serve.tools import make_tool
+from slmforge.serve.tools import check_tools, make_tool
+from slmforge.serve.webpage import add_webpage
 from slmforge.serve.worker import Job, QueueFull, Worker
 
 __all__ = ["CHAT_STOP_TOKENS", "APIError", "ChatRequest", "CompletionRequest", "Job", "Worker", "build_app",
@@ -79,12 +82,20 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict | None = None
+    tools: str | list | None = None  # "calculator": the calculator in this answer; OpenAI's tool lists: ignored
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data):
         # Some clients send every field, unset ones as null; those get the defaults.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("tools")
+    @classmethod
+    def _known_tool(cls, tools):
+        if isinstance(tools, str):
+            check_tools(tools)
+        return tools
 
 
 class _TextPart(BaseModel):
@@ -131,8 +142,8 @@ class _Api:
         if req.model != self.model_name:
             raise APIError(404, f"The model '{req.model}' does not exist; this server has '{self.model_name}'.",
                            param="model", code="model_not_found")
-        if req.n != 1:
-            raise APIError(400, "Only n=1 is supported.", param="n")
+        if req.n > self.worker.max_batch:
+            raise APIError(400, f"n: at most {self.worker.max_batch} choices (max_batch), got {req.n}.", param="n")
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
         max_stop, max_chars = self.limits["max_stop"], self.limits["max_stop_chars"]
         if len(stop) > max_stop:
@@ -147,7 +158,7 @@ class _Api:
         return [s for s in stop if s]
 
     async def make_job(self, req: _Request, param: str, num_chars: int, encode: Callable[[], list[int]],
-                       max_tokens: int | None, stop_ids: tuple[int, ...]) -> Job:
+                       max_tokens: int | None, stop_ids: tuple[int, ...]) -> list[Job]:
         stop = self.check_request(req, param, num_chars)
         # Token shards start every document after EOS, as ``generate.stream_text`` does.
         ids = [self.tokenizer.eos_id] + await asyncio.to_thread(encode)
@@ -159,81 +170,94 @@ class _Api:
                            param=param, code="context_length_exceeded")
         generator = torch.Generator(self.device).manual_seed(req.seed) if req.seed is not None else None
         return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
-                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator, tool=self.tool,
-                   deadline=time.monotonic() + self.limits["request_timeout_s"])
+                   stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator,
+                   tool=self.tool or (make_tool(req.tools, self.tokenizer) if isinstance(req.tools, str) else None),
+                   deadline=time.monotonic() + self.limits["request_timeout_s"]).choices(req.n, req.seed)
 
-    def submit(self, job: Job) -> asyncio.Queue:
-        """Queue ``job`` (429 when the worker's queue is full); returns the asyncio queue its events arrive in."""
+    def submit(self, jobs: list[Job]) -> asyncio.Queue:
+        """Queue a request's ``jobs`` (429 when the worker's queue is full, 503 when it is stopping); returns the
+        asyncio queue their events arrive in, as (choice index, event)."""
         loop, inbox = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: tuple) -> None:
-            try:
-                loop.call_soon_threadsafe(inbox.put_nowait, event)
-            except RuntimeError:  # the event loop has closed: the server is shutting down
-                job.cancelled = True
+        def emitter(job: Job) -> Callable[[tuple], None]:
+            def emit(event: tuple) -> None:
+                try:
+                    loop.call_soon_threadsafe(inbox.put_nowait, (job.index, event))
+                except RuntimeError:  # the event loop has closed: the server is shutting down
+                    job.cancelled = True
+            return emit
 
-        job.emit = emit
+        for job in jobs:
+            job.emit = emitter(job)
         try:
-            self.worker.submit(job)
+            self.worker.submit(*jobs)
         except QueueFull as e:
-            raise APIError(429, f"The server is busy ({e}); retry after a second.", "rate_limit_error",
-                           code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+            raise APIError(e.status, f"The server is busy ({e}); retry after a second.", e.error_type, code=e.code,
+                           headers={"Retry-After": "1"}) from None
         return inbox
 
-    async def events(self, job: Job, inbox: asyncio.Queue):
-        """Yield ``job``'s events as the worker sends them, up to its "done" or "error" (or "gone": client left)."""
+    async def events(self, jobs: list[Job], inbox: asyncio.Queue):
+        """Yield (index, event) as the worker sends them, until every job's "done", or an "error" (or "gone":
+        client left)."""
+        running = len(jobs)
         try:
-            while (event := await inbox.get())[0] == "text":
-                yield event
-            yield event
+            while running:
+                index, event = await inbox.get()
+                yield index, event
+                if event[0] in ("error", "gone"):
+                    return
+                running -= event[0] == "done"
         finally:
             # Also runs when a client disconnects mid-stream (the response task is cancelled): the worker then
-            # drops the row at its next step.
-            job.cancelled = True
+            # drops the rows at its next step.
+            for job in jobs:
+                job.cancelled = True
 
-    async def collect(self, job: Job, request: Request) -> tuple[str, str]:
-        """Run ``job`` to the end -> (text, finish_reason), cancelling it if the client hangs up meanwhile."""
-        inbox = self.submit(job)
+    async def collect(self, jobs: list[Job], request: Request) -> list[tuple[str, str]]:
+        """Run ``jobs`` to the end -> (text, finish_reason) of each, cancelling them if the client hangs up."""
+        inbox = self.submit(jobs)
 
         async def watch() -> None:  # the body has been read: the next message is the disconnect
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            inbox.put_nowait(("gone",))
+            inbox.put_nowait((0, ("gone",)))
 
         watcher = asyncio.create_task(watch())
-        pieces = []
+        pieces, reasons = [[] for _ in jobs], [""] * len(jobs)
         try:
-            async for event in self.events(job, inbox):
+            async for index, event in self.events(jobs, inbox):
                 if event[0] == "text":
-                    pieces.append(event[1])
+                    pieces[index].append(event[1])
+                reasons[index] = event[1] if event[0] == "done" else reasons[index]
         finally:
             watcher.cancel()
         if event[0] == "error":
             raise APIError(500, event[1], "server_error")
         if event[0] == "gone":
             raise APIError(499, "The client closed the request.")  # nobody reads it
-        return "".join(pieces), event[1]
+        return [("".join(p), reason) for p, reason in zip(pieces, reasons)]
 
-    def stream(self, job: Job, head: dict, choice: Callable[[str, str | None], dict], req: _Request,
-               first: dict | None = None) -> StreamingResponse:
-        """Server-sent events: ``first``, one chunk per text piece, the finish chunk, usage if asked, [DONE]."""
-        inbox = self.submit(job)  # before the response starts, so that a full queue is still a 429
+    def stream(self, jobs: list[Job], head: dict, choice: Callable[[str, str | None, int], dict], req: _Request,
+               first: Callable[[int], dict] | None = None) -> StreamingResponse:
+        """Server-sent events: ``first`` of each choice, a chunk per text piece and per finish, usage if asked,
+        [DONE]."""
+        inbox = self.submit(jobs)  # before the response starts, so that a full queue is still a 429
 
         def chunk(choices: list[dict], **extra) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
         async def body():
             if first is not None:
-                yield chunk([first])
-            async for event in self.events(job, inbox):
+                yield chunk([first(i) for i in range(len(jobs))])
+            async for index, event in self.events(jobs, inbox):
                 if event[0] == "error":
                     yield f"data: {json.dumps({'error': APIError(500, event[1], 'server_error').body})}\n\n"
                 elif event[0] == "text":
-                    yield chunk([choice(event[1], None)])
+                    yield chunk([choice(event[1], None, index)])
                 else:
-                    yield chunk([choice("", event[1])])
-                    if (req.stream_options or {}).get("include_usage"):
-                        yield chunk([], usage=_usage(job))
+                    yield chunk([choice("", event[1], index)])
+            if event[0] == "done" and (req.stream_options or {}).get("include_usage"):
+                yield chunk([], usage=_usage(jobs))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream")
@@ -247,31 +271,32 @@ class _Api:
                            param="messages")
         # The template adds 3 control tokens per message at most (role, end, the assistant's role).
         num_chars = sum(len(m["content"]) for m in messages) + 3 * len(messages) * self.max_token_chars
-        job = await self.make_job(req, "messages", num_chars, lambda: self.tokenizer.encode_chat(messages),
-                                  req.max_completion_tokens or req.max_tokens, self.chat_stop_ids)
+        jobs = await self.make_job(req, "messages", num_chars, lambda: self.tokenizer.encode_chat(messages),
+                                   req.max_completion_tokens or req.max_tokens, self.chat_stop_ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if req.stream:
-            return self.stream(job, {**head, "object": "chat.completion.chunk"}, lambda piece, reason: {
-                "index": 0, "delta": {} if reason else {"content": piece}, "logprobs": None, "finish_reason": reason},
-                req, first={"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None})
-        text, reason = await self.collect(job, request)
-        return {**head, "object": "chat.completion", "usage": _usage(job), "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}]}
+            return self.stream(jobs, {**head, "object": "chat.completion.chunk"}, lambda piece, reason, i: {
+                "index": i, "delta": {} if reason else {"content": piece}, "logprobs": None, "finish_reason": reason},
+                req, first=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                      "finish_reason": None})
+        results = await self.collect(jobs, request)
+        return {**head, "object": "chat.completion", "usage": _usage(jobs), "choices": [{
+            "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(results)]}
 
     async def completions(self, req: CompletionRequest, request: Request):
-        job = await self.make_job(req, "prompt", len(req.prompt), lambda: self.tokenizer.encode_text(req.prompt),
-                                  req.max_tokens, ())
+        jobs = await self.make_job(req, "prompt", len(req.prompt), lambda: self.tokenizer.encode_text(req.prompt),
+                                   req.max_tokens, ())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
-        def choice(piece: str, reason: str | None) -> dict:
-            return {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
+        def choice(piece: str, reason: str | None, index: int = 0) -> dict:
+            return {"index": index, "text": piece, "logprobs": None, "finish_reason": reason}
 
         if req.stream:
-            return self.stream(job, head, choice, req)
-        text, reason = await self.collect(job, request)
-        return {**head, "usage": _usage(job), "choices": [choice(text, reason)]}
+            return self.stream(jobs, head, choice, req)
+        results = await self.collect(jobs, request)
+        return {**head, "usage": _usage(jobs), "choices": [choice(*result, i) for i, result in enumerate(results)]}
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -281,7 +306,8 @@ class _Api:
         worker = self.worker
         return {"status": "ok", "model": self.model_name, "num_batches": worker.num_batches,
                 "num_rows": worker.num_rows, "active_rows": worker.active_rows, "queued": worker.queue.qsize(),
-                "num_cancelled": worker.num_cancelled, "num_expired": worker.num_expired}
+                "num_cancelled": worker.num_cancelled, "num_expired": worker.num_expired,
+                "batching": worker.batching, "num_steps": worker.num_steps, "num_tokens": worker.num_tokens}
 
 
 async def _invalid(request, e: RequestValidationError):
@@ -353,13 +379,13 @@ def _add_routes(app: FastAPI, api: _Api) -> None:
 def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
               context_length: int | None = None, batch_window_s: float = 0.02, max_body_bytes: int = 1_000_000,
               max_queue: int = 64, request_timeout_s: float = 60.0, max_stop: int = 4,
-              max_stop_chars: int = 64, tools: str = "") -> FastAPI:
+              max_stop_chars: int = 64, tools: str = "", batching: str = "continuous") -> FastAPI:
     """The FastAPI app serving ``model``; its worker starts and stops with the app (``app.state.worker``).
 
     ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens; the limits are
     described in the module docstring.
     """
-    worker = Worker(model, tokenizer, max_batch, batch_window_s, max_queue)
+    worker = Worker(model, tokenizer, max_batch, batch_window_s, max_queue, batching)
     limits = {"request_timeout_s": request_timeout_s, "max_stop": max_stop, "max_stop_chars": max_stop_chars}
     api = _Api(worker, tokenizer, model_name, api_key, context_length or model.cfg.max_seq_len,
                next(model.parameters()).device, limits)
@@ -376,12 +402,14 @@ def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max
     app.add_middleware(_BodyLimit, max_body_bytes=max_body_bytes)
     _add_exception_handlers(app, max_body_bytes)
     _add_routes(app, api)
+    add_webpage(app)  # the chat page at /
     return app
 
 
-def _usage(job: Job) -> dict:
-    return {"prompt_tokens": len(job.ids), "completion_tokens": job.num_tokens,
-            "total_tokens": len(job.ids) + job.num_tokens}
+def _usage(jobs: list[Job]) -> dict:
+    completion = sum(job.num_tokens for job in jobs)
+    return {"prompt_tokens": len(jobs[0].ids), "completion_tokens": completion,
+            "total_tokens": len(jobs[0].ids) + completion}
 
 
 @contextmanager
@@ -407,7 +435,8 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, device: str | None = None, **limits) -> None:
     """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY;
-    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars, tools."""
+    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars, tools,
+    batching."""
     import uvicorn
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -2,28 +2,30 @@
 
 Design. The HTTP side (``server.py``) is asyncio; the model runs on one ``Worker`` thread that owns it, so it
 never runs from two threads at once (and that thread sets torch's inference mode). A request is validated and
-tokenized on the event loop, becomes a ``Job`` and goes into the worker's queue. The worker takes the first job
-waiting plus the others already queued, up to ``max_batch``, and decodes them in one left-padded batch
-(``generate.PaddedDecoder``), streamed or not, greedy or sampled: each row samples with its own temperature, top-p
-and seeded generator, and a row that finishes (EOS, a stop token or string, ``max_tokens``, or a client gone away)
-leaves the batch. A job's ``tool`` (``tools.py``, the calculator) reads its ids after each token and queues ids
-that its row feeds next instead of sampled ones. Rows decode as they would alone, so batching changes no result
-(the tests check it). A job sends its events, ("text", piece) ... ("done", finish_reason, num_tokens), through
-its ``emit`` callback, which the server points at its request's asyncio queue with ``call_soon_threadsafe``.
-Requests do not join a batch that is already decoding (continuous batching): ``PaddedDecoder`` cannot add rows,
-and batching what arrives together already gives the speedup at a handful of clients. Instead, after a batch of
-k > 1 rows the worker waits up to ``batch_window_s`` for k jobs, because clients that send their next request just
-after their answer would otherwise split into ever smaller batches. Every model batches so, whatever its mixers:
-the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
-Limits. ``submit`` refuses a job (``QueueFull``) when ``max_queue`` jobs already wait; the server answers 429. A
-job past its ``deadline`` (``time.monotonic()``) finishes at the worker's next step, or as soon as it is taken
-from the queue, with the text decoded so far and finish_reason "length", as if max_tokens were reached; a
-cancelled job (its client hung up) leaves the batch at the next step and is never decoded further.
+tokenized on the event loop, becomes ``n`` ``Job``s (one per choice) and goes into the worker's queue
+(``batching.JobQueue``). Each row of a batch samples with its own temperature, top-p and seeded generator, and a
+row that finishes (EOS, a stop token or string, ``max_tokens``, its deadline, or a client gone away) leaves the
+batch. A job's ``tool`` (``tools.py``, the calculator) reads its ids after each token and queues ids that its row
+feeds next instead of sampled ones. Rows decode as they would alone, so batching changes no result (the tests
+check it). A job sends its events, ("text", piece) ... ("done", finish_reason, num_tokens), through its ``emit``
+callback, which the server points at its request's asyncio queue with ``call_soon_threadsafe``.
+Two schedulers (``batching``): "continuous" (the default; ``batching.py``) lets waiting jobs join the running batch
+at every step boundary, up to ``max_batch`` rows, so a request waits at most one decoding step and its own
+prefill for its first token; "static" takes the first job waiting plus the others already queued, up to
+``max_batch``, and decodes them in one left-padded batch (``generate.PaddedDecoder``) that nothing joins until its
+last row has finished; after a batch of k > 1 rows it waits up to ``batch_window_s`` for k jobs. Every model
+batches either way, whatever its mixers: the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
+Limits. ``submit`` refuses jobs (``QueueFull``) when ``max_queue`` jobs already wait; the server answers 429. A
+job past its ``deadline`` (``time.monotonic()``) finishes at the worker's next step, waiting or decoding (static:
+when it is taken from the queue), with the text decoded so far and finish_reason "length", as if max_tokens were
+reached; a cancelled job (its client hung up) leaves the batch at the next step and is never decoded further.
+``stop(grace_s)`` refuses new jobs (``ShuttingDown``, 503), lets the jobs in flight and waiting finish, and ends
+those still running after ``grace_s`` as at their deadline, so every stream ends cleanly.
 """
 
 from __future__ import annotations
 
-import queue
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,8 +33,11 @@ from typing import Callable
 
 import torch
 
+from slmforge.serve.batching import JobQueue, QueueFull, RunningBatch, ShuttingDown
 from slmforge.serve.generate import PaddedDecoder, sample_next
 from slmforge.serve.tools import Tool, force
+
+__all__ = ["Job", "QueueFull", "ShuttingDown", "Worker"]
 
 
 @dataclass(eq=False)
@@ -51,10 +56,12 @@ class Job:
     cancelled: bool = False  # set by the request side when its client goes away
     deadline: float = float("inf")  # time.monotonic() after which the job ends with finish_reason "length"
     tool: Tool | None = None  # tools.py: ids to force after each token (the calculator)
+    index: int = 0  # which of its request's n choices
     new: list[int] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)  # queued by ``tool``, fed before sampling resumes
     emitted: str = ""
     num_tokens: int = 0
+    done: bool = False  # its "done" event was sent
 
     def push(self, token: int, decode: Callable[[list[int]], str]) -> bool:
         """Take one sampled token and emit the text that is now certain; True when the job has finished.
@@ -82,6 +89,13 @@ class Job:
             self.emitted = text[:safe]
         return False
 
+    def choices(self, n: int, seed: int | None) -> list[Job]:
+        """This job (choice 0) and ``n - 1`` copies of it, choice i with its own generator seeded ``seed + i``."""
+        copies = [dataclasses.replace(self, index=i, new=[], forced=[], generator=None if seed is None else
+                                      torch.Generator(self.generator.device).manual_seed((seed + i) % 2**63))
+                  for i in range(1, n)]
+        return [self, *copies]
+
     def expire(self, decode: Callable[[list[int]], str]) -> None:
         """End at the deadline: the text so far, finish_reason "length"."""
         self._finish(decode(self.new), "length")
@@ -90,50 +104,54 @@ class Job:
         if len(text) > len(self.emitted):
             self.emit(("text", text[len(self.emitted):]))
         self.emit(("done", reason, self.num_tokens))
+        self.done = True
         return True
-
-
-class QueueFull(Exception):
-    """``Worker.submit``: ``max_queue`` jobs are already waiting."""
 
 
 class Worker:
     """The one thread that runs the model; ``submit`` jobs from any thread.
 
-    Counters: ``num_batches``, ``num_rows`` (rows started), ``num_cancelled`` (jobs dropped because their client
-    left), ``num_expired`` (jobs ended at their deadline), ``num_tokens`` (tokens decoded), ``active_rows`` (rows
-    in the batch now).
+    Counters: ``num_batches`` (static: batches; continuous: prefills of joining jobs), ``num_rows`` (rows started),
+    ``num_steps`` (decoding steps after a prefill), ``num_cancelled`` (jobs dropped because their client left),
+    ``num_expired`` (jobs ended at their deadline), ``num_tokens`` (tokens decoded), ``active_rows`` (rows in the
+    batch now).
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02, max_queue: int = 64):
+    def __init__(self, model, tokenizer, max_batch: int = 8, batch_window_s: float = 0.02, max_queue: int = 64,
+                 batching: str = "continuous"):
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching={batching!r}: expected continuous or static")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.batching = max_batch, max_queue, batching
         self.batch_window_s = batch_window_s
-        self.queue: queue.Queue = queue.Queue()
+        self.queue = JobQueue(max_queue)
         self.thread = threading.Thread(target=self._run, name="slmforge-model", daemon=True)
         self.num_batches = self.num_rows = self.num_cancelled = self.num_expired = self.num_tokens = 0
-        self.active_rows = 0
+        self.num_steps = self.active_rows = 0
         self._last_batch_size = 1
+        self._grace = float("inf")  # stop(): every job ends by then
 
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new jobs, finish the others, ending those still running after ``grace_s`` seconds."""
+        self._grace = time.monotonic() + grace_s
+        self.queue.close()
+        if self.thread.is_alive():
+            self.thread.join()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs already wait (call from one thread)."""
-        if self.queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self.max_queue} requests are already waiting")
-        self.queue.put(job)
+    def submit(self, *jobs: Job) -> None:
+        """Queue ``jobs`` (a request's choices), all or none: ``QueueFull`` when ``max_queue`` jobs already wait,
+        ``ShuttingDown`` after ``stop``."""
+        self.queue.put(list(jobs))
 
     def _usable(self, job: Job) -> bool:
         """False (and counted) for a job that was cancelled or is past its deadline; an expired job ends now."""
         if job.cancelled:
             self.num_cancelled += 1
             return False
-        if time.monotonic() > job.deadline:
+        if time.monotonic() > min(job.deadline, self._grace):
             self.num_expired += 1
             job.expire(self.tokenizer.decode)
             return False
@@ -141,42 +159,72 @@ class Worker:
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.batching == "continuous":
+                return self._run_continuous()
             while (jobs := self._take()) is not None:
                 try:
                     self.run_batch(jobs)
                 except Exception as e:  # a failing batch must not take the worker (and the server) down
-                    for job in jobs:
-                        job.emit(("error", f"{type(e).__name__}: {e}"))
+                    _fail(jobs, e)
+
+    def _run_continuous(self) -> None:
+        """Until stopped with nothing left: let waiting jobs join the batch, then decode one step."""
+        batch = RunningBatch(self.model)
+        while batch.jobs or self.queue.wait():
+            self.queue.drop(self._usable)
+            joining = self.queue.take(self.max_batch - len(batch.jobs))
+            try:
+                self._join(batch, joining)
+                if batch.jobs:
+                    self._advance(batch)
+            except Exception as e:  # a failing step must not take the worker (and the server) down
+                _fail(batch.jobs + joining, e)
+                batch = RunningBatch(self.model)
+            self.active_rows = len(batch.jobs)
+
+    def _join(self, batch: RunningBatch, jobs: list[Job]) -> None:
+        """Prefill ``jobs``, give each its first token and merge those that go on into ``batch``."""
+        jobs = [job for job in jobs if self._usable(job)]
+        if not jobs:
+            return
+        self.num_batches += 1
+        self.num_rows += len(jobs)
+        logits, caches, index = batch.prefill(jobs)
+        nxt = force(_sample(logits, jobs), [j.forced for j in jobs])  # (J,)
+        self.num_tokens += len(jobs)
+        alive = [r for r, (job, token) in enumerate(zip(jobs, nxt.tolist())) if self._step(job, token)]
+        rows = torch.tensor(alive, dtype=torch.long, device=nxt.device)
+        batch.add([jobs[r] for r in alive], caches, index[rows], nxt[rows])
+
+    def _advance(self, batch: RunningBatch) -> None:
+        """One decoding step of every row in ``batch``; the rows that finish leave it."""
+        logits = batch.step()
+        nxt = force(_sample(logits, batch.jobs), [j.forced for j in batch.jobs])  # (B,)
+        self.num_steps += 1
+        self.num_tokens += len(batch.jobs)
+        batch.keep([r for r, (job, token) in enumerate(zip(batch.jobs, nxt.tolist())) if self._step(job, token)], nxt)
 
     def _take(self) -> list[Job] | None:
-        """Block for a job, then add the jobs already waiting; None = stop.
+        """Static batching: wait for a job, then add the jobs already waiting; None = stopped with nothing left.
 
         After a batch of several rows, wait up to ``batch_window_s`` until as many jobs have come as that batch had.
         """
         jobs: list[Job] = []
         while not jobs:
-            job = self.queue.get()
-            if job is None:
+            if not self.queue.wait():
                 return None
-            if self._usable(job):
-                jobs.append(job)
+            jobs = [job for job in self.queue.take(1) if self._usable(job)]
         deadline = time.monotonic() + self.batch_window_s
         while len(jobs) < self.max_batch:
             wait = deadline - time.monotonic() if len(jobs) < self._last_batch_size else 0.0
-            try:
-                job = self.queue.get(timeout=max(0.0, wait))
-            except queue.Empty:
+            if not self.queue.wait(max(0.0, wait)):
                 break
-            if job is None:  # finish this batch first, then stop
-                self.queue.put(None)
-                break
-            if self._usable(job):
-                jobs.append(job)
+            jobs += [job for job in self.queue.take(1) if self._usable(job)]
         self._last_batch_size = len(jobs)
         return jobs
 
     def run_batch(self, jobs: list[Job]) -> None:
-        """Decode ``jobs`` together until each has finished or been cancelled."""
+        """Static batching: decode ``jobs`` together until each has finished or been cancelled."""
         self.num_batches += 1
         self.num_rows += len(jobs)
         self.active_rows = len(jobs)
@@ -192,6 +240,7 @@ class Worker:
                 nxt, jobs = decoder.keep(alive, nxt), [jobs[r] for r in alive]
                 self.active_rows = len(jobs)
                 logits = decoder.step(nxt)
+                self.num_steps += 1
         finally:
             self.active_rows = 0
 
@@ -200,6 +249,13 @@ class Worker:
         if not self._usable(job):  # cancelled while its step ran (or, then, past its deadline)
             return False
         return not job.push(token, self.tokenizer.decode) and self._usable(job)
+
+
+def _fail(jobs: list[Job], e: Exception) -> None:
+    """Send an error to each of ``jobs`` that has not finished."""
+    for job in dict.fromkeys(jobs):
+        if not job.done:
+            job.emit(("error", f"{type(e).__name__}: {e}"))
 
 
 def _sample(logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:

@@ -25,6 +25,7 @@ from slmforge.config import RunConfig, TrainConfig
 from slmforge.log import log
 from slmforge.metrics import bits_per_byte, tokens_per_step
 from slmforge.model.lm import LM
+from slmforge.model.moe import after_step as moe_after_step
 from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
 from slmforge.runs import MetricsLog, RunDir, atomic_path, save_config, write_json
@@ -35,6 +36,7 @@ from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import anneal_aligned, lr_at
 from slmforge.train.speed import autocast_dtype, peak_flops
 from slmforge.train.task import Task, init_checkpoint, load_init, reshard_loader_state, shards_task, train_shards
+from slmforge.train.trackers import check_trackers, tracked
 
 
 @dataclass
@@ -153,6 +155,7 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     run = RunDir.of(cfg)
+    check_trackers(t.loggers)
     if task is None:
         _check_vocab(cfg, run)
         _validation_shards(cfg, run)
@@ -184,6 +187,7 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     if info.is_main:
         # A replayed step is not logged twice.
         tr.metrics.truncate_after(tr.step)
+        tr.metrics = tracked(tr.metrics, cfg, tr.step)  # train.loggers: TensorBoard, wandb (train/trackers.py)
     return tr
 
 
@@ -275,6 +279,8 @@ def train_step(tr: Trainer, batches, loss_fn: Callable) -> StepOutput | None:
     grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
+    # MoE layers move their selection bias from this step's expert load, summed over ranks; {} without MoE.
+    extra.update(moe_after_step(tr.model, torch.distributed.all_reduce if tr.info.enabled else None))
     tr.step += 1
     return StepOutput(lr, dist.all_reduce_mean(loss_sum, tr.info), grad_norm, extra)
 
@@ -330,6 +336,7 @@ def _finish(tr: Trainer, start_step: int, seconds: float, train_loss: float, val
     if tr.info.is_main:
         plot_losses(tr.metrics.read(), tr.run.loss_plot)
         write_json(tr.run.train_result, result.__dict__)
+        tr.metrics.close()
     dist.barrier(tr.info)
     return result
 

@@ -14,9 +14,9 @@ from slmforge.checkpoint import load_for_inference
 from slmforge.cli import main
 from slmforge.post.chat_data import SFTLoader, encode_conversations
 from slmforge.post.prefs import Pair, write_pairs
-from slmforge.post.run import finetune_config, post_train
+from slmforge.post.run import finetune_config, post_train, sft_source
 from slmforge.runs import MetricsLog, RunDir
-from tests.conftest import make_run
+from tests.conftest import SHARED_DATA, make_run, needs_data
 
 FAST = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=3", "train.batch_size=4", "train.eval_batches=2",
         "train.warmup_steps=1", "max_len=64"]
@@ -167,6 +167,7 @@ def test_the_sft_loss_reads_assistant_tokens_only(loaded):
     (["orpo", "{base}"], "finetune.data is empty"),
     (["sft", "{base}", "data=procedural", "overlong=skip", "num_examples=20"], "finetune.max_len=64"),
     (["sft", "{untrained}", "data=procedural"], "no checkpoint found"),
+    (["sft", "{base}", "data=gsm8k:{tmp}/test.jsonl"], "train split"),
 ])
 def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys, args, message):
     (tmp_path / "no_assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
@@ -284,3 +285,15 @@ def test_replay_loader_resumes_exactly(shards_dir, loaded):
     again.load_state_dict(state)
     got = [b for _, b in zip(range(4), again)]
     assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+
+
+@needs_data(SHARED_DATA / "gsm8k" / "train.jsonl")
+def test_gsm8k_train_records_become_question_solution_conversations(tmp_path):
+    src = SHARED_DATA / "gsm8k" / "train.jsonl"
+    lines = [line for line in open(src) if line.strip()][:3]
+    (tmp_path / "train.jsonl").write_text("".join(lines))
+    convs = sft_source(f"gsm8k:{tmp_path / 'train.jsonl'}")
+    first = json.loads(lines[0])
+    assert len(convs) == 3 and convs[0] == [{"role": "user", "content": first["question"]},
+                                            {"role": "assistant", "content": first["answer"]}]
+    assert "<<48/2=24>>" in convs[0][1]["content"] and convs[0][1]["content"].endswith("#### 72")

@@ -148,7 +148,7 @@ BAD = {  # case: (body, API key, status)
     "missing prompt": ({"model": NAME}, KEY, 400),
     "wrong type": ({"model": NAME, "prompt": "hi", "max_tokens": "many"}, KEY, 400),
     "bad temperature": ({"model": NAME, "prompt": "hi", "temperature": -1}, KEY, 400),
-    "n=2": ({"model": NAME, "prompt": "hi", "n": 2}, KEY, 400),
+    "n>max_batch": ({"model": NAME, "prompt": "hi", "n": 9}, KEY, 400),
     "unknown model": ({"model": "gpt-5", "prompt": "hi"}, KEY, 404),
     "prompt too long": ({"model": NAME, "prompt": " ".join(["apples and pens"] * 40)}, KEY, 400),
     "prompt + max_tokens too long": ({"model": NAME, "prompt": "hi", "max_tokens": 64}, KEY, 400),
