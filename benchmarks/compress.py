@@ -121,10 +121,15 @@ def table(results: dict, names: list[str]) -> str:
              "|---|---:|---:|---:|" + "---:|" * len(names)]
     for file, rows in results.items():
         m = rows["model"]
-        base = " | ".join(f"{rows[n]['bits_per_byte']:.3f}" if n in rows else "-" for n in names)
-        lines.append(f"| {file} | {m['bytes']:,} | {m['bits_per_byte']:.3f} | {m['compress_kb_s']:.2f} / "
+        base = " | ".join(_size(rows[n]) if n in rows else "-" for n in names)
+        lines.append(f"| {file} | {m['bytes']:,} | {_size(m)} | {m['compress_kb_s']:.2f} / "
                      f"{m['decompress_kb_s']:.2f} | {base} |")
     return "\n".join(lines)
+
+
+def _size(row: dict) -> str:
+    """Bits per byte, or for a file under 1 KB (where headers are all there is) the compressed bytes."""
+    return f"{row['bits_per_byte']:.3f}" if row["bytes"] >= 1000 else f"{row['compressed']} B"
 
 
 def main() -> None:

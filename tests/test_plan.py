@@ -41,7 +41,7 @@ def test_hand_count_tiny():
 
 
 def test_unknown_layer_kind_lists_the_table():
-    with pytest.raises(ValueError, match="token mixer.*'ssn'.*attn, hymba, linear, ssm.*Did you mean ssm"):
+    with pytest.raises(ValueError, match="token mixer.*'ssn'.*attn, dsa, hymba, linear, ssm.*Did you mean ssm"):
         count_params(ModelConfig(layers="attn,ssn"))
     with pytest.raises(ValueError, match="FFN.*'mine'.*dense"):
         flops_per_token(ModelConfig(ffn="mine"), 64)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
 
 from slmforge.cli.common import config_args, load_args, split_items
 from slmforge.config import TextSplit, check_min, dump_yaml
+from slmforge.curate.executor import ExecutorName
 
 
 @dataclass
@@ -36,6 +38,9 @@ class TokenizeConfig:
     num_workers: int = 2  # tokenizer processes
     text_field: str = "text"
     text_split: TextSplit = "file"
+    executor: ExecutorName = "local"  # ray: batches of documents encoded as Ray tasks (same shards)
+    ray_address: str = ""  # executor=ray: empty starts a local Ray cluster; auto or HOST:PORT joins a running one
+    ray_num_cpus: int = 0  # CPUs of a new local Ray cluster; 0 = all
 
     def validate(self, prefix: str = "") -> None:
         _require_inputs_and_out(self, prefix)
@@ -96,13 +101,16 @@ def cmd_tokenizer(args) -> None:
 
 def cmd_tokenize(args) -> None:
     from slmforge.curate.documents import ReadStats, checked, read_documents
+    from slmforge.curate.executor import executor
     from slmforge.tokens.shards import tokenize_to_shards
 
     cfg, stats = _with_inputs(args), ReadStats()
     docs = read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats=stats)
     # No documents is an error (naming the files) before the shards are moved into place: old ones stay intact.
     texts = (d.text for d in checked(docs, stats, "tokenize", cfg.inputs, cfg.text_field))
-    meta = tokenize_to_shards(texts, cfg.tokenizer, cfg.out, num_workers=cfg.num_workers)
+    with executor(cfg, "tokenize") as ex:  # Ray tasks get the batches from here: no shared file system needed
+        map_batches = functools.partial(ex.map, in_cwd=False) if ex.remote else None
+        meta = tokenize_to_shards(texts, cfg.tokenizer, cfg.out, num_workers=cfg.num_workers, map_batches=map_batches)
     print(f"{meta['num_tokens']:,} tokens from {meta['num_docs']:,} documents -> {cfg.out} "
           f"({stats.num_empty_skipped} empty documents skipped)")
 
@@ -152,7 +160,8 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=what)
         config_args(p, cls, dry_run=True)
         p.add_argument("--shard-index", type=int, default=None, help="run this shard only (a job-array task)")
-        p.add_argument("--num-shards", type=int, default=1)
+        p.add_argument("--num-shards", type=int, default=None,
+                       help="shards of the input (default 1; with executor=ray, one per CPU of the Ray cluster)")
         if name == "dedup":
             p.add_argument("--stage", default="all", choices=["all", "signatures", "clusters", "write"],
                            help="as a job array: signatures per shard, clusters once, then write per shard")

@@ -154,8 +154,12 @@ def _run_pool(run, jobs: list[tuple], workers: int, bar) -> list:
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.25, return_when=FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done):
-                break
+            failed = [f.exception() for f in done if f.exception() is not None]
+            if failed:
+                # No public way to stop jobs already running: end their processes, or exit would wait for them.
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+                raise failed[0]
             _drain(progress, bar)
         return [f.result() for f in futures]
     finally:

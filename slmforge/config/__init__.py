@@ -17,14 +17,15 @@ but ``registry``; names that live in other tables (mixers, GPUs, teachers) are c
 
 from slmforge.config.loading import (Override, check_choice, check_min, choice_error, describe, dump_yaml, from_dict,
                                      load, merge, parse_overrides, read_yaml, to_dict, validate)
-from slmforge.config.model import (PRESETS, AttnConfig, HymbaConfig, LinearConfig, ModelConfig, MoEConfig,
-                                   ScalingConfig, SSMConfig, make_divisible, preset)
+from slmforge.config.model import (PRESETS, AttnConfig, DSAConfig, HymbaConfig, LinearConfig, ModelConfig,
+                                   MoEConfig, ScalingConfig, SSMConfig, make_divisible, preset)
 from slmforge.config.post import PostConfig
 from slmforge.config.run import (CurateConfig, DataConfig, MixtureConfig, RunConfig, Source, SourceWeight, Stage,
                                  TextSplit, TrainConfig, load_config)
 
 __all__ = [
-    "PRESETS", "AttnConfig", "CurateConfig", "DataConfig", "HymbaConfig", "LinearConfig", "MixtureConfig",
+    "PRESETS", "AttnConfig", "CurateConfig", "DataConfig", "DSAConfig", "HymbaConfig", "LinearConfig",
+    "MixtureConfig",
     "ModelConfig", "MoEConfig", "Override", "PostConfig", "RunConfig", "SSMConfig", "ScalingConfig", "Source",
     "SourceWeight", "Stage", "TextSplit", "TrainConfig", "check_choice", "check_min", "choice_error", "describe",
     "dump_yaml", "from_dict", "load", "load_config", "make_divisible", "merge", "parse_overrides", "preset",

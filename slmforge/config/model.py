@@ -64,6 +64,19 @@ class MoEConfig:
 
 
 @dataclass
+class DSAConfig:
+    # DeepSeek Sparse Attention (slmforge/model/dsa.py, DeepSeek-V3.2-Exp): the main attention is `attn`'s; a
+    # lightning indexer I_ts = sum_j w_tj ReLU(q_tj . k_s) (index_heads heads of index_dim) picks top_k keys per query.
+    index_heads: int = 4
+    index_dim: int = 32  # even (RoPE)
+    top_k: int = 64  # keys each query attends to in sparse mode
+    # dense: the warm-up (full attention; the indexer learns the attention's distribution by KL); sparse: top-k
+    mode: Literal["dense", "sparse"] = "sparse"
+    kl_weight: float = 1.0  # weight of the indexer's KL loss (trains only the indexer; 0 = off)
+    block: int = 256  # query and key block length of the chunked implementation
+
+
+@dataclass
 class ScalingConfig:
     # OpenELM layer-wise scaling (Mehta et al. 2024, arXiv 2404.14619, sec. 2.1): unique block i of N gets
     #   alpha_i = alpha_min + (alpha_max - alpha_min) * i / (N - 1),   beta_i likewise,
@@ -97,7 +110,8 @@ class ModelConfig:
     # On CUDA, the mamba-ssm / flash-linear-attention kernels when installed (model/ops/kernels.py); CPU: ours.
     fast_kernels: bool = True
     # Token mixer per layer, a comma-separated pattern tiled across depth ("attn", "attn,ssm,ssm", ...); mixers:
-    # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side).
+    # attn, ssm (Mamba-2), linear (gated linear attention), hymba (attention and SSM heads side by side),
+    # dsa (DeepSeek sparse attention: top-k keys per query picked by a lightning indexer).
     # Names are checked against the model's tables by slmforge.model.block.check_model (config cannot import model).
     layers: str = "attn"
     # FFN per unique block, a comma-separated pattern tiled like `layers`: dense (SwiGLU), moe ("dense,moe", ...).
@@ -108,6 +122,7 @@ class ModelConfig:
     linear: LinearConfig = field(default_factory=LinearConfig)
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    dsa: DSAConfig = field(default_factory=DSAConfig)
     # Parameter sharing. num_layers is always the depth (layer applications); the parameters live in
     # num_layers / block_repeat unique blocks, and the `layers` pattern is tiled over the unique blocks.
     share_ffn: bool = False  # MobiLlama (arXiv 2402.16840): one FFN shared by every layer
@@ -121,7 +136,10 @@ class ModelConfig:
                                    "ssm.chunk_size linear.num_heads linear.decay_rank linear.chunk_size")
         check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window moe.num_shared moe.expert_hidden "
                                    "moe.bias_update_rate moe.seq_aux_loss")
-        check_min(self, prefix, 1, "moe.num_experts moe.top_k")
+        check_min(self, prefix, 1, "moe.num_experts moe.top_k dsa.index_heads dsa.index_dim dsa.top_k dsa.block")
+        check_min(self, prefix, 0, "dsa.kl_weight")
+        if self.dsa.index_dim % 2:
+            raise ValueError(f"{prefix}dsa.index_dim={self.dsa.index_dim}: expected an even number (RoPE)")
         if self.moe.top_k > self.moe.num_experts:
             raise ValueError(f"{prefix}moe.top_k={self.moe.top_k}: expected at most "
                              f"{prefix}moe.num_experts={self.moe.num_experts}")

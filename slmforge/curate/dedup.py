@@ -42,7 +42,7 @@ byte. So 10M documents need about 2.1 GB in stage B. Disk per document: 164 byte
 80-character head, with ``verify`` 4 bytes per distinct shingle (about 0.7x the text), and in ``dedup`` the
 JSON line as ``write_jsonl`` writes it (about the input's size) plus 8 bytes, until stage C has copied them.
 
-long: about 810 lines, because the three stages share the hashing (and stage A keeps the lines stage C copies),
+long: about 830 lines, because the three stages share the hashing (and stage A keeps the lines stage C copies),
 and the loop references sit next to the compiled code they check (the kernels themselves are in
 minhash_kernels.py).
 """
@@ -69,6 +69,7 @@ import numpy as np
 from slmforge.config import TextSplit
 from slmforge.curate.documents import (Document, ReadStats, checked, jsonl_line, read_documents, read_warning,
                                       shard_of, write_jsonl)
+from slmforge.curate.executor import ExecutorName, executor
 from slmforge.curate.minhash_kernels import pair_jaccard, shingle_kernel, signature_kernel
 from slmforge.progress import progress_bar
 from slmforge.registry import lookup
@@ -101,6 +102,9 @@ class DedupConfig:
     num_workers: int = 0  # signature threads; 0 = one per CPU, 1 = the calling thread
     seed: int = 1
     num_examples: int = 5  # example clusters in the report
+    executor: ExecutorName = "local"  # local: shard after shard here; ray: the shards as Ray tasks (curate/executor.py)
+    ray_address: str = ""  # executor=ray: empty starts a local Ray cluster; auto or HOST:PORT joins a running one
+    ray_num_cpus: int = 0  # CPUs of a new local Ray cluster; 0 = all
 
 
 # ---------------------------------------------------------------- LSH parameters
@@ -719,11 +723,13 @@ def _read(cfg: DedupConfig, stats: ReadStats | None = None, keep_raw: bool = Fal
     return read_documents(cfg.inputs, cfg.text_field, cfg.text_split, stats, on_error="skip", keep_raw=keep_raw)
 
 
-def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, num_shards: int = 1) -> dict:
+def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, num_shards: int | None = None) -> dict:
     """Deduplicate ``cfg.inputs`` into ``cfg.out_dir``; returns {stage: summary} for the stages run.
 
-    ``shard_index=None`` runs every shard in turn. As a job array: stage "signatures" for each shard index,
-    then "clusters" once, then "write" for each shard index. Finished signature shards are reused.
+    ``shard_index=None`` runs every shard: in turn, or with ``cfg.executor="ray"`` as Ray tasks (stage A and C per
+    shard, B as one task; ``curate/executor.py``), with the same outputs. ``num_shards=None``: 1, or under Ray one
+    shard per CPU of the cluster. As a job array: stage "signatures" for each shard index, then "clusters" once,
+    then "write" for each shard index. Finished signature shards are reused.
     The whole run (stage "all", every shard) is written to a temporary folder beside ``out_dir`` and moved into
     place on success, so a failure (no documents read, most records malformed, an interrupt) leaves ``out_dir``
     as it was; the stages of a job array write in place.
@@ -732,19 +738,21 @@ def dedup(cfg: DedupConfig, stage: str = "all", shard_index: int | None = None, 
     lookup({s: s for s in STAGES}, stage, "stage")
     if not cfg.inputs:
         raise ValueError("dedup: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
-    if shard_index is not None and not 0 <= shard_index < num_shards:
-        raise ValueError(f"dedup: shard_index must be in [0, {num_shards}), got {shard_index}")
-    if stage != "all" or shard_index is not None:
-        save_config(cfg.out_dir, cfg)
-        return _stages(cfg, stage, range(num_shards) if shard_index is None else [shard_index], num_shards,
-                       Path(cfg.out_dir))
-    with staged_dir(cfg.out_dir, last=("report.json",)) as tmp:
-        staged = dataclasses.replace(cfg, out_dir=str(tmp))
-        save_config(tmp, cfg)
-        _reuse_signatures(cfg, tmp, num_shards)
-        result = _stages(staged, stage, range(num_shards), num_shards, Path(cfg.out_dir))
-        result["clusters"]["config"] = asdict(cfg)  # the folder it ends up in, not the temporary one
-        write_json(tmp / "report.json", result["clusters"])
+    if shard_index is not None and not 0 <= shard_index < (num_shards or 1):
+        raise ValueError(f"dedup: shard_index must be in [0, {num_shards or 1}), got {shard_index}")
+    with executor(cfg, "dedup", shard_index) as ex:
+        num_shards = num_shards or ex.num_cpus
+        if stage != "all" or shard_index is not None:
+            save_config(cfg.out_dir, cfg)
+            return _stages(cfg, stage, range(num_shards) if shard_index is None else [shard_index], num_shards,
+                           Path(cfg.out_dir), ex.map)
+        with staged_dir(cfg.out_dir, last=("report.json",)) as tmp:
+            staged = dataclasses.replace(cfg, out_dir=str(tmp))
+            save_config(tmp, cfg)
+            _reuse_signatures(cfg, tmp, num_shards)
+            result = _stages(staged, stage, range(num_shards), num_shards, Path(cfg.out_dir), ex.map)
+            result["clusters"]["config"] = asdict(cfg)  # the folder it ends up in, not the temporary one
+            write_json(tmp / "report.json", result["clusters"])
     for summary in result["write"]:
         summary["path"] = str(Path(cfg.out_dir) / Path(summary["path"]).relative_to(tmp))
     return result
@@ -766,42 +774,55 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _stages(cfg: DedupConfig, stage: str, ranks, num_shards: int, shown: Path) -> dict:
-    """The stages ``stage`` names, for the shards ``ranks``, writing under ``cfg.out_dir`` (``shown`` in messages)."""
+def _stages(cfg: DedupConfig, stage: str, ranks, num_shards: int, shown: Path, map_shards: Callable = map) -> dict:
+    """The stages ``stage`` names, for the shards ``ranks``, writing under ``cfg.out_dir`` (``shown`` in messages).
+    ``map_shards(fn, items)`` runs the per-shard work (the builtin ``map``, or Ray tasks); this process prints."""
     out, result = Path(cfg.out_dir), {}
     if stage in ("all", "signatures"):
         result["signatures"] = []
-        for rank in ranks:
-            directory = shard_dir(out, "signatures", rank, num_shards)
-            done = directory / "done.json"
-            if not (done.exists() and json.loads(done.read_text())["key"] == _signature_key(cfg)):
-                stats = ReadStats()
-                docs = checked(_read(cfg, stats, keep_raw=True), stats, "dedup", cfg.inputs, cfg.text_field)
-                SignatureStep(cfg, keep_lines=True).run(shard_of(docs, rank, num_shards), rank, num_shards)
-                write_json(directory / "read.json", asdict(stats))
-                if warning := read_warning(stats, "dedup", cfg.inputs, cfg.text_field):
-                    print(warning, file=sys.stderr)
-            info = json.loads(done.read_text())
+        for rank, (info, warning) in zip(ranks, map_shards(functools.partial(_sign_shard, cfg, num_shards), ranks)):
+            if warning:
+                print(warning, file=sys.stderr)
             result["signatures"].append(info)
             print(f"dedup signatures {rank}-of-{num_shards}: {info['num_docs']:,} documents, "
                   f"{info['num_bytes'] / 1e6:.1f} MB in {info['seconds']:.1f} s")
     if stage in ("all", "clusters"):
-        report = result["clusters"] = build_clusters(cfg, num_shards)
+        [report] = map_shards(functools.partial(build_clusters, cfg), [num_shards])  # one task
+        result["clusters"] = report
         print(f"dedup clusters: {report['num_removed']:,} of {report['num_processed']:,} documents removed "
               f"({report['num_exact_removed']:,} exact, {report['num_near_removed']:,} near) "
               f"-> {shown / 'report.json'}")
     if stage in ("all", "write"):
         result["write"], step = [], RemoveStep(cfg)
-        for rank in ranks:
-            path, directory = out / "kept" / f"{rank:05d}-of-{num_shards:05d}.jsonl", shard_dir(out, "signatures",
-                                                                                              rank, num_shards)
-            if (directory / "line_offsets.npy").exists():
-                num_kept = copy_kept(directory, step.removed, path)
-                for name in ("line_offsets.npy", "lines.bin"):  # a copy of the input: not kept once used
-                    (directory / name).unlink()
-            else:  # signatures made without their lines (an earlier version, or SignatureStep used alone)
-                docs = step.run(shard_of(_read(cfg, keep_raw=True), rank, num_shards), rank, num_shards)
-                num_kept = write_jsonl(path, docs, cfg.text_field)
-            result["write"].append(dict(path=str(path), num_kept=num_kept))
-            print(f"dedup write {rank}-of-{num_shards}: {num_kept:,} documents -> {shown / path.relative_to(out)}")
+        for rank, summary in zip(ranks, map_shards(functools.partial(_write_shard, cfg, step, num_shards), ranks)):
+            result["write"].append(summary)
+            print(f"dedup write {rank}-of-{num_shards}: {summary['num_kept']:,} documents -> "
+                  f"{shown / Path(summary['path']).relative_to(out)}")
     return result
+
+
+def _sign_shard(cfg: DedupConfig, num_shards: int, rank: int) -> tuple[dict, str | None]:
+    """Stage A for one shard, unless a finished one with the same settings is there: (its done.json, a warning)."""
+    directory, warning = shard_dir(cfg.out_dir, "signatures", rank, num_shards), None
+    done = directory / "done.json"
+    if not (done.exists() and json.loads(done.read_text())["key"] == _signature_key(cfg)):
+        stats = ReadStats()
+        docs = checked(_read(cfg, stats, keep_raw=True), stats, "dedup", cfg.inputs, cfg.text_field)
+        SignatureStep(cfg, keep_lines=True).run(shard_of(docs, rank, num_shards), rank, num_shards)
+        write_json(directory / "read.json", asdict(stats))
+        warning = read_warning(stats, "dedup", cfg.inputs, cfg.text_field)
+    return json.loads(done.read_text()), warning
+
+
+def _write_shard(cfg: DedupConfig, step: RemoveStep, num_shards: int, rank: int) -> dict:
+    """Stage C for one shard: its kept documents, copied from stage A's lines or read again; the summary."""
+    path = Path(cfg.out_dir) / "kept" / f"{rank:05d}-of-{num_shards:05d}.jsonl"
+    directory = shard_dir(cfg.out_dir, "signatures", rank, num_shards)
+    if (directory / "line_offsets.npy").exists():
+        num_kept = copy_kept(directory, step.removed, path)
+        for name in ("line_offsets.npy", "lines.bin"):  # a copy of the input: not kept once used
+            (directory / name).unlink()
+    else:  # signatures made without their lines (an earlier version, or SignatureStep used alone)
+        docs = step.run(shard_of(_read(cfg, keep_raw=True), rank, num_shards), rank, num_shards)
+        num_kept = write_jsonl(path, docs, cfg.text_field)
+    return dict(path=str(path), num_kept=num_kept)

@@ -39,6 +39,7 @@ import numpy as np
 from slmforge.config import TextSplit
 from slmforge.curate.dedup import WORD_RE, shingle_hashes
 from slmforge.curate.documents import Document, DropStep, read_documents
+from slmforge.curate.executor import ExecutorName, executor
 from slmforge.curate.steps import DocumentGuard, check_shard, run_steps
 
 # The repository's copy of GSM8K test (../shared/data from the repository root).
@@ -81,6 +82,9 @@ class FilterConfig:
     eval_fields: list[str] = field(default_factory=lambda: ["question", "answer"])  # joined into one item text
     decontam_ngram: int = 13
     num_examples: int = 5  # example documents per drop reason in the report
+    executor: ExecutorName = "local"  # local: shard after shard here; ray: the shards as Ray tasks (curate/executor.py)
+    ray_address: str = ""  # executor=ray: empty starts a local Ray cluster; auto or HOST:PORT joins a running one
+    ray_num_cpus: int = 0  # CPUs of a new local Ray cluster; 0 = all
 
 
 # ---------------------------------------------------------------- quality signals
@@ -285,20 +289,24 @@ class Decontaminator:
 # ---------------------------------------------------------------- running over shards
 
 
-def filter_corpus(cfg: FilterConfig, shard_index: int | None = None, num_shards: int = 1) -> dict:
+def filter_corpus(cfg: FilterConfig, shard_index: int | None = None, num_shards: int | None = None) -> dict:
     """Quality-filter and decontaminate ``cfg.inputs`` into ``cfg.out_dir``; return the report.
 
     Writes kept/RANK-of-WORLD.jsonl, removed/RANK-of-WORLD.jsonl (id, reason and details per dropped
     document) and reports/RANK-of-WORLD.json per shard, and report.json once every shard's report exists.
-    ``shard_index=None`` runs every shard in turn; a job array runs one shard index per task.
+    ``shard_index=None`` runs every shard: in turn, or with ``cfg.executor="ray"`` as Ray tasks, with the same
+    outputs (``num_shards=None``: 1, or under Ray one shard per CPU of the cluster); a job array runs one shard
+    index per task.
     """
     if not cfg.inputs:
         raise ValueError("filter: inputs is empty; set inputs=PATH[,PATH...] (files, directories or globs)")
-    check_shard("filter", shard_index, num_shards)
+    check_shard("filter", shard_index, num_shards or 1)
     steps = [DocumentGuard(cfg.max_doc_bytes)]
     if cfg.quality:
         steps.append(QualityFilter(cfg))
     if cfg.decontaminate:
         steps.append(Decontaminator.from_config(cfg))
-    return run_steps(steps, cfg.inputs, cfg.out_dir, shard_index, num_shards, cfg.text_field, cfg.text_split,
-                     cfg.num_examples, label="filter", config=asdict(cfg), save=cfg)
+    with executor(cfg, "filter", shard_index) as ex:
+        return run_steps(steps, cfg.inputs, cfg.out_dir, shard_index, num_shards or ex.num_cpus, cfg.text_field,
+                         cfg.text_split, cfg.num_examples, label="filter", config=asdict(cfg), save=cfg,
+                         map_shards=ex.map)

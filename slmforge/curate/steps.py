@@ -20,13 +20,14 @@ drops counted, under its class name, from the documents that went in and came ou
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 from slmforge.curate.dedup import skip_reason
 from slmforge.curate.documents import (Document, DropStep, ReadStats, Step, checked, read_documents, read_warning,
@@ -138,32 +139,35 @@ def merge_reports(reports: list[dict], num_examples: int) -> dict:
 
 def run_steps(steps: list[Step], inputs: list[str], out_dir: str | Path, shard_index: int | None = None,
               num_shards: int = 1, text_field: str = "text", text_split: str = "file", num_examples: int = 5,
-              label: str = "steps", config: dict | None = None, save: object | None = None) -> dict:
+              label: str = "steps", config: dict | None = None, save: object | None = None,
+              map_shards: Callable = map) -> dict:
     """Run ``steps`` over ``inputs`` into ``out_dir`` (see the module docstring); return the merged report once
     every shard is done (with ``config`` added when given), else the report of the last shard run here.
 
     ``label`` starts the progress lines and errors ("filter 0-of-4: kept ..."); ``save``, a config dataclass, is
     written as config.yaml beside the outputs. Every shard at once (``shard_index=None``) is written to a temporary
     folder beside ``out_dir`` and moved into place when all succeeded, so a failure leaves ``out_dir`` as it was;
-    one shard of a job array writes in place.
+    one shard of a job array writes in place. ``map_shards(fn, ranks)`` runs ``run_shard`` for each rank, in turn
+    (the builtin ``map``) or as Ray tasks (``curate/executor.py``); this process prints and merges.
     """
     check_shard(label, shard_index, num_shards)
     if shard_index is not None:
         if save is not None:
             save_config(out_dir, save)
         return _run_steps(steps, inputs, Path(out_dir), [shard_index], num_shards, text_field, text_split,
-                          num_examples, label, config)
+                          num_examples, label, config, map_shards)
     with staged_dir(out_dir, last=("report.json",)) as tmp:
         if save is not None:
             save_config(tmp, save)
         return _run_steps(steps, inputs, tmp, range(num_shards), num_shards, text_field, text_split, num_examples,
-                          label, config)
+                          label, config, map_shards)
 
 
 def _run_steps(steps: list[Step], inputs: list[str], out: Path, ranks, num_shards: int, text_field: str,
-               text_split: str, num_examples: int, label: str, config: dict | None) -> dict:
-    for rank in ranks:
-        report = run_shard(steps, inputs, out, rank, num_shards, text_field, text_split, num_examples, label)
+               text_split: str, num_examples: int, label: str, config: dict | None, map_shards: Callable) -> dict:
+    shard = functools.partial(run_shard, steps, inputs, out, num_shards=num_shards, text_field=text_field,
+                              text_split=text_split, num_examples=num_examples, label=label)
+    for rank, report in zip(ranks, map_shards(shard, ranks)):
         print(f"{label} {rank}-of-{num_shards}: kept {report['num_kept']:,} of {report['num_docs']:,} documents "
               f"({report['num_bytes'] / 1e6 / max(report['seconds'], 1e-9):.1f} MB/s)")
     warning = read_warning(ReadStats(**report["read"]), label, inputs, text_field)

@@ -15,6 +15,7 @@ from torch import nn
 
 from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
+from slmforge.model.dsa import DSA
 from slmforge.model.ffn import SwiGLU
 from slmforge.model.hymba import Hymba
 from slmforge.model.layers import RMSNorm
@@ -32,11 +33,13 @@ from slmforge.registry import lookup
 #   reset_parameters(std, out_std)                    out_std for the projection back into the residual stream
 #   @staticmethod cost(cfg, seq_len) -> LayerCost     parameters, FLOPs and activations per token (model/cost.py)
 #   @staticmethod state_bytes(cfg, tokens, nbytes) -> int   bytes of init_cache(1, tokens, ...) in that dtype
+# A mixer with an auxiliary training loss sets ``self.aux_loss`` in forward (0.0 when none); the block adds it.
 # An FFNS entry has the same __init__, reset_parameters and cost, and forward(x) -> (y, aux_loss).
 # Options: a mixer with its own options adds an options dataclass to config.py and a ModelConfig field named
 # like the mixer (cfg.attn, cfg.ssm, cfg.linear, cfg.hymba), since config.py is the torch-free ground floor and
 # cannot import model files; a mixer reading only d_model and the like needs no config change.
-MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba}
+MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba,
+                                      "dsa": DSA}
 FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE}
 
 
@@ -66,7 +69,8 @@ class Block(nn.Module):
         mixed = self.mixer(self.mixer_norm(x), cache=cache) if doc is None else self.mixer(self.mixer_norm(x), doc=doc)
         x = x + mixed
         y, aux = (self.ffn if ffn is None else ffn)(self.ffn_norm(x))
-        return x + y, aux
+        # A mixer with a training loss of its own (DSA's indexer KL) leaves it in ``aux_loss`` after each forward.
+        return x + y, aux + getattr(self.mixer, "aux_loss", 0.0)
 
 
 def build_ffn(cfg: ModelConfig, kind: str | None = None) -> nn.Module:

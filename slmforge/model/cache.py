@@ -89,6 +89,32 @@ class KVCache(Cache):
         return self.k.numel() * self.k.element_size() * 2
 
 
+class IndexedKVCache(KVCache):
+    """A KVCache plus the lightning indexer's keys of DeepSeek sparse attention (``model/dsa.py``).
+
+    index_k: (B, max_len, D_I), one key per slot shared by all indexer heads, written with the slot's K and V.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int, index_dim: int, device,
+                 dtype):
+        super().__init__(batch_size, num_kv_heads, max_len, head_dim, device, dtype)
+        self.index_k = torch.zeros(batch_size, max_len, index_dim, device=device, dtype=dtype)
+
+    def append_indexed(self, k: torch.Tensor, v: torch.Tensor,
+                       index_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write (B, K, T, D) keys/values and (B, T, D_I) indexer keys; return views over everything written."""
+        k, v = self.append(k, v)  # checks the room left first
+        self.index_k[:, self.pos - index_k.shape[1] : self.pos] = index_k
+        return k, v, self.index_k[:, : self.pos]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        super().keep(rows)
+        self.index_k = self.index_k[rows]
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.index_k.numel() * self.index_k.element_size()
+
+
 class RecurrentCache(Cache):
     """The fixed-size state of one recurrent layer (SSM, linear attention): it does not grow with the sequence.
 

@@ -79,6 +79,11 @@ class JobQueue:
         with self._ready:
             return self._ready.wait_for(lambda: self._jobs or self.closed, timeout) and bool(self._jobs)
 
+    def oldest(self):
+        """The job that has waited longest, or None."""
+        with self._ready:
+            return self._jobs[0] if self._jobs else None
+
     def take(self, k: int) -> list:
         """Up to ``k`` jobs, oldest first, without waiting."""
         with self._ready:
@@ -91,8 +96,13 @@ class JobQueue:
 
 
 class RunningBatch:
-    """The rows decoding now (module docstring): ``jobs``, ``caches``, ``ids`` (B,) to feed next and ``lengths``,
-    each row's tokens in the caches."""
+    """The rows decoding now (module docstring): ``jobs`` (None for a row that has finished), ``caches``, ``ids`` (B,)
+    to feed next and ``lengths``, each row's tokens in the caches.
+
+    A finished row stays in the batch, decoding tokens nobody reads, until the next ``add`` rebuilds the caches
+    without it or finished rows outnumber the others (``end``): dropping a row copies every cache, and rows leave
+    about as often as others join.
+    """
 
     def __init__(self, model):
         self.model = model
@@ -100,6 +110,10 @@ class RunningBatch:
         self.caches: list | None = None
         self.ids: torch.Tensor | None = None
         self.lengths: list[int] = []
+
+    def live(self) -> list[int]:
+        """The rows whose job is still decoding."""
+        return [r for r, job in enumerate(self.jobs) if job is not None]
 
     def prefill(self, jobs: list) -> tuple[torch.Tensor, list, torch.Tensor]:
         """One left-padded forward over the distinct prompts of ``jobs`` -> (logits (J, V) of each job's last
@@ -114,57 +128,72 @@ class RunningBatch:
         return logits[index], caches, index
 
     def add(self, jobs: list, caches: list, index: torch.Tensor, ids: torch.Tensor) -> None:
-        """Merge ``jobs``, prefilled into ``caches`` (their rows ``index``) and feeding ``ids`` next, into the batch."""
+        """Merge ``jobs``, prefilled into ``caches`` (their rows ``index``) and feeding ``ids`` next, into the batch,
+        leaving out its finished rows."""
         if not jobs:
             return
-        lengths = self.lengths + [len(j.ids) for j in jobs]
-        everyone = self.jobs + jobs
+        live = self.live()
+        lengths = [self.lengths[r] for r in live] + [len(j.ids) for j in jobs]
+        everyone = [self.jobs[r] for r in live] + jobs
         width = max(lengths)
         room = max(j.max_tokens - j.num_tokens for j in everyone)  # the most tokens any row may still feed
         num_pad = torch.tensor([width - n for n in lengths], device=ids.device)
         merged = self.model.init_cache(len(everyone), width + room, num_pad=num_pad)
-        old = len(self.jobs)
+        old = torch.tensor(live, dtype=torch.long, device=ids.device)
         for layer, cache in enumerate(merged):
-            if self.caches is not None:
-                _copy_rows(cache, self.caches[layer], slice(0, old), None, width)
-            _copy_rows(cache, caches[layer], slice(old, None), index, width)
+            if live:
+                _copy_rows(cache, self.caches[layer], slice(0, len(live)), old, width)
+            _copy_rows(cache, caches[layer], slice(len(live), None), index, width)
+        self.ids = ids if not live else torch.cat([self.ids[old], ids])
         self.jobs, self.caches, self.lengths = everyone, merged, lengths
-        self.ids = ids if self.ids is None else torch.cat([self.ids, ids])
 
     def step(self) -> torch.Tensor:
         """Feed every row its next id -> the next logits (B, V)."""
         self.lengths = [n + 1 for n in self.lengths]
         return self.model(self.ids[:, None], cache=self.caches)[0][:, -1]
 
-    def keep(self, rows: list[int], ids: torch.Tensor) -> None:
-        """Keep only ``rows`` (ascending), which feed ``ids`` (B,) (theirs are picked) next; an empty batch resets."""
-        if not rows:
+    def end(self, rows: list[int], ids: torch.Tensor) -> None:
+        """Rows ``rows`` have finished; every row feeds ``ids`` (B,) next. Drops the finished rows once they
+        outnumber the others; an empty batch resets."""
+        for r in rows:
+            self.jobs[r] = None
+        self.ids = ids
+        live = self.live()
+        if not live:
             self.jobs, self.caches, self.ids, self.lengths = [], None, None, []
-            return
-        if len(rows) < len(self.jobs):
-            index = torch.tensor(rows, device=ids.device)
+        elif 2 * len(live) < len(self.jobs):
+            index = torch.tensor(live, device=ids.device)
             for cache in self.caches:
                 cache.keep(index)
-            ids = ids[index]
-            self.jobs, self.lengths = [self.jobs[r] for r in rows], [self.lengths[r] for r in rows]
-        self.ids = ids
+            self.ids = ids[index]
+            self.jobs, self.lengths = [self.jobs[r] for r in live], [self.lengths[r] for r in live]
 
 
-def _copy_rows(dst, src, rows: slice, index: torch.Tensor | None, width: int) -> None:
-    """Copy ``src``'s rows ``index`` (None: all) into ``dst``'s rows ``rows``, right-aligned at slot ``width``."""
+def _copy_rows(dst, src, rows: slice, index: torch.Tensor, width: int) -> None:
+    """Copy ``src``'s rows ``index`` into ``dst``'s rows ``rows``, right-aligned at slot ``width``."""
     for d, s in zip(_parts(dst), _parts(src)):
-        pick = (lambda t: t) if index is None else (lambda t: t[index])
         if isinstance(d, KVCache):
-            n = min(width, s.pos)  # the last n slots hold every real token of every row
-            d.k[rows, :, width - n : width] = pick(s.k[:, :, s.pos - n : s.pos])
-            d.v[rows, :, width - n : width] = pick(s.v[:, :, s.pos - n : s.pos])
+            n = min(width, s.pos)  # the last n slots hold every real token of these rows
+            d.k[rows, :, width - n : width] = s.k[index, :, s.pos - n : s.pos]
+            d.v[rows, :, width - n : width] = s.v[index, :, s.pos - n : s.pos]
+            if hasattr(d, "index_k"):  # DeepSeek sparse attention's indexer keys (IndexedKVCache)
+                d.index_k[rows, width - n : width] = s.index_k[index, s.pos - n : s.pos]
         elif isinstance(d, RecurrentCache):
-            d.state[rows] = pick(s.state)
+            d.state[rows] = s.state[index]
             if d.conv is not None:
-                d.conv[rows] = pick(s.conv)
+                d.conv[rows] = s.conv[index]
         else:
             raise TypeError(f"continuous batching cannot merge a {type(d).__name__}; serve with batching=static")
         d.pos = width
+
+
+def unmergeable(model) -> str | None:
+    """None when ``RunningBatch`` can merge every cache of ``model``, else the name of one it cannot."""
+    names = {type(part).__name__ for cache in model.init_cache(1, 1) for part in _parts(cache)}
+    return next(iter(sorted(names - MERGEABLE)), None)
+
+
+MERGEABLE = {"KVCache", "IndexedKVCache", "RecurrentCache"}  # the caches ``_copy_rows`` knows
 
 
 def _parts(cache) -> tuple:

@@ -40,6 +40,10 @@ def _check_exportable(cfg: ModelConfig) -> None:
         raise ValueError(f"export_hf: model.ffn={cfg.ffn!r} has mixture-of-experts layers, which LlamaForCausalLM "
                          f"cannot represent; export a dense model (model.ffn=dense) or serve this run with slmforge")
     kinds = sorted(set(cfg.layer_kinds()))
+    if "dsa" in kinds:
+        raise ValueError(f"export_hf: model.layers={cfg.layers!r} has DeepSeek sparse attention (dsa) layers, whose "
+                         f"indexer and top-k key selection LlamaForCausalLM cannot represent; serve this run with "
+                         f"slmforge")
     if kinds != ["attn"] or cfg.ffn != "dense" or cfg.attn.window:
         raise ValueError(f"export_hf: only attention-only dense models map onto LlamaForCausalLM; this model has "
                          f"model.layers={cfg.layers!r} (mixers {kinds}), model.ffn={cfg.ffn!r}, "

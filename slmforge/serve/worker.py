@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from slmforge.serve.batching import JobQueue, QueueFull, RunningBatch, ShuttingDown
+from slmforge.log import log
+from slmforge.serve.batching import JobQueue, QueueFull, RunningBatch, ShuttingDown, unmergeable
 from slmforge.serve.generate import PaddedDecoder, sample_next
 from slmforge.serve.tools import Tool, force
 
@@ -57,6 +58,7 @@ class Job:
     deadline: float = float("inf")  # time.monotonic() after which the job ends with finish_reason "length"
     tool: Tool | None = None  # tools.py: ids to force after each token (the calculator)
     index: int = 0  # which of its request's n choices
+    queued: float = 0.0  # time.monotonic() when it was submitted
     new: list[int] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)  # queued by ``tool``, fed before sampling resumes
     emitted: str = ""
@@ -122,6 +124,9 @@ class Worker:
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching={batching!r}: expected continuous or static")
         self.model, self.tokenizer = model.eval(), tokenizer
+        if batching == "continuous" and (cache := unmergeable(model)) is not None:
+            log(f"serve: continuous batching cannot merge a {cache}; batching=static")
+            batching = "static"
         self.max_batch, self.max_queue, self.batching = max_batch, max_queue, batching
         self.batch_window_s = batch_window_s
         self.queue = JobQueue(max_queue)
@@ -144,6 +149,8 @@ class Worker:
     def submit(self, *jobs: Job) -> None:
         """Queue ``jobs`` (a request's choices), all or none: ``QueueFull`` when ``max_queue`` jobs already wait,
         ``ShuttingDown`` after ``stop``."""
+        for job in jobs:
+            job.queued = time.monotonic()
         self.queue.put(list(jobs))
 
     def _usable(self, job: Job) -> bool:
@@ -172,15 +179,24 @@ class Worker:
         batch = RunningBatch(self.model)
         while batch.jobs or self.queue.wait():
             self.queue.drop(self._usable)
-            joining = self.queue.take(self.max_batch - len(batch.jobs))
+            joining = self.queue.take(self.max_batch - len(batch.live())) if self._join_now(batch) else []
             try:
                 self._join(batch, joining)
                 if batch.jobs:
                     self._advance(batch)
             except Exception as e:  # a failing step must not take the worker (and the server) down
-                _fail(batch.jobs + joining, e)
+                _fail([job for job in batch.jobs if job is not None] + joining, e)
                 batch = RunningBatch(self.model)
-            self.active_rows = len(batch.jobs)
+            self.active_rows = len(batch.live())
+
+    def _join_now(self, batch: RunningBatch) -> bool:
+        """Whether the waiting jobs join now: at once into an empty batch, else once they number a quarter of the
+        rows decoding or the oldest has waited ``batch_window_s`` (a prefill costs about a decoding step, so
+        prefilling jobs one by one as they come would double the forwards of a busy batch)."""
+        live = len(batch.live())
+        oldest = self.queue.oldest()
+        return oldest is not None and (4 * self.queue.qsize() >= live or
+                                       time.monotonic() - oldest.queued >= self.batch_window_s)
 
     def _join(self, batch: RunningBatch, jobs: list[Job]) -> None:
         """Prefill ``jobs``, give each its first token and merge those that go on into ``batch``."""
@@ -199,10 +215,12 @@ class Worker:
     def _advance(self, batch: RunningBatch) -> None:
         """One decoding step of every row in ``batch``; the rows that finish leave it."""
         logits = batch.step()
-        nxt = force(_sample(logits, batch.jobs), [j.forced for j in batch.jobs])  # (B,)
+        jobs = batch.jobs  # None: a finished row, still in the batch
+        nxt = force(_sample(logits, jobs), [[] if j is None else j.forced for j in jobs])  # (B,)
         self.num_steps += 1
-        self.num_tokens += len(batch.jobs)
-        batch.keep([r for r, (job, token) in enumerate(zip(batch.jobs, nxt.tolist())) if self._step(job, token)], nxt)
+        self.num_tokens += len(jobs) - jobs.count(None)
+        batch.end([r for r, (job, token) in enumerate(zip(jobs, nxt.tolist()))
+                   if job is not None and not self._step(job, token)], nxt)
 
     def _take(self) -> list[Job] | None:
         """Static batching: wait for a job, then add the jobs already waiting; None = stopped with nothing left.
@@ -259,8 +277,8 @@ def _fail(jobs: list[Job], e: Exception) -> None:
 
 
 def _sample(logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,), each row with its own job's settings and generator."""
-    if all(j.temperature <= 0 for j in jobs):
+    """logits (B, V) -> next ids (B,), each row with its own job's settings and generator (None: greedy)."""
+    if all(j is None or j.temperature <= 0 for j in jobs):
         return logits.argmax(-1)
-    return torch.cat([sample_next(logits[r : r + 1], j.temperature, 0, j.top_p, j.generator)
-                      for r, j in enumerate(jobs)])
+    return torch.cat([sample_next(logits[r : r + 1], 0 if j is None else j.temperature, 0, 1 if j is None else j.top_p,
+                                  None if j is None else j.generator) for r, j in enumerate(jobs)])

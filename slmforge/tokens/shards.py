@@ -14,6 +14,9 @@ HF's multi-threaded ``encode_batch`` (``benchmarks/tokenize_throughput.py``).
 
 Shapes: B = batch_size, T = seq_len; the loader yields ``x, y`` of shape (B, T), int64, where ``y[:, t]`` is the
 token after ``x[:, t]``. Windows of T+1 tokens start every T tokens, so no token is a target twice in an epoch.
+
+long: about 410 lines, because the writer (encoding in worker processes or Ray tasks) and the loader share the
+shard format; split, the two halves of one format would live apart.
 """
 
 from __future__ import annotations
@@ -72,8 +75,12 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
 
 
 def _encoded(batches: Iterator[list[str]], tokenizer: Tokenizer, tokenizer_path: Path, num_workers: int,
-             append_eos: bool, dtype: np.dtype):
-    """Yield ``_encode_batch`` results in input order, from ``num_workers`` processes (<= 1: this process)."""
+             append_eos: bool, dtype: np.dtype, map_batches=None):
+    """Yield ``_encode_batch`` results in input order, from ``num_workers`` processes (<= 1: this process), or
+    from ``map_batches(fn, batches)`` (Ray tasks, ``curate/executor.py``; the tokenizer travels with ``fn``)."""
+    if map_batches is not None:
+        yield from map_batches(lambda batch: _encode_batch(batch, append_eos, dtype, tokenizer), batches)
+        return
     if num_workers <= 1:
         yield from (_encode_batch(batch, append_eos, dtype, tokenizer) for batch in batches)
         return
@@ -152,19 +159,20 @@ class _ShardWriter:
 
 def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir: str | Path,
                        num_workers: int = 2, shard_tokens: int = 1 << 27, append_eos: bool = True,
-                       progress: bool | None = None, allow_empty: bool = False) -> dict[str, Any]:
+                       progress: bool | None = None, allow_empty: bool = False, map_batches=None) -> dict[str, Any]:
     """Encode documents in order into token shards under ``out_dir`` and return the meta (plus timing).
 
-    ``num_workers`` processes encode batches of documents (<= 1: in this process); the output does not
-    depend on it. ``progress=None`` shows a progress bar only when stderr is a terminal. A failed run (an error,
-    an interrupt, no documents) leaves the shards in ``out_dir`` as they were (see the module docstring). No
-    documents at all is a ValueError unless ``allow_empty`` (a held-out split that may be empty).
+    ``num_workers`` processes encode batches of documents (<= 1: in this process), or ``map_batches`` (Ray
+    tasks: ``_encoded``); the output depends on neither. ``progress=None`` shows a progress bar only when stderr
+    is a terminal. A failed run (an error, an interrupt, no documents) leaves the shards in ``out_dir`` as they
+    were (see the module docstring). No documents at all is a ValueError unless ``allow_empty`` (a held-out split
+    that may be empty).
     """
     tokenizer_path, out_dir = _json_path(tokenizer_path), Path(out_dir)
     tokenizer = Tokenizer.load(tokenizer_path)
     with staged_dir(out_dir, last=("meta.json",)) as tmp:
         meta = _write_shards(texts, tokenizer, tokenizer_path, tmp, out_dir, num_workers, shard_tokens, append_eos,
-                             progress)
+                             progress, map_batches)
         if not meta["num_docs"] and not allow_empty:
             raise ValueError(f"no documents to tokenize into {out_dir} (the input holds no text); "
                              f"{'its shards are left as they were' if out_dir.exists() else 'nothing was written'}")
@@ -175,13 +183,14 @@ def tokenize_to_shards(texts: Iterable[str], tokenizer_path: str | Path, out_dir
 
 
 def _write_shards(texts: Iterable[str], tokenizer: Tokenizer, tokenizer_path: Path, tmp: Path, out_dir: Path,
-                  num_workers: int, shard_tokens: int, append_eos: bool, progress: bool | None) -> dict[str, Any]:
+                  num_workers: int, shard_tokens: int, append_eos: bool, progress: bool | None,
+                  map_batches=None) -> dict[str, Any]:
     """``tokenize_to_shards`` into the temporary folder ``tmp``: the shards, then meta.json; the meta plus timing."""
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     writer, num_bytes, num_docs, start = _ShardWriter(tmp, dtype, shard_tokens), 0, 0, time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     bar = progress_bar(unit="B", unit_scale=True, desc=f"tokenize {out_dir}", disable=not show)
-    encoded = _encoded(_batches(texts), tokenizer, tokenizer_path, num_workers, append_eos, dtype)
+    encoded = _encoded(_batches(texts), tokenizer, tokenizer_path, num_workers, append_eos, dtype, map_batches)
     try:
         for ids, lengths, batch_bytes in encoded:
             writer.write(ids, lengths)

@@ -255,3 +255,13 @@ def test_static_batching_stays_selectable(loaded):
         assert httpx.get(url + "/health").json()["batching"] == "static"
     with pytest.raises(ValueError, match="batching='dynamic'"):
         Worker(model, tok, batching="dynamic")
+
+
+def test_a_cache_it_cannot_merge_falls_back_to_static(loaded, monkeypatch):
+    from slmforge.serve import batching
+
+    model, tok = loaded
+    assert batching.unmergeable(model) is None
+    monkeypatch.setattr(batching, "MERGEABLE", {"RecurrentCache"})
+    assert batching.unmergeable(model) == "KVCache"
+    assert Worker(model, tok).batching == "static"

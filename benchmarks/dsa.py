@@ -1,0 +1,148 @@
+"""DeepSeek sparse attention (``model.layers=dsa``) against dense attention: long-sequence cost and short-run quality.
+
+1. Cost: one batch-1 forward + backward (loss, all gradients, the indexer's KL included) of ``benchmarks/memory.py``'s
+   model (d_model 256, 3 layers, fp32) with dense attention and with DSA in sparse mode at each ``--ks``, at each
+   ``--lengths`` (4k, 8k, 16k tokens): step seconds and peak memory above the model, each point in a fresh process
+   (``memory.measure``). Sparse attention reads T * k keys and keeps (T, k) indices; its indexer still scores all
+   T^2 / 2 pairs, at index_heads * index_dim per pair instead of the attention's heads * head_dim.
+2. Quality at equal tokens, on ``recipes/tiny_cpu.yaml``'s data and schedule: dense attention for ``--steps`` steps,
+   against DSA trained ``--warmup`` steps in dense mode (the indexer learns the attention's distribution by KL), then
+   ``--steps - --warmup`` steps in sparse mode from those weights (``train.init_from``; ``recipes/dsa_cpu.yaml`` is the
+   same two runs). Reported: validation loss of each, its gap to dense, and the indexer's recall of the full
+   attention's top-k keys on held-out (validation) text after the warm-up and at the end, per layer and averaged.
+Writes dsa.json to ``--out``. Never run in CI. Example: ``python benchmarks/dsa.py`` (``--quick``: a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import bench_config, measure  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def cost_rows(lengths: list[int], ks: list[int]) -> list[dict]:
+    rows = []
+    for t in lengths:
+        dense = bench_config("attn", t)
+        variants = [("dense attention", 0, dense)]
+        for k in ks:
+            dsa = dataclasses.replace(dense, layers="dsa", dsa=dataclasses.replace(dense.dsa, top_k=k, mode="sparse"))
+            variants.append((f"dsa k={k}", k, dsa))
+        for name, k, cfg in variants:
+            m = measure(cfg, t)
+            rows.append({"model": name, "top_k": k, "tokens": t, "seconds": m.get("seconds"),
+                         "peak_bytes": m.get("peak_bytes"), "error": m.get("error")})
+            print(_cost_line(rows[-1]), flush=True)
+    return rows
+
+
+def _cost_line(r: dict) -> str:
+    if r["error"]:
+        return f"| {r['model']} | {r['tokens']:,} | - | {r['error']} |"
+    return f"| {r['model']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:,.0f} MiB |"
+
+
+def base_config(out: Path, steps: int, quick: bool):
+    from slmforge.config import load_config
+
+    overrides = [f"out_dir={out}", "name=data", f"train.max_steps={steps}", f"train.eval_every={steps}",
+                 f"train.ckpt_every={steps}", f"train.warmup_steps={max(1, steps // 10)}"]
+    if quick:
+        overrides += ["data.num_train_docs=400", "data.num_val_docs=40", "data.num_test_docs=40",
+                      "data.seq_len=64", "train.batch_size=4", "train.eval_batches=2"]
+    return load_config(RECIPES / "tiny_cpu.yaml", overrides)
+
+
+def train_run(base, name: str, model, steps: int, init_from: str = "") -> dict:
+    from slmforge.train.loop import train
+
+    data = dataclasses.replace(base.data, shards_dir=str(base.run_dir / "shards"),
+                               tokenizer=str(base.run_dir / "tokenizer.json"))
+    t = dataclasses.replace(base.train, max_steps=steps, eval_every=steps, ckpt_every=steps, init_from=init_from,
+                            warmup_steps=max(1, steps // 10))
+    cfg = dataclasses.replace(base, name=name, model=model, data=data, train=t)
+    result = train(cfg, force=True)
+    return {"run": name, "steps": steps, "tokens": result.tokens, "val_loss": result.val_loss,
+            "tokens_per_second": result.tokens_per_second, "run_dir": str(cfg.run_dir)}
+
+
+def held_out_recall(run_dir: str, shard_dir: Path, seq_len: int, k: int, num_rows: int = 16) -> list[float]:
+    """Per DSA layer: the indexer's recall of the attention's top-k keys on ``num_rows`` validation rows."""
+    import numpy as np
+    import torch
+
+    from slmforge.checkpoint import load_for_inference
+    from slmforge.model.dsa import DSA, indexer_recall
+    from slmforge.tokens.shards import load_shards
+
+    model, _, _ = load_for_inference(run_dir, "cpu")
+    stream = np.asarray(load_shards(shard_dir).tokens)
+    rows = min(num_rows, len(stream) // seq_len)
+    tokens = torch.as_tensor(stream[: rows * seq_len].astype(np.int64)).view(rows, seq_len)
+    inputs: dict[int, torch.Tensor] = {}
+    layers = [(i, b.mixer) for i, b in enumerate(model.layers()) if isinstance(b.mixer, DSA)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0])) for i, m in layers]
+    with torch.no_grad():
+        model(tokens)
+    for h in hooks:
+        h.remove()
+    return [indexer_recall(m, inputs[i], k) for i, m in layers]
+
+
+def quality(out: Path, steps: int, warmup: int, quick: bool) -> dict:
+    from slmforge.config import load_config
+    from slmforge.pipeline import prepare
+
+    base = base_config(out, steps, quick)
+    prepare(base)  # the corpus, tokenizer and shards every run trains on
+    warm_model = load_config(RECIPES / "dsa_cpu.yaml", ["model.dsa.top_k=16"] if quick else []).model  # dense mode
+    sparse_model = dataclasses.replace(warm_model, dsa=dataclasses.replace(warm_model.dsa, mode="sparse"))
+    dense_model = dataclasses.replace(warm_model, layers="attn")
+    runs = {"dense": train_run(base, "dense", dense_model, steps)}
+    runs["dsa_warmup"] = train_run(base, "dsa_warmup", warm_model, warmup)
+    runs["dsa_sparse"] = train_run(base, "dsa_sparse", sparse_model, steps - warmup, runs["dsa_warmup"]["run_dir"])
+    val = base.run_dir / "shards" / "validation"
+    k, t = sparse_model.dsa.top_k, base.data.seq_len
+    for name in ("dsa_warmup", "dsa_sparse"):
+        runs[name]["recall"] = held_out_recall(runs[name]["run_dir"], val, t, k)
+    gap = runs["dsa_sparse"]["val_loss"] / runs["dense"]["val_loss"] - 1
+    return {"top_k": k, "seq_len": t, "runs": runs, "val_loss_gap": gap}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
+    ap.add_argument("--ks", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--out", default="runs/bench_dsa")
+    ap.add_argument("--quick", action="store_true", help="512/1024 tokens, k 16/32, a tiny corpus, 6 steps")
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.ks, args.steps, args.warmup = [512, 1024], [16, 32], 6, 3
+
+    from slmforge.runs import write_json
+
+    out = Path(args.out)
+    print("| model | tokens | step s (fwd+bwd) | peak memory |\n|---|---:|---:|---:|", flush=True)
+    costs = cost_rows(args.lengths, args.ks)
+    q = quality(out, args.steps, args.warmup, args.quick)
+    write_json(out / "dsa.json", {"cost": costs, "quality": q})
+    r = q["runs"]
+    print(f"\nequal tokens ({r['dense']['tokens']:,}), top_k {q['top_k']} of {q['seq_len']}-token rows:\n"
+          f"| run | steps | val loss | indexer recall@{q['top_k']} (held-out, per layer) |\n|---|---:|---:|---|")
+    for name, row in r.items():
+        recall = ", ".join(f"{x:.3f}" for x in row.get("recall", [])) or "-"
+        print(f"| {name} | {row['steps']} | {row['val_loss']:.4f} | {recall} |")
+    print(f"\nDSA (warm-up + sparse) vs dense validation loss: {100 * q['val_loss_gap']:+.2f}%")
+    print(f"wrote {out / 'dsa.json'}")
+
+
+if __name__ == "__main__":
+    main()
