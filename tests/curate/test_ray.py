@@ -24,7 +24,7 @@ from tests.curate.test_filters import BROKEN, _prose
 def ray_cluster():
     """One local Ray cluster of 2 CPUs for the module; executor=ray uses it as it is and leaves it open."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'slmforge[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new one, even beside a running cluster
     yield ray
     ray.shutdown()
 
