@@ -23,19 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import measure  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from layouts import base_config  # noqa: E402  (the tiny_cpu corpus every model comparison trains on)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def base_config(out: Path, steps: int, quick: bool):
-    from slmforge.config import load_config
-
-    overrides = [f"out_dir={out}", "name=data", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                 f"train.ckpt_every={steps}", f"train.warmup_steps={max(1, steps // 10)}"]
-    if quick:
-        overrides += ["data.num_train_docs=400", "data.num_val_docs=40", "data.num_test_docs=40",
-                      "data.seq_len=64", "train.batch_size=4", "train.eval_batches=2"]
-    return load_config(RECIPES / "tiny_cpu.yaml", overrides)
 
 
 def models() -> dict:
