@@ -214,3 +214,14 @@ def loaded(eval_run):
     from slmforge.checkpoint import load_for_inference
 
     return load_for_inference(eval_run)[:2]
+
+
+def memorize(model, ids, steps: int = 150, lr: float = 2e-2):
+    """Train ``model`` on the one row ``ids`` until it knows it by heart; returns (optimizer, last loss)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt, loss

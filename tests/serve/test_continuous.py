@@ -18,6 +18,7 @@ from slmforge.serve.generate import generate_batch, stream_text
 from slmforge.serve.server import build_app, running_server
 from slmforge.serve.tools import Calculator
 from slmforge.serve.worker import Job, Worker
+from tests.conftest import memorize
 
 NAME = "tiny-test"
 # Lengths differ both ways: some joiners are longer than the running rows (those get shifted), some shorter.
@@ -101,12 +102,7 @@ def calculating(loaded):
                            attn=AttnConfig(num_heads=4, num_kv_heads=2)))
     ids = torch.tensor([[tok.eos_id] + tok.encode("Tom has <<3*4=99>>99 pens and Ann has <<7+8=99>>99 cats.")
                         + [tok.eos_id]])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(150):
-        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    memorize(model, ids)
     return model.eval(), tok
 
 

@@ -20,6 +20,7 @@ from slmforge.serve.generate import generate_batch, generate_batch_ref
 from slmforge.serve.server import build_app, running_server
 from slmforge.serve.tools import Calculator, calculate, format_result, make_tool
 from slmforge.serve.worker import Job, Worker
+from tests.conftest import memorize
 
 PREFIX = "Tom has <<3*4="
 JUNK = "99>>99 pens and 7 cats"
@@ -133,12 +134,7 @@ def trained(loaded):
     model = LM(ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=1, max_seq_len=64,
                            attn=AttnConfig(num_heads=4, num_kv_heads=2)))
     ids = torch.tensor([[tok.eos_id] + tok.encode(TEXT) + [tok.eos_id]])
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(150):
-        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, loss = memorize(model, ids)
     model.eval()
     assert loss.item() < 0.05
     return model, tok

@@ -19,7 +19,7 @@ from slmforge.serve import worker
 from slmforge.serve.server import build_app, running_server
 from slmforge.serve.webpage import FILES, STATIC
 from slmforge.train.checkpoint import save_checkpoint
-from tests.conftest import make_run
+from tests.conftest import make_run, memorize
 from tests.serve.test_serve_process import _start, _wait_up
 from tests.serve.test_tools import JUNK, PREFIX, scripted
 
@@ -95,12 +95,7 @@ def _trained_run(root: Path) -> Path:
     ids = torch.tensor([[tok.eos_id] + tok.encode_chat([{"role": "user", "content": MESSAGE}]) + tok.encode_text(REPLY)
                         + [tok.token_id("<|end|>")]])
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(150):
-        _, loss = model(ids[:, :-1], targets=ids[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    opt, loss = memorize(model, ids)
     assert loss.item() < 0.05
     save_checkpoint(run_dir / "checkpoints", 1, model, opt, {})
     return run_dir
