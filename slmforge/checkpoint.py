@@ -88,13 +88,15 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | Path, tied: bool 
         safetensors.torch.save_file(tensors, str(tmp))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file into ``model``; any name that does not match is a one-line error."""
+def load_weights(model: nn.Module, path: str | Path, fresh: tuple[str, ...] = ()) -> None:
+    """Load a weights file into ``model``; any name that does not match is a one-line error, except the model's
+    names starting with a ``fresh`` prefix, parts the file lacks that keep their initialisation."""
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
-    missing = [m for m in missing if not (m == HEAD and model.cfg.tie_embeddings)]
+    missing = [m for m in missing
+               if not (m == HEAD and model.cfg.tie_embeddings) and not (fresh and m.startswith(fresh))]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
@@ -336,11 +338,12 @@ def read_checkpoint(path: str | Path, tied: bool = False, verify: bool = True) -
     return weights, state
 
 
-def load_model_weights(model: nn.Module, path: str | Path, verify: bool = True) -> None:
-    """The weights of the checkpoint folder ``path`` into ``model`` (checked by name)."""
+def load_model_weights(model: nn.Module, path: str | Path, verify: bool = True,
+                       fresh: tuple[str, ...] = ()) -> None:
+    """The weights of the checkpoint folder ``path`` into ``model`` (checked by name; ``fresh``: ``load_weights``)."""
     if verify:
         verify_checkpoint(path)
-    load_weights(model, Path(path) / WEIGHTS)
+    load_weights(model, Path(path) / WEIGHTS, fresh)
 
 
 def first_line(exc: BaseException) -> str:

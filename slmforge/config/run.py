@@ -227,6 +227,8 @@ class TrainConfig:
     # Start from another run's weights (its newest checkpoint, or a checkpoint folder): weights only, with a fresh
     # optimizer and schedule (continued pre-training, SFT, ORPO, DPO). Ignored on --resume (the checkpoint wins).
     init_from: str = ""
+    # Comma-separated parameter-name prefixes that train, the rest frozen ("projector": LLaVA's stage 1); "" = all.
+    trainable: str = ""
     # Where the step records go besides metrics.jsonl (always written: reports, plots and resume read it):
     # tensorboard (<run>/tensorboard/ event files), wandb (offline unless configured); pip install slmforge[track]
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])

@@ -51,19 +51,27 @@ class PaddedDecoder:
     so every row gets the logits it would get alone (up to float rounding).
     """
 
-    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0):
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
+                 images: torch.Tensor | None = None, image_slots: list[list[bool]] | None = None):
         if not prompts or not all(prompts):
             raise ValueError("generation needs at least one prompt and no empty prompt")
         self.model = model
         device = next(model.parameters()).device
         length = max(map(len, prompts))
         self.tokens = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], device=device)
+        # Images (N, P, F) enter at the prefill only, at each prompt's image slots (``LM.forward``'s image_mask).
+        self.images, self.image_mask = images, None
+        if images is not None:
+            self.image_mask = torch.tensor([[False] * (length - len(m)) + list(m) for m in image_slots], device=device)
         num_pad = torch.tensor([length - len(p) for p in prompts], device=device)  # (B,)
         self.caches = model.init_cache(len(prompts), length + max_new_tokens, num_pad=num_pad)
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
-        return self.model(self.tokens, cache=self.caches, last_only=True)[0][:, -1]
+        if self.images is None:
+            return self.model(self.tokens, cache=self.caches, last_only=True)[0][:, -1]
+        return self.model(self.tokens, cache=self.caches, last_only=True, images=self.images,
+                          image_mask=self.image_mask)[0][:, -1]
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -117,15 +125,18 @@ def stream_ids(model, prompt: torch.Tensor, max_new_tokens: int, temperature: fl
 def generate_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None = None,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                    generator: torch.Generator | None = None,
-                   stop: Callable[[list[int]], bool] | None = None, tool: Tool | None = None) -> list[list[int]]:
+                   stop: Callable[[list[int]], bool] | None = None, tool: Tool | None = None,
+                   images: torch.Tensor | None = None, image_slots: list[list[bool]] | None = None) -> list[list[int]]:
     """Continue prompts of any lengths in one left-padded batch; return each row's new ids.
 
     A row ends at ``eos_id`` (not included), once ``stop(new_ids)`` is true (checked after every token; the
     ids are kept), or after ``max_new_tokens``; finished rows leave the batch. ``tool(new_ids)`` (``tools.py``),
     called after each token, queues ids the row feeds next instead of sampled ones (each row on its own).
+    ``images`` (N, P, F) and ``image_slots`` (a bool per prompt token): the vision encoder's features of the
+    prompts' images, spliced in at their slots (``serve/vision.py``).
     """
     model.eval()
-    decoder = PaddedDecoder(model, prompts, max_new_tokens)
+    decoder = PaddedDecoder(model, prompts, max_new_tokens, images=images, image_slots=image_slots)
     new: list[list[int]] = [[] for _ in prompts]
     queued: list[list[int]] = [[] for _ in prompts]  # forced ids still to feed, per prompt
     rows = list(range(len(prompts)))  # batch row -> prompt index

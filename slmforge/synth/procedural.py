@@ -10,6 +10,7 @@ This is the embedded default corpus (``DataConfig.source = "procedural"``). Fami
   narrative   short simple stories in the style of TinyStories (arXiv:2305.07759)
   facts       an encyclopedic paragraph about an invented entity, then questions the paragraph answers
   sorting     sort, compare, alphabetise and max/min puzzles whose answers are recomputed from the question text
+  scenes      captions of simple images (``synth/images.py``), as text: the words the vision projector's captions use
 
 Question-answer documents read ``"Question: ...\\nAnswer: ..."``, lm-eval-harness's gsm8k prompt format.
 ``build_corpus`` mixes the families evenly into train/validation/test. Items are deduplicated by a key (the
@@ -32,6 +33,7 @@ from typing import Callable, NamedTuple
 
 from slmforge.curate.documents import Document
 from slmforge.registry import lookup
+from slmforge.synth.images import scene_text
 
 SPLITS = ("train", "validation", "test")
 
@@ -595,7 +597,7 @@ def sorting(rng: random.Random) -> Document:
 # ---------------------------------------------------------------- corpus
 
 FAMILIES: dict[str, Callable[[random.Random], Document]] = {
-    "arithmetic": arithmetic, "narrative": narrative, "facts": facts, "sorting": sorting}
+    "arithmetic": arithmetic, "narrative": narrative, "facts": facts, "sorting": sorting, "scenes": scene_text}
 
 
 def _key(doc: Document) -> str:

@@ -30,12 +30,14 @@ from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
 from slmforge.runs import MetricsLog, RunDir, atomic_path, save_config, write_json
 from slmforge.tokens.shards import load_shards, recorded_tokenizer
+from slmforge.tokens.tokenizer import Tokenizer
 from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
 from slmforge.train.schedule import anneal_aligned, lr_at
 from slmforge.train.speed import autocast_dtype, peak_flops
-from slmforge.train.task import Task, init_checkpoint, load_init, reshard_loader_state, shards_task, train_shards
+from slmforge.train.task import (Task, freeze, init_checkpoint, load_init, reshard_loader_state, shards_task,
+                                 train_shards)
 from slmforge.train.trackers import check_trackers, tracked
 
 
@@ -170,10 +172,13 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     model = LM(cfg.model).to(device)
     if init is not None:
         load_init(model, init, t.init_from)
+    freeze(model, t.trainable)
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
     task = task or shards_task(cfg, run, t, info.rank, info.world_size)
+    if cfg.model.engram.layers and ckpt is None and init is None:  # a checkpoint carries its own map
+        _engram_compression(model, task.tokenizer or run.tokenizer)
     if info.is_main:
         _write_run_folder(cfg, run, task.tokenizer, force)
     tr = Trainer(cfg, t, info, device, amp_dtype, run, model, train_model, optimizer, task,
@@ -189,6 +194,12 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
         tr.metrics.truncate_after(tr.step)
         tr.metrics = tracked(tr.metrics, cfg, tr.step)  # train.loggers: TensorBoard, wandb (train/trackers.py)
     return tr
+
+
+def _engram_compression(model: LM, tokenizer: str | Path) -> None:
+    """Engram's token compression (model/engram.py) from the tokenizer's tokens, a buffer saved with the model."""
+    tok = Tokenizer.load(tokenizer)
+    model.set_token_compression([tok.hf.id_to_token(i) for i in range(tok.vocab_size)])
 
 
 def _resume_point(run: RunDir, resume: bool, force: bool, is_main: bool) -> Path | None:

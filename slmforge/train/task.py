@@ -85,10 +85,15 @@ def init_checkpoint(source: str) -> Path:
         raise ValueError(f"train.init_from={source}: {first_line(exc)}") from None
 
 
+# Parts a model may add to the run it starts from (train.init_from); they keep their initialisation: the vision
+# projector of a model that learns to read images (slmforge/post/vision.py).
+FRESH_PARTS = ("projector.",)
+
+
 def load_init(model: LM, ckpt: Path, source: str) -> None:
     """Weights only (a fresh optimizer and schedule follow); a model of another shape is a one-line error."""
     try:
-        load_model_weights(model, ckpt)
+        load_model_weights(model, ckpt, fresh=FRESH_PARTS)
     except RuntimeError as exc:  # load_state_dict's size mismatch or missing keys
         raise ValueError(f"train.init_from={source}: its weights do not fit this model ({first_line(exc)}); "
                          f"use the model config of {source}/config.yaml") from None
@@ -106,3 +111,19 @@ def _shards_tokenizer(cfg: RunConfig, run: RunDir) -> Path | None:
 def train_shards(cfg: RunConfig, run: RunDir) -> list:
     mix = cfg.data.mixture
     return [s.shards for s in mix.sources] if mix.stages else [run.split_shards("train")]
+
+
+def freeze(model: LM, trainable: str) -> None:
+    """``train.trainable``: only parameters whose names start with one of its comma-separated prefixes train (the
+    optimizer skips the others, so they stay bit-identical); empty: every parameter trains."""
+    prefixes = tuple(p.strip() for p in trainable.split(",") if p.strip())
+    if not prefixes:
+        return
+    names = [name for name, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(name.startswith(prefix) for name in names):
+            tops = sorted({name.split(".")[0] for name in names})
+            raise ValueError(f"train.trainable={trainable}: no parameter starts with {prefix!r}; the model's parts: "
+                             f"{', '.join(tops)}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
