@@ -89,14 +89,13 @@ def save_weights(weights: dict[str, torch.Tensor], path: str | Path, tied: bool 
 
 
 def load_weights(model: nn.Module, path: str | Path, fresh: tuple[str, ...] = ()) -> None:
-    """Load a weights file into ``model``; any name that does not match is a one-line error, except the model's
-    names starting with a ``fresh`` prefix, parts the file lacks that keep their initialisation."""
+    """Load a weights file into ``model``; a name that does not match is a one-line error (``fresh``: prefixes of
+    the model's parts the file may lack, which keep their initialisation)."""
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
-    missing = [m for m in missing
-               if not (m == HEAD and model.cfg.tie_embeddings) and not (fresh and m.startswith(fresh))]
+    missing = [m for m in missing if not (m == HEAD and model.cfg.tie_embeddings or fresh and m.startswith(fresh))]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
@@ -338,8 +337,7 @@ def read_checkpoint(path: str | Path, tied: bool = False, verify: bool = True) -
     return weights, state
 
 
-def load_model_weights(model: nn.Module, path: str | Path, verify: bool = True,
-                       fresh: tuple[str, ...] = ()) -> None:
+def load_model_weights(model: nn.Module, path: str | Path, verify: bool = True, fresh: tuple = ()) -> None:
     """The weights of the checkpoint folder ``path`` into ``model`` (checked by name; ``fresh``: ``load_weights``)."""
     if verify:
         verify_checkpoint(path)

@@ -49,7 +49,7 @@ def info(cfg: ModelConfig, seq_lens: tuple[int, ...] = (4096, 16384),
     blocks = [cfg.block_config(j) for j in range(cfg.num_unique_blocks)]
     return {
         "params": {"total": n.total, "non_embedding": n.non_embedding, "embedding": n.embedding, "shared": n.shared,
-                   "active": n.active},
+                   "active": n.active, "table": n.table},
         "layers": {"num_layers": cfg.num_layers, "num_unique_blocks": cfg.num_unique_blocks,
                    "mixers": dict(Counter(cfg.layer_kinds())), "share_ffn": cfg.share_ffn,
                    "ffns": dict(Counter(cfg.block_ffns()[j] for j in cfg.block_index())),
@@ -73,7 +73,9 @@ def format_info(result: dict) -> str:
     sharing = [name for name, on in (("shared FFN", layers["share_ffn"]),
                                      (f"each block x{layers['block_repeat']}", layers["block_repeat"] > 1),
                                      ("OpenELM scaling", layers["scaling"])) if on]
-    active = f"; {p['active']:,} active per token (MoE)" if p.get("active", p["total"]) != p["total"] else ""
+    active = f"; {p['active']:,} active per token" if p.get("active", p["total"]) != p["total"] else ""
+    # Engram tables (model/engram.py) are lookups: counted in total, apart from the compute (non-embedding) ones
+    active += f"; {p['table']:,} in Engram tables, apart from compute" if p.get("table") else ""
     ffns = ", ".join(f"{k} x{v}" for k, v in layers.get("ffns", {}).items() if k != "dense")
     lines = [f"Parameters: {p['total']:,} total, {p['non_embedding']:,} non-embedding, {p['shared']:,} shared "
              f"by more than one layer{active}",

@@ -26,6 +26,7 @@ from typing import NamedTuple
 from slmforge.config import PRESETS, ModelConfig, check_choice, check_min, preset
 from slmforge.model.block import FFNS, MIXERS
 from slmforge.model.cost import LayerCost
+from slmforge.model.engram import Engram
 from slmforge.registry import lookup
 
 GIB = 2**30
@@ -76,11 +77,12 @@ def _layer_costs(cfg: ModelConfig, seq_len: int) -> list[tuple[LayerCost, LayerC
 @dataclass
 class ParamCount:
     total: int
-    non_embedding: int  # total minus the token embedding and an untied output head
+    non_embedding: int  # total minus the token embedding, an untied output head and Engram tables: compute
     embedding: int
     per_layer: list[int] = field(default_factory=list)  # parameters each layer uses, shared ones in every user
     shared: int = 0  # parameters used by more than one layer (a shared FFN, repeated blocks), counted once
-    active: int = 0  # total minus the routed experts a token is not sent to (MoE); == total for dense FFNs
+    active: int = 0  # total minus the routed experts a token is not sent to (MoE) and the Engram rows it does not read
+    table: int = 0  # Engram's hashed n-gram tables (model/engram.py), in total, not in non_embedding
 
 
 def count_params(cfg: ModelConfig) -> ParamCount:
@@ -97,8 +99,19 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     shared += shared_ffn if cfg.num_layers > 1 else 0
     inactive = blocks[0][1].inactive_params if cfg.share_ffn else sum(f.inactive_params for _, f in blocks)
     inactive += sum(m.inactive_params for m, _ in blocks)
-    return ParamCount(total, total - embedding, embedding, [per_block[j] for j in cfg.block_index()], shared,
-                      total - inactive)
+    engram, table, table_read = _engram_costs(cfg)
+    total += engram.params + table
+    inactive += table - table_read
+    return ParamCount(total, total - embedding - table, embedding, [per_block[j] for j in cfg.block_index()], shared,
+                      total - inactive, table)
+
+
+def _engram_costs(cfg: ModelConfig) -> tuple[LayerCost, int, int]:
+    """Engram memories over their layers: (compute cost, table parameters, table parameters read per token)."""
+    e, n = cfg.engram, len(cfg.engram.layer_ids())
+    one = Engram.cost(cfg)
+    compute = LayerCost(n * one.params, n * one.matmul_params, activation_bytes=n * one.activation_bytes)
+    return compute, n * Engram.table_params(cfg), n * (e.max_order - 1) * e.num_heads * e.dim
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -113,7 +126,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     The embedding lookup is free; the output head is a matmul even when tied.
     """
     layers = _layer_costs(cfg, seq_len)
-    matmul = 2 * (sum(m.matmul_params + f.matmul_params for m, f in layers) + cfg.vocab_size * cfg.d_model)
+    matmul = 2 * (sum(m.matmul_params + f.matmul_params for m, f in layers) + cfg.vocab_size * cfg.d_model
+                  + _engram_costs(cfg)[0].matmul_params)
     context = sum(m.context_flops for m, _ in layers)
     causal = sum(m.context_flops_causal for m, _ in layers)
     # the backward costs twice the forward: gradients with respect to both activations and weights
@@ -239,7 +253,7 @@ def plan(cfg: PlanConfig) -> dict:
         "compute_optimal": {"chinchilla": chinchilla_optimal(budget), "tokens_20x": rule},
         "preset": {"name": name, "chosen": "given" if cfg.preset else "nearest",
                    "params_total": params.total, "params_non_embedding": params.non_embedding,
-                   "params_active": params.active,
+                   "params_active": params.active, "params_table": params.table,
                    "seq_len": cfg.seq_len, "train_flops_per_token": fpt["train"],
                    "train_flops_per_token_causal": fpt["train_causal"],
                    "attention_share": fpt["attention_share"], "tokens": tokens,
@@ -294,7 +308,7 @@ def format_plan(result: dict) -> str:
     lines += ["", f"Preset {p['name']} ({how})"] + _table([
         ("params", f"{_count(p['params_total'])} total, {_count(p['params_non_embedding'])} non-embedding"
                    + (f", {_count(p['params_active'])} active per token" if p["params_active"] != p["params_total"]
-                      else "")),
+                      else "") + (f", {_count(p['params_table'])} in Engram tables" if p.get("params_table") else "")),
         ("train FLOPs/token", f"{_si(p['train_flops_per_token'], 'FLOP')} at seq {p['seq_len']} "
                               f"(attention {p['attention_share']:.1%}; causal-only "
                               f"{_si(p['train_flops_per_token_causal'], 'FLOP')})"),

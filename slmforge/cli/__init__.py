@@ -2,7 +2,9 @@
 
 Subcommands are registered by group: ``train`` (plan, info, run, mix, forecast, anneal, train), ``data`` (synth,
 tokenizer, tokenize, dedup, filter), ``model`` (generate, chat, serve, export, import, eval), ``post`` (sft,
-orpo, dpo) and ``compress`` (compress, decompress); ``common`` holds what they share. Every config key is a ``key=value`` item (``slmforge generate RUN prompt="Q: 3" temperature=0``),
+orpo, dpo), ``niah`` (long context: train, run), ``flex`` (FlexOlmo: train, merge, optout, report) and
+``compress`` (compress, decompress); ``common``
+holds what they share. Every config key is a ``key=value`` item (``slmforge generate RUN prompt="Q: 3" temperature=0``),
 and ``slmforge CMD --help`` lists them. Handlers import their stage when they run, so that ``--help`` and a
 mistyped key answer without loading torch and every stage.
 
@@ -20,14 +22,14 @@ import sys
 
 import yaml
 
-from slmforge.cli import compress, data, model, post, train
+from slmforge.cli import compress, data, flex, model, niah, post, train, vision
 from slmforge.cli.common import Parser
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="slmforge", description="Build small language models end to end.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (train, data, model, post, compress):
+    for group in (train, data, model, post, niah, flex, compress, vision):
         group.register(sub)
     return parser
 

@@ -161,6 +161,13 @@ def cmd_eval_ppl(args) -> None:
         print(f"{name}: loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, bits/byte {m['bits_per_byte']:.4f}")
 
 
+def cmd_eval_niah(args) -> None:
+    from slmforge.cli.niah import print_grid
+    from slmforge.eval.niah import evaluate
+
+    print_grid(evaluate(args.run_dir, load_args(args)))
+
+
 def register(sub) -> None:
     for name, fn, cls, what in (
             ("generate", cmd_generate, GenerateConfig, "generate text with a trained model"),
@@ -177,7 +184,7 @@ def register(sub) -> None:
         config_args(p, cls, recipe=None, aliases=True)
         p.set_defaults(fn=fn)
 
-    kinds = sub.add_parser("eval", help="evaluate a run: gsm8k (lm-eval's gsm8k scoring) or ppl (bits per byte)")
+    kinds = sub.add_parser("eval", help="evaluate a run: gsm8k (lm-eval's gsm8k scoring), ppl (bits per byte) or niah (long-context recall)")
     kinds = kinds.add_subparsers(dest="kind", required=True)
     p = kinds.add_parser("gsm8k", help="GSM8K or the run's procedural arithmetic (data=procedural), n-shot CoT")
     p.add_argument("run_dir")
@@ -188,3 +195,7 @@ def register(sub) -> None:
     p.add_argument("items", nargs="+", metavar="FILE or key=value", help="text files, then e.g. stride=128")
     config_args(p, "slmforge.eval.perplexity:PerplexityConfig", recipe=None, overrides=False)
     p.set_defaults(fn=cmd_eval_ppl, overrides=[])
+    p = kinds.add_parser("niah", help="needle-in-a-haystack recall over lengths x depths (heatmap and JSON)")
+    p.add_argument("run_dir")
+    config_args(p, "slmforge.eval.niah:NiahEvalConfig", recipe=None)
+    p.set_defaults(fn=cmd_eval_niah)

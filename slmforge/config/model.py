@@ -21,6 +21,13 @@ class AttnConfig:
     head_dim: int = 0  # 0 = d_model // num_heads
     rope_theta: float = 10000.0
     window: int = 0  # sliding-window size in tokens; 0 = full causal attention
+    # Context extension (model/layers.py rope_tables): linear = position interpolation (Chen et al. 2023, arXiv
+    # 2306.15595), ntk = NTK-aware base change, yarn = YaRN (Peng et al. 2023, arXiv 2309.00071); factor 1 = none.
+    rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    rope_factor: float = 1.0  # new context / original context
+    rope_original_len: int = 0  # the context trained before scaling (yarn); 0 = max_seq_len / rope_factor
+    yarn_beta_fast: float = 32.0  # yarn: dimensions turning more than this many times in the original context keep
+    yarn_beta_slow: float = 1.0  # their frequency; fewer than this are interpolated by rope_factor; a ramp between
 
 
 @dataclass
@@ -64,6 +71,14 @@ class MoEConfig:
 
 
 @dataclass
+class FlexMoEConfig:
+    # FlexOlmo (slmforge/model/flexmoe.py, arXiv 2507.07024): the base FFN (the anchor expert) plus one expert FFN of
+    # the same size per data source, routed by fixed per-expert router embeddings; written by `slmforge flex`.
+    sources: str = ""  # comma-separated names of the expert FFNs beside the anchor, in router order; "" = the base
+    top_k: int = 2  # experts per token, the anchor among the candidates; 0 = all
+
+
+@dataclass
 class DSAConfig:
     # DeepSeek Sparse Attention (slmforge/model/dsa.py, DeepSeek-V3.2-Exp): the main attention is `attn`'s; a
     # lightning indexer I_ts = sum_j w_tj ReLU(q_tj . k_s) (index_heads heads of index_dim) picks top_k keys per query.
@@ -89,6 +104,31 @@ class ScalingConfig:
     beta_min: float = 0.5
     beta_max: float = 4.0
     ffn_multiple: int = 32  # FFN widths are multiples of this (OpenELM uses 256, too coarse for tiny models)
+
+
+@dataclass
+class VisionConfig:
+    # LLaVA's stage-1 projector (slmforge/model/vision.py, arXiv 2304.08485): a frozen vision encoder's patch features
+    # (feature_dim each) are mapped to d_model and spliced into the sequence at the image slots; 0 = no vision part.
+    feature_dim: int = 0
+    projector: Literal["linear", "mlp"] = "linear"  # mlp: LLaVA-1.5's Linear-GELU-Linear
+    num_tokens: int = 17  # image slots per image: the encoder's patch features (and summary), what the encoder gives
+
+
+@dataclass
+class EngramConfig:
+    # Engram conditional memory (slmforge/model/engram.py, Cheng et al., arXiv 2601.07372): hashed n-gram embedding
+    # tables read at chosen layers, gated by the hidden state, added to the residual; "" layers = off.
+    layers: str = ""  # comma-separated 0-based layers that get a memory before their block ("1", "1,3")
+    max_order: int = 3  # n-grams of orders 2..max_order of the compressed token ids
+    num_heads: int = 2  # hash heads (tables) per order
+    table_rows: int = 4093  # rows per table: each table gets its own prime at or above this
+    dim: int = 16  # embedding width per table; the memory vector is (max_order - 1) * num_heads * dim wide
+    kernel: int = 4  # the depthwise causal convolution's width (dilated by max_order)
+    offload: bool = False  # tables stay in host memory when the model moves to an accelerator
+
+    def layer_ids(self) -> list[int]:
+        return sorted({int(p) for p in self.layers.split(",") if p.strip()})
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -123,11 +163,14 @@ class ModelConfig:
     hymba: HymbaConfig = field(default_factory=HymbaConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     dsa: DSAConfig = field(default_factory=DSAConfig)
+    flexmoe: FlexMoEConfig = field(default_factory=FlexMoEConfig)
     # Parameter sharing. num_layers is always the depth (layer applications); the parameters live in
     # num_layers / block_repeat unique blocks, and the `layers` pattern is tiled over the unique blocks.
     share_ffn: bool = False  # MobiLlama (arXiv 2402.16840): one FFN shared by every layer
     block_repeat: int = 1  # MobileLLM (arXiv 2402.14905): each unique block runs this many times in a row
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)  # conditional memory; off by default
 
     def validate(self, prefix: str = "model.") -> None:
         """Sizes that would otherwise fail deep in the model code; mixer and FFN names: ``model.block.check_model``."""
@@ -137,7 +180,11 @@ class ModelConfig:
         check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window moe.num_shared moe.expert_hidden "
                                    "moe.bias_update_rate moe.seq_aux_loss")
         check_min(self, prefix, 1, "moe.num_experts moe.top_k dsa.index_heads dsa.index_dim dsa.top_k dsa.block")
-        check_min(self, prefix, 0, "dsa.kl_weight")
+        check_min(self, prefix, 0, "dsa.kl_weight attn.rope_original_len")
+        check_min(self, prefix, 1, "attn.rope_factor")
+        check_min(self, prefix, 0, "vision.feature_dim")
+        check_min(self, prefix, 1, "vision.num_tokens")
+        self._validate_engram(prefix)
         if self.dsa.index_dim % 2:
             raise ValueError(f"{prefix}dsa.index_dim={self.dsa.index_dim}: expected an even number (RoPE)")
         if self.moe.top_k > self.moe.num_experts:
@@ -152,6 +199,17 @@ class ModelConfig:
         if self.attn.num_heads % self.attn.num_kv_heads:
             raise ValueError(f"{prefix}attn.num_heads={self.attn.num_heads}: expected a multiple of "
                              f"{prefix}attn.num_kv_heads={self.attn.num_kv_heads}")
+
+    def _validate_engram(self, prefix: str) -> None:
+        check_min(self, prefix, 2, "engram.max_order engram.table_rows")
+        check_min(self, prefix, 1, "engram.num_heads engram.dim engram.kernel")
+        try:
+            ids = self.engram.layer_ids()
+        except ValueError:
+            ids = [-1]
+        if any(not 0 <= i < self.num_layers for i in ids):
+            raise ValueError(f"{prefix}engram.layers={self.engram.layers!r}: expected comma-separated layer numbers "
+                             f"in 0..{self.num_layers - 1}")
 
     @property
     def ffn_dim(self) -> int:

@@ -130,27 +130,31 @@ class Attention(nn.Module):
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         self.window, self.theta = a.window, a.rope_theta
+        # RoPE scaling (model.attn.rope_scaling): the tables' frequencies follow the context trained before it.
+        self.scale, self.original_len = a, a.rope_original_len or cfg.max_seq_len / a.rope_factor
         # One fused projection for q, k and v: a single larger matmul beats three small ones.
         self.wqkv = nn.Linear(cfg.d_model, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.num_heads * self.head_dim, cfg.d_model, bias=False)
-        cos, sin = rope_tables(self.head_dim, cfg.max_seq_len, self.theta)
+        cos, sin = self._tables(cfg.max_seq_len)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         init_linear(self.wqkv, std)
         init_linear(self.wo, out_std)
-        cos, sin = rope_tables(self.head_dim, self.cos.shape[0], self.theta, device=self.cos.device)
+        cos, sin = self._tables(self.cos.shape[0], device=self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def init_cache(self, batch_size: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch_size, self.num_kv_heads, max_len, self.head_dim, device, dtype)
 
+    def _tables(self, max_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.head_dim, max_len, self.theta, device, self.scale, self.original_len)
+
     def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + t > self.cos.shape[0]:  # decoding past max_seq_len: extend the tables
-            cos, sin = rope_tables(self.head_dim, 2 * (start + t), self.theta, device=self.cos.device)
-            self.cos, self.sin = cos, sin
+            self.cos, self.sin = self._tables(2 * (start + t), device=self.cos.device)
         return self.cos[start : start + t], self.sin[start : start + t]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:

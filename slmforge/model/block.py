@@ -17,6 +17,7 @@ from slmforge.config import ModelConfig
 from slmforge.model.attention import Attention
 from slmforge.model.dsa import DSA
 from slmforge.model.ffn import SwiGLU
+from slmforge.model.flexmoe import FlexMoE
 from slmforge.model.hymba import Hymba
 from slmforge.model.layers import RMSNorm
 from slmforge.model.linear import GatedLinear
@@ -40,7 +41,7 @@ from slmforge.registry import lookup
 # cannot import model files; a mixer reading only d_model and the like needs no config change.
 MIXERS: dict[str, type[nn.Module]] = {"attn": Attention, "ssm": SSM, "linear": GatedLinear, "hymba": Hymba,
                                       "dsa": DSA}
-FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE}
+FFNS: dict[str, type[nn.Module]] = {"dense": SwiGLU, "moe": MoE, "flexmoe": FlexMoE}
 
 
 class Block(nn.Module):

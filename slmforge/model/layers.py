@@ -8,10 +8,13 @@ Shapes: B batch, T time, H heads, D head dim, I/O in/out features, N rows, V voc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmforge.config.model import AttnConfig
 from slmforge.model.ops import choice, cpu
 
 
@@ -55,11 +58,32 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim // 2), in float32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None, scale: AttnConfig | None = None,
+                original_len: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim // 2), in float32.
+
+    ``scale`` (an ``AttnConfig``) extends the context by ``rope_factor`` over ``original_len`` tokens:
+    ``linear`` divides every frequency by the factor (position interpolation, arXiv 2306.15595); ``ntk`` raises
+    the base to theta * factor^(D / (D - 2)), so the lowest frequency is interpolated and the highest kept; ``yarn``
+    (arXiv 2309.00071) keeps the frequencies that turn more than ``yarn_beta_fast`` times in the original context,
+    interpolates those turning fewer than ``yarn_beta_slow`` times, ramps linearly between, and scales the logits'
+    temperature by (0.1 ln factor + 1)^2 through cos and sin. Factor 1 is no scaling in every mode.
+    """
+    dims = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim
+    kind, factor = (scale.rope_scaling, scale.rope_factor) if scale is not None else ("none", 1.0)
+    if kind == "ntk":
+        theta = theta * factor ** (head_dim / max(head_dim - 2, 1))
+    inv_freq = 1.0 / (theta ** dims)  # (D/2,)
+    mscale = 1.0
+    if kind == "linear":
+        inv_freq = inv_freq / factor
+    elif kind == "yarn":
+        turns = original_len * inv_freq / (2 * math.pi)  # rotations of each pair over the original context
+        keep = ((turns - scale.yarn_beta_slow) / max(scale.yarn_beta_fast - scale.yarn_beta_slow, 1e-6)).clamp(0, 1)
+        inv_freq = inv_freq / factor * (1 - keep) + inv_freq * keep
+        mscale = 0.1 * math.log(factor) + 1.0
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return angles.cos() * mscale, angles.sin() * mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,9 @@ one token for every row and ``keep`` drops the rows that finished. Each row so g
 alone (up to float rounding), whatever joins or leaves around it; the tests compare the answers with
 ``generate`` one prompt at a time.
 
+A vision run's images enter at the prefill (``prompt_images``: the features of the joining rows' images and
+their slots); after it the caches hold them like any other prompt token.
+
 ``JobQueue`` is the bounded queue in front of it: ``put`` refuses jobs beyond ``max_queue`` (the server answers
 429) and all jobs once closed (a server shutting down: 503), ``drop`` ends waiting jobs that were cancelled or
 expired without waiting for a free row.
@@ -119,12 +122,17 @@ class RunningBatch:
         """One left-padded forward over the distinct prompts of ``jobs`` -> (logits (J, V) of each job's last
         prompt token, the prompts' caches, (J,) each job's row in them)."""
         device = next(self.model.parameters()).device
-        rows: dict[tuple[int, ...], int] = {}
-        index = torch.tensor([rows.setdefault(tuple(j.ids), len(rows)) for j in jobs], device=device)
-        width = max(map(len, rows))
-        tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in rows], device=device)
-        caches = self.model.init_cache(len(rows), width, num_pad=torch.tensor([width - len(p) for p in rows]))
-        logits = self.model(tokens, cache=caches, last_only=True)[0][:, -1]
+        # A request's choices share their images (the same tensor), so a prompt is its ids and its images.
+        rows: dict[tuple, int] = {}
+        index = torch.tensor([rows.setdefault((tuple(j.ids), id(j.images)), len(rows)) for j in jobs], device=device)
+        prompts = list({(tuple(j.ids), id(j.images)): j for j in jobs}.values())  # (J',): one job per row
+        width = max(len(j.ids) for j in prompts)
+        tokens = torch.tensor([[0] * (width - len(j.ids)) + j.ids for j in prompts], device=device)
+        caches = self.model.init_cache(len(rows), width, num_pad=torch.tensor([width - len(j.ids) for j in prompts]))
+        images, slots = prompt_images(prompts)
+        if images is not None:  # (J', width) slot mask, left-padded as the tokens
+            slots = torch.tensor([[False] * (width - len(m)) + m for m in slots], device=device)
+        logits = self.model(tokens, cache=caches, last_only=True, images=images, image_mask=slots)[0][:, -1]
         return logits[index], caches, index
 
     def add(self, jobs: list, caches: list, index: torch.Tensor, ids: torch.Tensor) -> None:
@@ -167,6 +175,15 @@ class RunningBatch:
                 cache.keep(index)
             self.ids = ids[index]
             self.jobs, self.lengths = [self.jobs[r] for r in live], [self.lengths[r] for r in live]
+
+
+def prompt_images(jobs: list) -> tuple[torch.Tensor | None, list[list[bool]] | None]:
+    """The images of ``jobs``' prompts for one batch: their features (N, P, F) in row order and every row's slot
+    mask (all False for a row without images), or (None, None) when none has an image."""
+    if all(j.images is None for j in jobs):
+        return None, None
+    images = torch.cat([j.images for j in jobs if j.images is not None])
+    return images, [j.image_slots if j.images is not None else [False] * len(j.ids) for j in jobs]
 
 
 def _copy_rows(dst, src, rows: slice, index: torch.Tensor, width: int) -> None:

@@ -44,6 +44,9 @@ def _check_exportable(cfg: ModelConfig) -> None:
         raise ValueError(f"export_hf: model.layers={cfg.layers!r} has DeepSeek sparse attention (dsa) layers, whose "
                          f"indexer and top-k key selection LlamaForCausalLM cannot represent; serve this run with "
                          f"slmforge")
+    if cfg.attn.rope_scaling != "none" and cfg.attn.rope_factor != 1:
+        raise ValueError(f"export_hf: model.attn.rope_scaling={cfg.attn.rope_scaling!r} is not exported (the "
+                         f"config.json would say plain RoPE); serve this run with slmforge")
     if kinds != ["attn"] or cfg.ffn != "dense" or cfg.attn.window:
         raise ValueError(f"export_hf: only attention-only dense models map onto LlamaForCausalLM; this model has "
                          f"model.layers={cfg.layers!r} (mixers {kinds}), model.ffn={cfg.ffn!r}, "

@@ -23,12 +23,23 @@ Chat content and completion prompts are tokenized as text: ``<|end|>`` in them i
 ``tools="calculator"`` (a server setting) runs the GSM8K calculator (``tools.py``) in every answer; a request's
 ``"tools": "calculator"`` in its own. ``/`` is the chat web page (``webpage.py``).
 
-long: a little over 400 lines since the limits came in; each check sits next to the request handling it guards.
+Images (a vision run, ``serve/vision.py``): a user message's content may hold one OpenAI ``image_url`` part, a
+base64 data URL (``data:image/png;base64,...``; the server fetches nothing, so an http(s) URL is a 400), one image
+per request. Its encoder features (the run's frozen ``vision/`` encoder, loaded at start) fill P image slots at the
+front of that user turn, whatever the part's place among the text parts, and such a prompt has no leading EOS:
+``vision.vision_prompt``'s layout, the one the projector was trained on. A corrupt, huge or non-image payload, an
+image anywhere but a user message, a second image, or any image sent to a run without a vision part is a 400 naming
+the part (``messages[i].content[j].image_url``). The default ``max_body_bytes`` leaves room for an image of about
+730 KB (base64 adds a third); the encoder reads images at its own small size anyway.
+
+long: over 400 lines since the limits and images came in; each check sits next to the request handling it guards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import os
@@ -46,9 +57,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from slmforge.checkpoint import load_for_inference
+from slmforge.checkpoint import find_checkpoint, load_for_inference
 from slmforge.tokens.tokenizer import CHAT_ROLES
 from slmforge.serve.tools import check_tools, make_tool
+from slmforge.serve.vision import image_features, load_encoder, read_image
 from slmforge.serve.webpage import add_webpage
 from slmforge.serve.worker import Job, QueueFull, Worker
 
@@ -98,14 +110,29 @@ class _Request(BaseModel):
         return tools
 
 
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class _ImageURL(BaseModel):
+    url: str
+    detail: str | None = None  # OpenAI's "low" / "high" / "auto": the encoder has one size
+
+
+class _Part(BaseModel):
+    """A content part, {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}; one
+    model rather than a union of two, so that a bad part's error names its own field."""
+
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: _ImageURL | None = None
+
+    @model_validator(mode="after")
+    def _has_its_field(self):
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type} part needs its {self.type} field")
+        return self
 
 
 class _Message(BaseModel):
     role: str
-    content: str | list[_TextPart]
+    content: str | list[_Part]
 
 
 class ChatRequest(_Request):
@@ -121,9 +148,10 @@ class _Api:
     """The request side of one app: checks, turns requests into jobs and the worker's events into responses."""
 
     def __init__(self, worker: Worker, tokenizer, model_name: str, api_key: str | None, context_length: int,
-                 device: torch.device, limits: dict):
+                 device: torch.device, limits: dict, encoder: torch.nn.Module | None = None):
         self.worker, self.tokenizer, self.model_name, self.api_key = worker, tokenizer, model_name, api_key
         self.context_length, self.device, self.limits = context_length, device, limits
+        self.encoder = encoder  # a vision run's frozen image encoder; None: the model reads text only
         self.created = int(time.time())
         self.tool = None  # tools.py's calculator with build_app's tools="calculator"
         self.chat_stop_ids = tuple(tokenizer.token_id(t) for t in CHAT_STOP_TOKENS)
@@ -157,11 +185,11 @@ class _Api:
                            param=param, code="context_length_exceeded")
         return [s for s in stop if s]
 
-    async def make_job(self, req: _Request, param: str, num_chars: int, encode: Callable[[], list[int]],
+    async def make_job(self, req: _Request, param: str, num_chars: int, encode: Callable[[], tuple],
                        max_tokens: int | None, stop_ids: tuple[int, ...]) -> list[Job]:
+        """``encode`` (run on a thread) -> the prompt's (ids, image features (N, P, F) or None, slot mask or None)."""
         stop = self.check_request(req, param, num_chars)
-        # Token shards start every document after EOS, as ``generate.stream_text`` does.
-        ids = [self.tokenizer.eos_id] + await asyncio.to_thread(encode)
+        ids, images, image_slots = await asyncio.to_thread(encode)
         context_length = self.context_length
         max_tokens = max_tokens or max(1, context_length - len(ids))
         if len(ids) + max_tokens > context_length:
@@ -172,7 +200,8 @@ class _Api:
         return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
                    stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator,
                    tool=self.tool or (make_tool(req.tools, self.tokenizer) if isinstance(req.tools, str) else None),
-                   deadline=time.monotonic() + self.limits["request_timeout_s"]).choices(req.n, req.seed)
+                   deadline=time.monotonic() + self.limits["request_timeout_s"], images=images,
+                   image_slots=image_slots).choices(req.n, req.seed)
 
     def submit(self, jobs: list[Job]) -> asyncio.Queue:
         """Queue a request's ``jobs`` (429 when the worker's queue is full, 503 when it is stopping); returns the
@@ -264,14 +293,15 @@ class _Api:
 
     async def chat_completions(self, req: ChatRequest, request: Request):
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                     else "".join(part.text for part in m.content)} for m in req.messages]
+                     else "".join(part.text for part in m.content if part.type == "text")} for m in req.messages]
         bad = next((m.role for m in req.messages if m.role not in CHAT_ROLES), None)
         if bad is not None:
             raise APIError(400, f"messages: unknown role {bad!r}; expected one of {', '.join(CHAT_ROLES)}.",
                            param="messages")
+        images = self.image_parts(req)
         # The template adds 3 control tokens per message at most (role, end, the assistant's role).
         num_chars = sum(len(m["content"]) for m in messages) + 3 * len(messages) * self.max_token_chars
-        jobs = await self.make_job(req, "messages", num_chars, lambda: self.tokenizer.encode_chat(messages),
+        jobs = await self.make_job(req, "messages", num_chars, lambda: self.chat_prompt(messages, images),
                                    req.max_completion_tokens or req.max_tokens, self.chat_stop_ids)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.model_name}
         if req.stream:
@@ -284,9 +314,61 @@ class _Api:
             "index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
             for i, (text, reason) in enumerate(results)]}
 
+    def image_parts(self, req: ChatRequest) -> dict[int, tuple[str, str]]:
+        """The image parts of ``req``, checked without decoding them -> {message index: (param, base64 data)}."""
+        found: dict[int, tuple[str, str]] = {}
+        for i, message in enumerate(req.messages):
+            for j, part in enumerate(message.content if isinstance(message.content, list) else []):
+                if part.type != "image_url":
+                    continue
+                param = f"messages[{i}].content[{j}].image_url"
+                head, comma, data = part.image_url.url.partition(",")
+                problem = ("this model has no vision part; it reads text only" if self.encoder is None else
+                           "images are read in user messages only" if message.role != "user" else
+                           "at most one image per request" if found else
+                           "only base64 data URLs (data:image/png;base64,...) are accepted; this server fetches "
+                           "nothing from the internet" if not head.startswith("data:") else
+                           "a data URL must be base64-encoded (data:<type>;base64,<data>)"
+                           if not (comma and head.endswith(";base64")) else None)
+                if problem is not None:
+                    raise APIError(400, f"{param}: {problem}.", param=param)
+                found[i] = (param, data)
+        return found
+
+    def chat_prompt(self, messages: list[dict], images: dict[int, tuple[str, str]]) -> tuple:
+        """The chat prompt -> (ids, image features (N, P, F) or None, slot mask or None). Text only: EOS first, as
+        token shards start every document (``generate.stream_text``); with an image: its P slots at the front of
+        its user turn and no EOS (module docstring)."""
+        tok = self.tokenizer
+        if not images:
+            return [tok.eos_id] + tok.encode_chat(messages), None, None
+        ids, slots, features = [], [], []
+        for i, message in enumerate(messages):
+            turn = tok.encode_chat([message], add_generation_prompt=False)  # role, text, end
+            num_slots = 0
+            if i in images:
+                features.append(self.read_image(*images[i]))
+                num_slots = features[-1].shape[1]
+            ids += [turn[0], *[tok.pad_id] * num_slots, *turn[1:]]
+            slots += [False, *[True] * num_slots, *[False] * (len(turn) - 1)]
+        ids.append(tok.token_id(CHAT_ROLES["assistant"]))
+        return ids, torch.cat(features).to(self.device), slots + [False]
+
+    def read_image(self, param: str, data: str) -> torch.Tensor:
+        """A base64 image -> its encoder features (1, P, F); a bad payload is a 400 naming ``param``."""
+        try:
+            image = read_image(base64.b64decode("".join(data.split()), validate=True), param)
+        except binascii.Error as e:
+            raise APIError(400, f"{param}: the data URL is not valid base64 ({e}).", param=param) from None
+        except ValueError as e:
+            raise APIError(400, f"{e}.", param=param) from None
+        return image_features(self.encoder, [image])
+
     async def completions(self, req: CompletionRequest, request: Request):
-        jobs = await self.make_job(req, "prompt", len(req.prompt), lambda: self.tokenizer.encode_text(req.prompt),
-                                   req.max_tokens, ())
+        def encode() -> tuple:  # token shards start every document after EOS, as ``generate.stream_text`` does
+            return [self.tokenizer.eos_id] + self.tokenizer.encode_text(req.prompt), None, None
+
+        jobs = await self.make_job(req, "prompt", len(req.prompt), encode, req.max_tokens, ())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
 
@@ -312,11 +394,13 @@ class _Api:
 
 async def _invalid(request, e: RequestValidationError):
     """Malformed JSON, missing fields and out-of-range values: 400 (FastAPI's default is 422)."""
-    first = e.errors()[0]
+    # A union (message content: a string or a list of parts) fails once per branch: the deepest error says most.
+    first = max(e.errors(), key=lambda error: len(error["loc"]))
     if first["type"] == "json_invalid":
         message, param = f"invalid JSON at character {first['loc'][-1]}: {first['ctx']['error']}", None
     else:
-        param = ".".join(str(p) for p in first["loc"][1:]) or None
+        # Without the union's branch names ("str", "list[_Part]").
+        param = ".".join(str(p) for p in first["loc"][1:] if p != "str" and "[" not in str(p)) or None
         # No field named: not a JSON object, or (FastAPI's CSRF guard) sent without Content-Type: application/json
         message = f"{param}: {first['msg']}" if param else \
             f"the body must be a JSON object sent with Content-Type: application/json ({first['msg']})"
@@ -379,16 +463,18 @@ def _add_routes(app: FastAPI, api: _Api) -> None:
 def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max_batch: int = 8,
               context_length: int | None = None, batch_window_s: float = 0.02, max_body_bytes: int = 1_000_000,
               max_queue: int = 64, request_timeout_s: float = 60.0, max_stop: int = 4,
-              max_stop_chars: int = 64, tools: str = "", batching: str = "continuous") -> FastAPI:
+              max_stop_chars: int = 64, tools: str = "", batching: str = "continuous",
+              encoder: torch.nn.Module | None = None) -> FastAPI:
     """The FastAPI app serving ``model``; its worker starts and stops with the app (``app.state.worker``).
 
     ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens; the limits are
-    described in the module docstring.
+    described in the module docstring. ``encoder``: a vision run's image encoder (``vision.load_encoder``), for
+    requests with images.
     """
     worker = Worker(model, tokenizer, max_batch, batch_window_s, max_queue, batching)
     limits = {"request_timeout_s": request_timeout_s, "max_stop": max_stop, "max_stop_chars": max_stop_chars}
     api = _Api(worker, tokenizer, model_name, api_key, context_length or model.cfg.max_seq_len,
-               next(model.parameters()).device, limits)
+               next(model.parameters()).device, limits, encoder)
     api.tool = make_tool(tools, tokenizer)
 
     @asynccontextmanager
@@ -434,13 +520,14 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, device: str | None = None, **limits) -> None:
-    """Load a run or checkpoint folder and serve it until interrupted. The API key defaults to $SLMFORGE_API_KEY;
-    ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s, max_stop, max_stop_chars, tools,
-    batching."""
+    """Load a run or checkpoint folder (and a vision run's image encoder) and serve it until interrupted. The API
+    key defaults to $SLMFORGE_API_KEY; ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s,
+    max_stop, max_stop_chars, tools, batching."""
     import uvicorn
 
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = load_encoder(find_checkpoint(checkpoint)[0].root) if cfg.model.vision.feature_dim else None
     app = build_app(model, tokenizer, model_name or cfg.name, api_key or os.environ.get("SLMFORGE_API_KEY"),
-                    max_batch, **limits)
+                    max_batch, encoder=encoder, **limits)
     uvicorn.run(app, host=host, port=port)
 

@@ -15,6 +15,9 @@ prefill for its first token; "static" takes the first job waiting plus the other
 ``max_batch``, and decodes them in one left-padded batch (``generate.PaddedDecoder``) that nothing joins until its
 last row has finished; after a batch of k > 1 rows it waits up to ``batch_window_s`` for k jobs. Every model
 batches either way, whatever its mixers: the padding lives in the model's caches (``LM.init_cache(num_pad=...)``).
+Images (a vision run): a job carries its images' encoder features and its prompt's image slots; they enter the
+model at the prefill only (rows without images have no slots), and the caches carry them from there, so jobs
+with and without images share batches in either scheduler.
 Limits. ``submit`` refuses jobs (``QueueFull``) when ``max_queue`` jobs already wait; the server answers 429. A
 job past its ``deadline`` (``time.monotonic()``) finishes at the worker's next step, waiting or decoding (static:
 when it is taken from the queue), with the text decoded so far and finish_reason "length", as if max_tokens were
@@ -34,7 +37,7 @@ from typing import Callable
 import torch
 
 from slmforge.log import log
-from slmforge.serve.batching import JobQueue, QueueFull, RunningBatch, ShuttingDown, unmergeable
+from slmforge.serve.batching import JobQueue, QueueFull, RunningBatch, ShuttingDown, prompt_images, unmergeable
 from slmforge.serve.generate import PaddedDecoder, sample_next
 from slmforge.serve.tools import Tool, force
 
@@ -57,6 +60,8 @@ class Job:
     cancelled: bool = False  # set by the request side when its client goes away
     deadline: float = float("inf")  # time.monotonic() after which the job ends with finish_reason "length"
     tool: Tool | None = None  # tools.py: ids to force after each token (the calculator)
+    images: torch.Tensor | None = None  # (N, P, F): its images' encoder features, fed at the prefill only
+    image_slots: list[bool] | None = None  # per prompt id: an image slot (N * P of them, in order)
     index: int = 0  # which of its request's n choices
     queued: float = 0.0  # time.monotonic() when it was submitted
     new: list[int] = field(default_factory=list)
@@ -247,7 +252,9 @@ class Worker:
         self.num_rows += len(jobs)
         self.active_rows = len(jobs)
         try:
-            decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs))
+            images, slots = prompt_images(jobs)
+            decoder = PaddedDecoder(self.model, [j.ids for j in jobs], max(j.max_tokens for j in jobs),
+                                    images=images, image_slots=slots)
             logits = decoder.prefill()  # (B, V)
             while True:
                 nxt = force(_sample(logits, jobs), [j.forced for j in jobs])  # (B,)

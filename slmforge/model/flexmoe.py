@@ -1,0 +1,91 @@
+"""FlexOlmo's FFN: the base model's FFN (the anchor expert) plus one expert FFN per data source, domain-routed.
+
+FlexOlmo (Shi et al. 2025, arXiv 2507.07024): every data owner trains an expert FFN of the base FFN's size on its
+own data, coupled to the frozen base FFN in a 2-expert MoE, so that independently trained experts stay compatible;
+the merged model stacks the anchor and all experts behind one router whose rows are the experts' router embeddings
+(built from each domain's data, ``slmforge/post/flex.py``). Opting a source out deletes its expert and its router
+row; nothing is retrained.
+
+Routing per token: logits ``x @ [r_anchor; r_1 .. r_N]^T``, the ``top_k`` highest (all when 0 or more than the
+experts), their softmax as gate weights; the chosen experts run through ``moe.moe_dispatch`` (``moe_reference``
+beside it). The anchor and the expert rows are separate parameters, so expert training freezes the anchor and its
+router row by ``requires_grad`` alone. With no experts the layer is the anchor SwiGLU itself, bit for bit.
+
+Shapes: B batch, T time, C d_model, N tokens (B*T), S expert FFNs (sources), E = S + 1 with the anchor, H ffn_dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slmforge.config import ModelConfig
+from slmforge.model.cost import LayerCost
+from slmforge.model.ffn import SwiGLU
+from slmforge.model.layers import linear
+from slmforge.model.moe import moe_dispatch, moe_reference
+
+
+def flex_sources(cfg: ModelConfig) -> list[str]:
+    """The expert names of ``model.flexmoe.sources``, in router order."""
+    return [s.strip() for s in cfg.flexmoe.sources.split(",") if s.strip()]
+
+
+def active_experts(cfg: ModelConfig) -> int:
+    """Experts a token runs through: ``top_k`` of anchor + sources (all when top_k is 0 or larger)."""
+    e = len(flex_sources(cfg)) + 1
+    return e if cfg.flexmoe.top_k <= 0 else min(cfg.flexmoe.top_k, e)
+
+
+class FlexMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, h = cfg.d_model, cfg.ffn_dim
+        self.sources = flex_sources(cfg)
+        s = len(self.sources)
+        self.top_k = active_experts(cfg)
+        self.anchor = SwiGLU(cfg)  # the base FFN: blocks.i.ffn.anchor.* holds the base's blocks.i.ffn.*
+        self.w13 = nn.Parameter(torch.empty(s, c, 2 * h))  # per expert: gate (w1) then up (w3) columns, as moe.py
+        self.w2 = nn.Parameter(torch.empty(s, h, c))
+        self.router_anchor = nn.Parameter(torch.empty(1, c))
+        self.router_experts = nn.Parameter(torch.empty(s, c))
+        self.reference = False  # True: moe_reference instead of moe_dispatch (tests)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        self.anchor.reset_parameters(std, out_std)
+        nn.init.normal_(self.w13, mean=0.0, std=std)
+        nn.init.normal_(self.w2, mean=0.0, std=out_std)
+        nn.init.normal_(self.router_anchor, mean=0.0, std=std)
+        nn.init.normal_(self.router_experts, mean=0.0, std=std)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C) -> chosen experts (N, K) (0 is the anchor) and their softmax gate weights (N, K), float32."""
+        logits = linear(x, torch.cat([self.router_anchor, self.router_experts]))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        top = logits.topk(self.top_k, dim=-1)
+        return top.indices, top.values.softmax(-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        if not self.sources:
+            return self.anchor(x)
+        b, t, c = x.shape
+        flat = x.reshape(-1, c)
+        chosen, weights = self.route(flat)
+        # The anchor as expert 0 of the stacked weights: SwiGLU's (2H, C) and (C, H) matrices transposed.
+        w13 = torch.cat([self.anchor.w13.weight.t()[None], self.w13])  # (E, C, 2H)
+        w2 = torch.cat([self.anchor.w2.weight.t()[None], self.w2])  # (E, H, C)
+        y = (moe_reference if self.reference else moe_dispatch)(flat, chosen, weights, w13, w2)
+        return y.view(b, t, c), 0.0
+
+    @staticmethod
+    def cost(cfg: ModelConfig, seq_len: int) -> LayerCost:
+        """All experts' parameters; a token's matmuls use the router and ``active_experts`` SwiGLUs."""
+        c, h, e, k = cfg.d_model, cfg.ffn_dim, len(flex_sources(cfg)) + 1, active_experts(cfg)
+        expert = 3 * c * h
+        params, active = e * c + e * expert, e * c + k * expert
+        if e == 1:  # the anchor alone: a plain SwiGLU, no router in the forward
+            return LayerCost(params, active - c, activation_bytes=2 * (c + 4 * h), inactive_params=c)
+        # Saved: the normed input, the router logits (fp32), per chosen copy the gathered input, gate/up outputs,
+        # silu and product, and the expert output.
+        saved = 2 * c + 4 * e + 2 * k * (2 * c + 4 * h)
+        return LayerCost(params, active, activation_bytes=saved, inactive_params=params - active)
