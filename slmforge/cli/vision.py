@@ -68,9 +68,9 @@ class TrainArgs:
 
 @dataclass
 class DescribeArgs:
-    """``slmforge vision describe RUN image.png [more.png] prompt="Describe the image."``."""
+    """``slmforge vision describe RUN image.png [more.png] [prompt=...]``."""
 
-    prompt: str = "Describe the image."
+    prompt: str = ""  # "" = the run's template's: none after the image (plain), "Describe the image." (chat)
     max_new_tokens: int = 32
     temperature: float = 0.0
 
@@ -134,7 +134,7 @@ def cmd_describe(args) -> None:
     model, tokenizer, _ = load_for_inference(args.run_dir)
     if model.projector is None:
         raise ValueError(f"{args.run_dir}: the model has no vision projector; train one with slmforge vision train")
-    for name, text in zip(files, describe(model, tokenizer, load_encoder(args.run_dir), images, cfg.prompt,
+    for name, text in zip(files, describe(model, tokenizer, load_encoder(args.run_dir), images, cfg.prompt or None,
                                           cfg.max_new_tokens, temperature=cfg.temperature)):
         print(f"{name}: {text}" if len(files) > 1 else text)
     sys.stdout.flush()
@@ -159,7 +159,7 @@ def register(sub) -> None:
     q = vsub.add_parser("train", help="train the projector (stage 1) or projector and LM (stage 2) from a run")
     q.add_argument("run_dir", help="the trained text run to start from")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="data=, encoder=, stage=, projector=, "
-                   "limit=, and any run key (train.max_steps=..., name=...)")
+                   "limit=, and any run key (train.max_steps=..., name=..., model.vision.template=chat)")
     q.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
     q.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
     q.set_defaults(fn=cmd_train, config_cls=TrainArgs)

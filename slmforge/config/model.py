@@ -113,6 +113,10 @@ class VisionConfig:
     feature_dim: int = 0
     projector: Literal["linear", "mlp"] = "linear"  # mlp: LLaVA-1.5's Linear-GELU-Linear
     num_tokens: int = 17  # image slots per image: the encoder's patch features (and summary), what the encoder gives
+    # How an image and its text sit in the sequence: plain (LLaVA's stage-1 template: the image slots, then the
+    # text, ended by a newline; for a base model that never saw the chat tokens) or chat (the slots at the front of
+    # the user's turn; for a chat-tuned model)
+    template: Literal["plain", "chat"] = "plain"
 
 
 @dataclass

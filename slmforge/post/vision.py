@@ -5,9 +5,10 @@ LLaVA's two stages (arXiv 2304.08485) on the generated scenes (``synth/images.py
            its summary token; then it is frozen and saved (``vision/encoder.*``). A Hugging Face or timm tower from
            local weights can stand in for it (``encoder.json`` with kind hf / timm, nothing to train).
   train    ``train_projector``: a new run from a trained text run, with ``model.vision`` set from the encoder; the
-           encoder's features of every image are computed once (the encoder is frozen), each example is the chat
-           turn ``<|user|>[P image slots]Describe the image.<|end|><|assistant|>caption<|end|>`` with the loss on the
-           caption and its ``<|end|>`` only, and the one training loop runs with ``train.trainable=projector``
+           encoder's features of every image are computed once (the encoder is frozen); an example is the image's
+           P slots then its caption, in LLaVA's stage-1 ``plain`` template (``[slots] caption\n``) or the chat one
+           (``<|user|>[slots]Describe the image.<|end|><|assistant|>caption<|end|>``, for a chat-tuned model), with the
+           loss on the caption and its end only; the one training loop runs with ``train.trainable=projector``
            (stage 1: the LM's weights stay bit-identical) or every weight (``stage=2``, joint tuning).
 """
 
@@ -28,7 +29,8 @@ from slmforge.log import log
 from slmforge.model.vision import SmallCNN
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir
-from slmforge.serve.vision import DESCRIBE_PROMPT, image_features, load_encoder, read_image, save_encoder, to_tensor
+from slmforge.serve.vision import (answer_ids, default_prompt, image_features, load_encoder, read_image, save_encoder,
+                                   to_tensor, vision_prompt)
 from slmforge.synth.images import COLOURS, COUNTS, KINDS, POSITIONS, RELATIONS, SHAPES, SIZES
 from slmforge.train.loop import RunResult, train
 from slmforge.train.task import Task
@@ -69,7 +71,8 @@ def train_encoder(data: str | Path, out: str | Path, dim: int = 128, steps: int 
     validation accuracy of each head."""
     train_recs, val_recs = read_manifest(data, "train", limit), read_manifest(data, "validation")
     size = read_image(train_recs[0]["path"]).width
-    x_train, x_val = to_tensor(load_images(train_recs, "images"), size), to_tensor(load_images(val_recs, "images"), size)
+    x_train = to_tensor(load_images(train_recs, "images"), size)
+    x_val = to_tensor(load_images(val_recs, "images"), size)
     y_train, y_val = labels(train_recs), labels(val_recs)
     torch.manual_seed(seed)
     encoder = SmallCNN(dim, size, heads={k: len(v) for k, v in HEADS.items()})
@@ -89,10 +92,14 @@ def train_encoder(data: str | Path, out: str | Path, dim: int = 128, steps: int 
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
     bar.close()
+    held = torch.tensor([bool(r["held_out"]) for r in val_recs])
     accuracy = head_accuracy(encoder.eval(), x_val, y_val)
+    accuracy_held_out = head_accuracy(encoder, x_val[held], {k: v[held] for k, v in y_val.items()})
     save_encoder(encoder, {"kind": "cnn", "dim": dim, "image_size": size}, out)
-    (Path(out) / "encoder_eval.json").write_text(json.dumps({"validation_accuracy": accuracy}, indent=1) + "\n")
-    log(f"vision encoder: validation accuracy {', '.join(f'{k} {v:.3f}' for k, v in accuracy.items())}; "
+    (Path(out) / "encoder_eval.json").write_text(json.dumps(
+        {"validation_accuracy": accuracy, "held_out_pairs_accuracy": accuracy_held_out}, indent=1) + "\n")
+    log(f"vision encoder: validation accuracy {', '.join(f'{k} {v:.3f}' for k, v in accuracy.items())}; on "
+        f"images with a held-out pair {', '.join(f'{k} {v:.3f}' for k, v in accuracy_held_out.items())}; "
         f"saved to {out}")
     return accuracy
 
@@ -119,13 +126,11 @@ class Captions:
         return self.tokens[idx], self.targets[idx], self.feats[idx], self.slots[idx]
 
 
-def encode_captions(tokenizer, records: list[dict], feats: torch.Tensor) -> Captions:
-    """The chat examples of ``records`` (module docstring), right-padded to one length."""
-    from slmforge.serve.vision import vision_prompt
-
-    prompt, slots = vision_prompt(tokenizer, feats.shape[1], DESCRIBE_PROMPT)
-    end, pad = tokenizer.token_id("<|end|>"), tokenizer.token_id("<|pad|>")
-    rows = [prompt + tokenizer.encode_text(r["caption"]) + [end] for r in records]
+def encode_captions(tokenizer, records: list[dict], feats: torch.Tensor, template: str) -> Captions:
+    """The examples of ``records`` in ``template`` (module docstring), right-padded to one length."""
+    prompt, slots = vision_prompt(tokenizer, feats.shape[1], default_prompt(template), template)
+    pad = tokenizer.token_id("<|pad|>")
+    rows = [prompt + answer_ids(tokenizer, r["caption"], template) for r in records]
     length = max(map(len, rows)) - 1
     tokens = torch.full((len(rows), length), pad)
     targets = torch.full((len(rows), length), -100)
@@ -199,8 +204,9 @@ def train_projector(base: str | Path, data: str | Path, encoder_dir: str | Path,
     train_recs, val_recs = read_manifest(data, "train", limit), read_manifest(data, "validation")
     feats = {s: image_features(encoder, load_images(r, f"{s} images")) for s, r in
              (("train", train_recs), ("validation", val_recs))}
-    train_c, val_c = encode_captions(tokenizer, train_recs, feats["train"]), encode_captions(
-        tokenizer, val_recs, feats["validation"])
+    template = cfg.model.vision.template
+    train_c = encode_captions(tokenizer, train_recs, feats["train"], template)
+    val_c = encode_captions(tokenizer, val_recs, feats["validation"], template)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=train_c.tokens.shape[1]))
     bs = cfg.train.batch_size
     val_batches = [val_c.batch(torch.arange(i, min(i + bs, len(val_recs)))) for i in range(0, len(val_recs), bs)]

@@ -113,22 +113,41 @@ def image_features(encoder: torch.nn.Module, images: list, batch_size: int = 256
     return torch.cat(out)
 
 
-def vision_prompt(tokenizer, num_tokens: int, text: str = DESCRIBE_PROMPT) -> tuple[list[int], list[bool]]:
-    """Prompt ids of a user turn with one image and ``text``, ready for the assistant's answer, and its slot mask."""
-    ids = [tokenizer.token_id("<|user|>"), *[tokenizer.token_id("<|pad|>")] * num_tokens,
-           *tokenizer.encode_text(text), tokenizer.token_id("<|end|>"), tokenizer.token_id("<|assistant|>")]
+def vision_prompt(tokenizer, num_tokens: int, text: str = DESCRIBE_PROMPT,
+                  template: str = "chat") -> tuple[list[int], list[bool]]:
+    """Prompt ids with one image and ``text``, ready for the answer, and its slot mask (``model.vision.template``):
+    chat: a user turn, ``<|user|>`` + slots + text + ``<|end|><|assistant|>``; plain: slots + text."""
+    pad = tokenizer.token_id("<|pad|>")
+    if template == "plain":
+        ids = [pad] * num_tokens + tokenizer.encode_text(text)
+        return ids, [True] * num_tokens + [False] * (len(ids) - num_tokens)
+    ids = [tokenizer.token_id("<|user|>"), *[pad] * num_tokens, *tokenizer.encode_text(text),
+           tokenizer.token_id("<|end|>"), tokenizer.token_id("<|assistant|>")]
     slots = [False] + [True] * num_tokens + [False] * (len(ids) - 1 - num_tokens)
     return ids, slots
 
 
-def describe(model, tokenizer, encoder, images: list, prompt: str = DESCRIBE_PROMPT, max_new_tokens: int = 32,
+def answer_ids(tokenizer, answer: str, template: str = "chat") -> list[int]:
+    """The ids the model learns to answer with: the text and its end (``<|end|>``; plain: a newline)."""
+    if template == "plain":
+        return tokenizer.encode_text(" " + answer.strip() + "\n")
+    return tokenizer.encode_text(answer) + [tokenizer.token_id("<|end|>")]
+
+
+def default_prompt(template: str) -> str:
+    return "" if template == "plain" else DESCRIBE_PROMPT
+
+
+def describe(model, tokenizer, encoder, images: list, prompt: str | None = None, max_new_tokens: int = 32,
              batch_size: int = 64, temperature: float = 0.0) -> list[str]:
-    """One answer per PIL image to ``prompt`` about it (greedy by default), batched, KV-cached."""
+    """One answer per PIL image to ``prompt`` about it (default: the template's; greedy by default), batched,
+    KV-cached. An answer ends at ``<|end|>``, or with the plain template at the end of its line."""
     from slmforge.serve.generate import generate_batch
 
-    num_tokens = model.cfg.vision.num_tokens
-    ids, slots = vision_prompt(tokenizer, num_tokens, prompt)
+    num_tokens, template = model.cfg.vision.num_tokens, model.cfg.vision.template
+    ids, slots = vision_prompt(tokenizer, num_tokens, default_prompt(template) if prompt is None else prompt, template)
     end = tokenizer.token_id("<|end|>")
+    stop = (lambda new: "\n" in tokenizer.decode(new[-2:])) if template == "plain" else None
     out = []
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
@@ -136,6 +155,6 @@ def describe(model, tokenizer, encoder, images: list, prompt: str = DESCRIBE_PRO
         if feats.shape[1] != num_tokens:
             raise ValueError(f"the encoder gives {feats.shape[1]} tokens per image, the model expects {num_tokens}")
         new = generate_batch(model, [ids] * len(chunk), max_new_tokens, eos_id=end, temperature=temperature,
-                             images=feats, image_slots=[slots] * len(chunk))
-        out += [tokenizer.decode(row).strip() for row in new]
+                             images=feats, image_slots=[slots] * len(chunk), stop=stop)
+        out += [tokenizer.decode(row).split("\n")[0].strip() for row in new]
     return out

@@ -11,9 +11,9 @@ Held-out combinations (``HELD_OUT``: colour-shape pairs) never appear in a train
 of a pair, so the test split measures composition, not recall. Scenes are deterministic by seed and images are
 real RGB PNG files (``write_split``), with one JSONL manifest line per image.
 
-The ``scenes`` procedural family (``scene_text``) writes the same captions as plain text: a base model trained
-on it knows the words a description uses, as a language model behind LLaVA knows English, and the projector
-only has to tell it which description the image shows.
+The ``scenes`` procedural family (``scene_text``) writes such captions as plain text, of every colour-shape pair: a
+base model trained on it knows the words a description uses, as the language model behind LLaVA knows English,
+and the projector only has to tell it which description the image shows.
 """
 
 from __future__ import annotations
@@ -210,7 +210,11 @@ def score_caption(text: str, kind: str, attrs: dict) -> dict[str, bool]:
 
 def scene_text(rng: random.Random) -> Document:
     """A procedural document of captions (``data.families: [scenes]``): the words of descriptions, no images.
-    Only training-split scenes, so held-out pairs are as new to the language model as to the projector."""
-    lines = [sample_scene(rng, "train").caption() for _ in range(rng.randint(3, 6))]
+
+    Every colour-shape pair appears, held-out ones included: the language model knows the phrase "red triangle" as
+    a language model knows English. What is held out is an image of a red triangle with its caption, which is what
+    the projector learns from; the text says nothing about which images show one.
+    """
+    lines = [sample_scene(rng, "any").caption() for _ in range(rng.randint(3, 6))]
     text = "\n".join(f"Picture {i + 1}: {line}" for i, line in enumerate(lines))
     return Document("", text, {"family": "scenes"})
