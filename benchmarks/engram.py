@@ -10,6 +10,12 @@ heads per order, 16 wide per table) at ``--rows`` rows per table, so the tables 
 sentences) and on general text, fact-question accuracy (the true value ranked first among its attribute's
 values, ``eval.facts``; chance about 1/11) and training tokens/s. Writes engram.json. Never run in CI.
 Example: ``python benchmarks/engram.py`` (the full run), ``--quick`` for a smoke run of a few tiny steps.
+
+``--speed N``: the cost of the memory alone. Every model is set up once in this process and the real training
+step (``train.loop.train_step``: forward, backward, clipping, AdamW) runs N timed rounds after 3 warm-up ones,
+every model one step per round in a rotating order, so a machine slowing down slows all alike; reported: median
+wall seconds and median CPU seconds of the step (the thread's own time, steadier on a shared machine) and
+tokens/s from each, relative to the baseline. Writes engram_speed.json.
 """
 
 from __future__ import annotations
@@ -86,6 +92,43 @@ def run_one(name: str, model, base, seed: int, out: Path, num_entities: int) -> 
             "val_loss": result.val_loss, **evaluate(result.run_dir, out, num_entities)}
 
 
+def speed(base, configs: dict, rounds: int, warmup: int = 3) -> dict:
+    """{model: median wall and CPU seconds per training step}, steps interleaved round-robin in one process."""
+    import time
+
+    from slmforge.train import distributed as dist
+    from slmforge.train.loop import setup, train_step
+
+    info = dist.init("cpu")
+    trainers = {name: setup(dataclasses.replace(base, name=f"speed_{i}", model=model), info, False, force=True)
+                for i, (name, model) in enumerate(configs.items())}
+    batches = {name: iter(tr.loader) for name, tr in trainers.items()}
+    wall, cpu = {name: [] for name in trainers}, {name: [] for name in trainers}
+    names = list(trainers)
+    for r in range(warmup + rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            tr = trainers[name]
+            w0, c0 = time.perf_counter(), time.thread_time()
+            train_step(tr, batches[name], tr.task.loss)
+            if r >= warmup:
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.thread_time() - c0)
+    tokens = base.train.batch_size * base.data.seq_len
+    return {name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name]),
+                   "tokens_per_step": tokens} for name in names}
+
+
+def format_speed(result: dict) -> str:
+    lines = ["| model | step, wall (median) | tokens/s, wall | step, CPU (median) | tokens/s, CPU | vs baseline (CPU) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    ref = result["baseline"]["cpu_s"]
+    for name, r in result.items():
+        tok = r["tokens_per_step"]
+        lines.append(f"| {name} | {1000 * r['wall_s']:.1f} ms | {tok / r['wall_s']:,.0f} | {1000 * r['cpu_s']:.1f} ms "
+                     f"| {tok / r['cpu_s']:,.0f} | {100 * (ref / r['cpu_s'] - 1):+.1f}% |")
+    return "\n".join(lines)
+
+
 def _spread(values: list[float], fmt: str) -> str:
     mean = statistics.mean(values)
     return format(mean, fmt) + (f" ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else "")
@@ -109,15 +152,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", type=int, nargs="+", default=[2_000, 8_000, 32_000], help="rows per table")
-    ap.add_argument("--entities", type=int, default=300, help="people in the knowledge base (6 facts each)")
-    ap.add_argument("--general-docs", type=int, default=6000, help="general-text training documents")
+    ap.add_argument("--entities", type=int, default=100, help="people in the knowledge base (6 facts each)")
+    ap.add_argument("--general-docs", type=int, default=1500, help="general-text training documents")
     ap.add_argument("--d-model", type=int, default=96)
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--out", default="runs/bench_engram")
     ap.add_argument("--quick", action="store_true", help="a small corpus, 6 steps, one seed: a smoke run")
+    ap.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
+                    help="time ROUNDS interleaved training steps of every model (no training runs, no evaluation)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds, args.rows, args.entities, args.general_docs = 6, [0], [500, 2000, 8000], 30, 200
+
+    import torch
 
     from slmforge.config import load_config
     from slmforge.plan import count_params, flops_per_token
@@ -131,6 +178,13 @@ def main() -> None:
         f"train.warmup_steps={max(1, args.steps // 10)}", "train.batch_size=16", "data.seq_len=128",
         "train.eval_batches=8"])
     configs = models(args.d_model, args.layers, args.rows)
+    if args.speed:
+        result = speed(base, configs, args.speed)
+        write_json(out / "engram_speed.json", {"rounds": args.speed, "models": result})
+        print(f"\n{args.speed} rounds, {base.train.batch_size} x {base.data.seq_len} tokens a step, "
+              f"{torch.get_num_threads()} threads\n")
+        print(format_speed(result))
+        return
     # Seeds interleaved (baseline, engram, ...) so that a machine slowing down affects every model alike.
     rows = [run_one(name, model, base, seed, out, args.entities) for seed in args.seeds
             for name, model in configs.items()]

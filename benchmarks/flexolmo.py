@@ -1,14 +1,22 @@
-"""FlexOlmo on CPU: a public base, one expert per private source of fictional facts, the merge, opt-out.
+"""FlexOlmo on CPU: a public base, one expert per private data owner's domain of fictional facts, the merge, opt-out.
 
 The base is ``recipes/tiny_cpu.yaml``'s model trained on public data only (procedural stories, the ``narrative``
-family). Three private sources are the disjoint entity sets of ``synth.knowledge.KnowledgeBase(num_sources=3)``;
-each trains its expert (``slmforge flex train``: the base frozen as the anchor expert) on its own biographies only.
-The experts are merged (``flex merge``, top-2 of anchor + 3 experts) and ``flex report`` prints the issue's one
-table: per domain, loss on held-out documents (new biographies of the same facts; public: held-out stories) and fact
-accuracy (the true value ranked first among its attribute's values) for the base, the expert alone, the merged
-model, the merged model with that source opted out, and the largest change of the other domains' accuracy when it
-is. Writes ``<out>/flexolmo.json``. Never run in CI. Example: ``python benchmarks/flexolmo.py`` (well under 20
-minutes on 2 cores); ``--quick`` for a smoke run of a few tiny steps.
+family). Three private sources are three data owners with different domains, the disjoint entity sets of
+``synth.knowledge.KnowledgeBase(num_sources=3, domains=[medicine, astronomy, finance])``: drugs (condition, form,
+side effect, organ), planets (gas, moons, mineral, climate) and companies (sector, product, currency, logo), each
+with its own sentences and vocabulary, as separate owners' data would be. Sources written in one style that differ
+only in entity names give the router nothing to separate them by: routing is by domain.
+
+Each owner trains its expert (``slmforge flex train``: the base frozen as the anchor expert) on its own biographies
+only. Routing (``post/flex.py``): each router row is the domain's mean FFN input under the base, with the bias
+``-|m|^2/2`` that makes the router pick the nearest domain mean; ``--top-k 1`` (default) trains each expert on the
+tokens routed to it and merges with top-1 of anchor + 3 experts, so every token runs one FFN and opting a source out
+moves only the tokens routed to it. ``flex report`` prints the issue's one table: per domain, loss on held-out
+documents (new biographies of the same facts; public: held-out stories) and fact accuracy (the true value ranked
+first among its attribute's values) for the base, the expert alone, the merged model, the merged model with that
+source opted out, the largest change of the other domains' accuracy when it is, and the merged model's routing share
+per domain and expert. Writes ``<out>/flexolmo.json``. Never run in CI. Example: ``python benchmarks/flexolmo.py``
+(about 30 minutes at 1 thread on a shared 2-core CPU); ``--quick`` for a smoke run of a few tiny steps.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+DOMAINS = ["medicine", "astronomy", "finance"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SIZES = {
-    "full": dict(base_steps=600, base_docs=6000, expert_steps=400, entities=120, phrasings=3),
+    "full": dict(base_steps=250, base_docs=4000, expert_steps=300, entities=120, phrasings=3),
     "quick": dict(base_steps=20, base_docs=600, expert_steps=10, entities=45, phrasings=2),
 }
 
@@ -61,6 +70,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench_flexolmo")
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few tiny steps")
     ap.add_argument("--seed", type=int, default=0, help="the knowledge base's seed")
+    ap.add_argument("--top-k", type=int, default=1, help="experts per token, in expert training and the merge")
     args = ap.parse_args()
     from slmforge.post.flex import flex_configs, flex_train
     from slmforge.post.flex_merge import flex_merge, flex_report, markdown
@@ -71,12 +81,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     base = train_base(out, size)
-    kb = KnowledgeBase(size["entities"], num_sources=3, seed=args.seed, num_phrasings=size["phrasings"])
+    kb = KnowledgeBase(size["entities"], num_sources=3, seed=args.seed, num_phrasings=size["phrasings"],
+                       domains=DOMAINS)
     experts, timings = [], {"base_s": time.perf_counter() - start}
     for source in kb.sources:
         t0 = time.perf_counter()
         steps = size["expert_steps"]
-        keys = [f"source=s{source}", *source_files(out, kb, source), f"train.max_steps={steps}",
+        keys = [f"source={kb.domains[source]}", *source_files(out, kb, source), f"train.max_steps={steps}",
+                f"top_k={args.top_k}", f"train_router={args.top_k != 1}",
                 f"train.eval_every={max(steps // 4, 1)}", f"train.ckpt_every={steps}", "train.lr_peak=3e-3",
                 "train.batch_size=8", "data.seq_len=128"]  # biographies are ~130 tokens
         flex, cfg = flex_configs(base, keys)
@@ -85,7 +97,7 @@ def main() -> None:
         experts.append(cfg.run_dir)
         timings[f"expert_s{source}_s"] = time.perf_counter() - t0
     shutil.rmtree(out / "base_flex", ignore_errors=True)
-    merged = flex_merge(base, experts, top_k=2)
+    merged = flex_merge(base, experts, top_k=args.top_k)
     report = flex_report(merged)
     timings["total_s"] = time.perf_counter() - start
     print(markdown(report), end="")

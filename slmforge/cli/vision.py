@@ -49,6 +49,7 @@ class EncoderArgs:
     lr: float = 2e-3
     seed: int = 0
     limit: int = 0  # training images used; 0 = all
+    attribute_tokens: bool = False  # cnn: one more token per attribute head (its class probabilities)
 
     def validate(self, prefix: str = "") -> None:
         check_min(self, prefix, 1, "dim steps batch_size")
@@ -98,7 +99,8 @@ def cmd_encoder(args) -> None:
     if cfg.kind == "cnn":
         from slmforge.post.vision import train_encoder
 
-        train_encoder(cfg.data, cfg.out, cfg.dim, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.limit)
+        train_encoder(cfg.data, cfg.out, cfg.dim, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.limit,
+                      cfg.attribute_tokens)
         return
     from slmforge.serve.vision import build_encoder, save_encoder
 

@@ -6,10 +6,14 @@ the merged model stacks the anchor and all experts behind one router whose rows 
 (built from each domain's data, ``slmforge/post/flex.py``). Opting a source out deletes its expert and its router
 row; nothing is retrained.
 
-Routing per token: logits ``x @ [r_anchor; r_1 .. r_N]^T``, the ``top_k`` highest (all when 0 or more than the
-experts), their softmax as gate weights; the chosen experts run through ``moe.moe_dispatch`` (``moe_reference``
-beside it). The anchor and the expert rows are separate parameters, so expert training freezes the anchor and its
-router row by ``requires_grad`` alone. With no experts the layer is the anchor SwiGLU itself, bit for bit.
+Routing per token: logits ``x @ [r_anchor; r_1 .. r_N]^T + [b_anchor; b_1 .. b_N]``, the ``top_k`` highest (all
+when 0 or more than the experts), their softmax as gate weights; the chosen experts run through
+``moe.moe_dispatch`` (``moe_reference`` beside it). The anchor and the expert rows are separate parameters, so
+expert training freezes the anchor and its router row by ``requires_grad`` alone. With no experts the layer is the
+anchor SwiGLU itself, bit for bit. The biases ``b`` (``router_anchor_bias``, ``router_experts_bias``; zero: plain
+dot routing) let the router be a nearest-centroid classifier: rows ``m`` (domain means) and biases ``-|m|^2 / 2``
+give ``argmax x.m - |m|^2/2 = argmin |x - m|``, so a domain whose mean hidden state has the larger norm does not
+win every token (``post/flex.py``: ``router_row``, also its whitened form).
 
 Shapes: B batch, T time, C d_model, N tokens (B*T), S expert FFNs (sources), E = S + 1 with the anchor, H ffn_dim.
 """
@@ -49,6 +53,8 @@ class FlexMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(s, h, c))
         self.router_anchor = nn.Parameter(torch.empty(1, c))
         self.router_experts = nn.Parameter(torch.empty(s, c))
+        self.router_anchor_bias = nn.Parameter(torch.zeros(1))
+        self.router_experts_bias = nn.Parameter(torch.zeros(s))
         self.reference = False  # True: moe_reference instead of moe_dispatch (tests)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -57,11 +63,18 @@ class FlexMoE(nn.Module):
         nn.init.normal_(self.w2, mean=0.0, std=out_std)
         nn.init.normal_(self.router_anchor, mean=0.0, std=std)
         nn.init.normal_(self.router_experts, mean=0.0, std=std)
+        nn.init.zeros_(self.router_anchor_bias)
+        nn.init.zeros_(self.router_experts_bias)
+
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C) -> (N, E) router logits, at least float32; column 0 is the anchor."""
+        logits = linear(x, torch.cat([self.router_anchor, self.router_experts]))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits + torch.cat([self.router_anchor_bias, self.router_experts_bias]).to(logits.dtype)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C) -> chosen experts (N, K) (0 is the anchor) and their softmax gate weights (N, K), float32."""
-        logits = linear(x, torch.cat([self.router_anchor, self.router_experts]))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits = self.router_logits(x)
         top = logits.topk(self.top_k, dim=-1)
         return top.indices, top.values.softmax(-1)
 
@@ -82,9 +95,9 @@ class FlexMoE(nn.Module):
         """All experts' parameters; a token's matmuls use the router and ``active_experts`` SwiGLUs."""
         c, h, e, k = cfg.d_model, cfg.ffn_dim, len(flex_sources(cfg)) + 1, active_experts(cfg)
         expert = 3 * c * h
-        params, active = e * c + e * expert, e * c + k * expert
+        params, active = e * (c + 1) + e * expert, e * (c + 1) + k * expert
         if e == 1:  # the anchor alone: a plain SwiGLU, no router in the forward
-            return LayerCost(params, active - c, activation_bytes=2 * (c + 4 * h), inactive_params=c)
+            return LayerCost(params, active - c - 1, activation_bytes=2 * (c + 4 * h), inactive_params=c + 1)
         # Saved: the normed input, the router logits (fp32), per chosen copy the gathered input, gate/up outputs,
         # silu and product, and the expert output.
         saved = 2 * c + 4 * e + 2 * k * (2 * c + 4 * h)

@@ -79,12 +79,18 @@ class SmallCNN(nn.Module):
     The summary token is each stream's nonlinear map of its whole grid, side by side, so what the attribute heads
     (``heads``, used only while the encoder trains) read from it, positions, counts and relations included, is
     linear in it; a colour head reads the colour half, the others the form half, so no head can learn a
-    colour-shape shortcut either.
+    colour-shape shortcut either. With ``attribute_tokens`` the heads' class probabilities follow as one token
+    each: the encoder's reading of the scene, in a form a small frozen LM can copy from.
     """
 
-    def __init__(self, dim: int = 128, image_size: int = 64, heads: dict[str, int] | None = None):
+    def __init__(self, dim: int = 128, image_size: int = 64, heads: dict[str, int] | None = None,
+                 attribute_tokens: bool = False):
         super().__init__()
-        self.image_size, self.feature_dim, self.num_tokens = image_size, dim, 17
+        if attribute_tokens and max((heads or {}).values(), default=0) > dim:
+            raise ValueError(f"attribute tokens need dim >= the largest head ({max(heads.values())} classes)")
+        self.attribute_tokens = attribute_tokens
+        self.image_size, self.feature_dim = image_size, dim
+        self.num_tokens = 17 + (len(heads or {}) if attribute_tokens else 0)
         half = dim // 2
         self.form = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in zip([1, 16, 32, 64], [16, 32, 64, half]))
         self.colour = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1)
@@ -111,10 +117,18 @@ class SmallCNN(nn.Module):
             grids.append(h)
             summaries.append(F.relu(fc(h.flatten(1))))
         grid = torch.cat(grids, dim=1).flatten(2).transpose(1, 2)  # (B, 16, dim)
-        return torch.cat([grid, torch.cat(summaries, dim=1)[:, None]], dim=1)
+        tokens = torch.cat([grid, torch.cat(summaries, dim=1)[:, None]], dim=1)
+        if not self.attribute_tokens:
+            return tokens
+        # One more token per head: its class probabilities, zero-padded to dim.
+        probs = [F.pad(logits.softmax(-1), (0, self.feature_dim - logits.shape[-1]))
+                 for logits in self._heads(tokens[:, -1]).values()]
+        return torch.cat([tokens, torch.stack(probs, dim=1)], dim=1)
 
     def classify(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        summary = self(images)[:, -1]
+        return self._heads(self(images)[:, 16])
+
+    def _heads(self, summary: torch.Tensor) -> dict[str, torch.Tensor]:
         form, colour = summary[:, :self.half], summary[:, self.half:]
         return {name: head(colour if name.startswith("colour") else form) for name, head in self.heads.items()}
 

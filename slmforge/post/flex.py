@@ -7,11 +7,24 @@ and only the expert's FFN and router row learn. Experts trained this way by owne
 data all speak to the same frozen base, so ``post/flex_merge.py`` can stack them into one MoE.
 
 Router embeddings (sec. 3.2, domain-informed routing): FlexOlmo averages an embedder's embeddings of the domain's
-documents; here row ``r`` of each layer is the mean of that layer's FFN input (the normed hidden state the router
-sees) over the domain's tokens under the base model: the anchor's row from the public data (the base run's
-held-out documents), the expert's from its source's training data; the expert's row is then fine-tuned with its
-FFN. The expert run is an ordinary run folder (``init/`` holds the coupled starting weights) plus ``flex.json``,
-its held-out documents (``data/validation.jsonl``) and, when given, its fact probes (``questions.jsonl``).
+documents; here row ``r`` of each layer is the mean ``m`` of that layer's FFN input (the normed hidden state the
+router sees) over the domain's tokens under the base model: the anchor's row from the public data (the base run's
+held-out documents), the expert's from its source's training data. ``router_row`` turns a mean into the row and a
+bias that make the merged router a nearest-centroid classifier of the token's hidden state (``router=mean``: row
+``m``, bias ``-|m|^2/2``, so ``argmax x.m - |m|^2/2 = argmin |x - m|``; without the bias plain dot products favour
+whichever domain's mean has the larger norm, on every token). ``router=lda`` (default) whitens first with the
+inverse of the public data's covariance ``P`` (shrunk toward its mean variance): row ``P m``, bias ``-m.P m/2``,
+the nearest mean in Mahalanobis distance, linear discriminant analysis with one shared covariance, which separates
+domains where a few high-variance directions of the hidden state would drown the plain distance. Every owner
+computes its row alone from its data, the base and the public data, so the rows stay comparable.
+``train_router`` (the paper's choice, default) fine-tunes the expert's row and bias with its FFN; FlexOlmo's
+optional router tuning on proxy data after the merge is not done: no owner's data leaves the owner. ``top_k=1``
+trains the expert on the tokens the fixed router sends it (the gate is then 1, so the router gets no gradient) and
+merges with ``flex merge top_k=1``: each token runs exactly one FFN, so a source's expert touches only the tokens
+routed to it and opting it out cannot move the other domains' tokens (``benchmarks/flexolmo.py``).
+
+The expert run is an ordinary run folder (``init/`` holds the coupled starting weights) plus ``flex.json``, its
+held-out documents (``data/validation.jsonl``) and, when given, its fact probes (``questions.jsonl``).
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -56,6 +70,9 @@ class FlexTrainConfig:
     public: list[str] = field(default_factory=list)  # documents for the anchor's router row; [] = the base's held-out
     router_docs: int = 512  # documents averaged into a router embedding
     top_k: int = 2  # model.flexmoe.top_k of the coupled model (2: anchor and expert both on every token)
+    train_router: bool = True  # fine-tune the expert's router row and bias with its FFN (False: keep the centroid)
+    router: Literal["lda", "mean"] = "lda"  # router rows: domain means whitened by the public covariance, or raw
+    router_shrink: float = 0.1  # lda: the public covariance + router_shrink * (its mean variance) * I, inverted
 
 
 def flex_configs(base: str | Path, overrides: list[str]) -> tuple[FlexTrainConfig, RunConfig]:
@@ -104,9 +121,13 @@ def flex_train(base: str | Path, flex: FlexTrainConfig, cfg: RunConfig, resume: 
     model, tokenizer, _ = load_for_inference(base)
     tok_path = find_tokenizer(RunDir.at(base), base_config(base))
     if not (resume and (run.root / "init").is_dir()):
-        rows = {"anchor": router_embeddings(model, tokenizer, public, cfg.data.seq_len, flex.router_docs),
+        public_moments = ffn_input_moments(model, tokenizer, public, cfg.data.seq_len, flex.router_docs,
+                                           covariance=flex.router == "lda")
+        rows = {"anchor": {n: mean for n, (mean, _) in public_moments.items()},
                 "expert": router_embeddings(model, tokenizer, train_docs, cfg.data.seq_len, flex.router_docs)}
-        weights = coupled_weights(model.state_dict(), cfg.model, rows)
+        precision = {n: shrunk_inverse(cov, flex.router_shrink) for n, (_, cov) in public_moments.items()} \
+            if flex.router == "lda" else None
+        weights = coupled_weights(model.state_dict(), cfg.model, rows, precision)
         write_checkpoint(run.root / "init" / "checkpoints", 0, weights, {"step": 0, "flex_base": str(base)},
                          tied=cfg.model.tie_embeddings)
     del model
@@ -120,10 +141,11 @@ def flex_train(base: str | Path, flex: FlexTrainConfig, cfg: RunConfig, resume: 
                                       "train_docs": len(train_docs), "val_docs": len(val_docs),
                                       "questions": len(questions)})
     log(f"flex: expert {flex.source}: {len(train_docs):,} documents, {len(val_docs):,} held out, base {base}")
-    return train(cfg, resume=resume, force=force, progress=progress, task=expert_task(cfg, run, tok_path))
+    return train(cfg, resume=resume, force=force, progress=progress,
+                 task=expert_task(cfg, run, tok_path, flex.train_router))
 
 
-def expert_task(cfg: RunConfig, run: RunDir, tok_path: Path) -> Task:
+def expert_task(cfg: RunConfig, run: RunDir, tok_path: Path, train_router: bool = True) -> Task:
     """The source's token shards; the loss trains only the expert FFNs and their router rows."""
     t = cfg.train
     loader = TokenLoader(run.split_shards("train"), cfg.data.seq_len, t.batch_size, seed=cfg.data.seed,
@@ -137,7 +159,7 @@ def expert_task(cfg: RunConfig, run: RunDir, tok_path: Path) -> Task:
         # Frozen by requires_grad before each forward: the base then gets no gradient, and AdamW leaves a parameter
         # without one untouched (weight decay included), although the loop built the optimizer over all of them.
         for name, p in model.named_parameters():
-            p.requires_grad_(is_expert_param(name))
+            p.requires_grad_(is_expert_param(name) and (train_router or ".router_" not in name))
         return default_loss(model, batch)
 
     return Task(loader, val_batches, loss, lambda model, batches, device: {
@@ -146,20 +168,34 @@ def expert_task(cfg: RunConfig, run: RunDir, tok_path: Path) -> Task:
 
 
 def is_expert_param(name: str) -> bool:
-    """An expert's own weights: its FFNs (``blocks.i.ffn.w13``/``w2``) and router rows; the rest is the base's."""
-    return name.rsplit(".", 2)[-2:] in (["ffn", "w13"], ["ffn", "w2"], ["ffn", "router_experts"])
+    """An expert's own weights: its FFNs (``blocks.i.ffn.w13``/``w2``), router rows and biases; the rest is the
+    base's."""
+    return name.rsplit(".", 2)[-2:] in ([["ffn", k] for k in EXPERT_KEYS])
+
+
+EXPERT_KEYS = ("w13", "w2", "router_experts", "router_experts_bias")  # per-expert tensors of a flexmoe layer
+
+
+def router_embeddings(model, tokenizer, texts: list[str], seq_len: int, max_docs: int) -> dict[str, torch.Tensor]:
+    """Per FFN (``blocks.i.ffn``): the mean of its input over the tokens of ``texts`` (the first ``max_docs``), (C,)."""
+    return {n: mean for n, (mean, _) in ffn_input_moments(model, tokenizer, texts, seq_len, max_docs).items()}
 
 
 @torch.no_grad()
-def router_embeddings(model, tokenizer, texts: list[str], seq_len: int, max_docs: int) -> dict[str, torch.Tensor]:
-    """Per FFN (``blocks.i.ffn``): the mean of its input over the tokens of ``texts`` (the first ``max_docs``), (C,)."""
+def ffn_input_moments(model, tokenizer, texts: list[str], seq_len: int, max_docs: int, covariance: bool = False,
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per FFN: the mean (C,) of its input over the tokens of ``texts`` (the first ``max_docs``) and, when asked,
+    their covariance (C, C) in float64."""
     sums: dict[str, torch.Tensor] = {}
+    squares: dict[str, torch.Tensor] = {}
     counts = {"tokens": 0}
 
     def hook(name):
         def add(module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.sum(0)
+            if covariance:
+                squares[name] = squares.get(name, 0) + x.t() @ x
         return add
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n.endswith(".ffn")]
@@ -175,19 +211,39 @@ def router_embeddings(model, tokenizer, texts: list[str], seq_len: int, max_docs
             h.remove()
     if not counts["tokens"]:
         raise ValueError("router embedding: no text to average (the documents are empty)")
-    return {name: (s / counts["tokens"]).float() for name, s in sums.items()}
+    n = counts["tokens"]
+    return {name: ((s / n).float(), squares[name] / n - torch.outer(s / n, s / n) if covariance else None)
+            for name, s in sums.items()}
+
+
+def shrunk_inverse(cov: torch.Tensor, shrink: float) -> torch.Tensor:
+    """(cov + shrink * mean variance * I)^-1, float64: a covariance estimate kept invertible."""
+    c = cov.shape[0]
+    return torch.linalg.inv(cov + shrink * cov.trace() / c * torch.eye(c, dtype=cov.dtype, device=cov.device))
 
 
 def coupled_weights(base: dict[str, torch.Tensor], model: ModelConfig, rows: dict[str, dict[str, torch.Tensor]],
-                    ) -> dict[str, torch.Tensor]:
-    """The 2-expert model's weights: each base FFN as the anchor and as the expert's start; router rows ``rows``."""
+                    precision: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The 2-expert model's weights: each base FFN as the anchor and as the expert's start; router rows from the
+    domain means ``rows`` (``router_row``: whitened by ``precision`` when given)."""
     out = anchor_weights(base)
     for ffn in ffn_prefixes(base):
         out[f"{ffn}.w13"] = base[f"{ffn}.w13.weight"].t()[None].clone()  # (1, C, 2H)
         out[f"{ffn}.w2"] = base[f"{ffn}.w2.weight"].t()[None].clone()  # (1, H, C)
-        out[f"{ffn}.router_anchor"] = rows["anchor"][ffn][None].clone()
-        out[f"{ffn}.router_experts"] = rows["expert"][ffn][None].clone()
+        for key in ("anchor", "experts"):
+            row, bias = router_row(rows[key.rstrip("s")][ffn], precision[ffn] if precision else None)
+            out[f"{ffn}.router_{key}"], out[f"{ffn}.router_{key}_bias"] = row[None], bias[None]
     return out
+
+
+def router_row(mean: torch.Tensor, precision: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A domain's router row and bias from its mean FFN input ``m``: ``(m, -|m|^2/2)``, with which the router picks
+    the nearest domain mean; with the public covariance's inverse ``P``, ``(P m, -m.P m/2)``: the nearest mean in
+    Mahalanobis distance (linear discriminant analysis with one shared covariance). Every owner whitens with the
+    same public ``P``, so independently made rows stay comparable."""
+    m = mean.double()
+    w = precision.to(m) @ m if precision is not None else m
+    return w.to(mean.dtype).clone(), (-0.5 * (w @ m)).to(mean.dtype).reshape(())
 
 
 def ffn_prefixes(base: dict[str, torch.Tensor]) -> list[str]:

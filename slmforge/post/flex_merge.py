@@ -26,9 +26,10 @@ from slmforge.config import RunConfig, load_config
 from slmforge.eval.facts import fact_accuracy
 from slmforge.eval.perplexity import stream_nats
 from slmforge.log import log
+from slmforge.model.flexmoe import FlexMoE
 from slmforge.model.lm import LM
-from slmforge.post.flex import (FLEX_JSON, QUESTIONS, anchor_weights, base_config, ffn_prefixes, held_out_docs,
-                                read_questions)
+from slmforge.post.flex import (EXPERT_KEYS, FLEX_JSON, QUESTIONS, anchor_weights, base_config, ffn_prefixes,
+                                held_out_docs, read_questions)
 from slmforge.runs import RunDir, save_config, write_json, write_text
 
 PUBLIC = "public"
@@ -74,14 +75,14 @@ def merged_weights(base: dict[str, torch.Tensor], experts: list[dict[str, torch.
     for ffn in ffn_prefixes(base):
         w13, w2 = base[f"{ffn}.w13.weight"], base[f"{ffn}.w2.weight"]  # (2H, C), (C, H)
         empty = {"w13": w13.new_zeros(0, *w13.t().shape), "w2": w2.new_zeros(0, *w2.t().shape),
-                 "router_experts": w13.new_zeros(0, w13.shape[1])}
+                 "router_experts": w13.new_zeros(0, w13.shape[1]), "router_experts_bias": w13.new_zeros(0)}
         for key, none in empty.items():
             out[f"{ffn}.{key}"] = torch.cat([sd[f"{ffn}.{key}"] for sd in experts]) if experts else none
-        rows = [sd[f"{ffn}.router_anchor"] for sd in experts]
-        # Every expert saw the same public router row unless they were given different public data: then the mean.
-        same = all(torch.equal(r, rows[0]) for r in rows)
-        out[f"{ffn}.router_anchor"] = (rows[0] if same else torch.stack(rows).mean(0)) if rows else \
-            w13.new_zeros(1, w13.shape[1])
+        for key, none in (("router_anchor", w13.new_zeros(1, w13.shape[1])), ("router_anchor_bias", w13.new_zeros(1))):
+            rows = [sd[f"{ffn}.{key}"] for sd in experts]
+            # Every expert saw the same public row unless they were given different public data: then the mean.
+            same = all(torch.equal(r, rows[0]) for r in rows)
+            out[f"{ffn}.{key}"] = (rows[0] if same else torch.stack(rows).mean(0)) if rows else none
     return out
 
 
@@ -96,7 +97,7 @@ def without_sources(weights: dict[str, torch.Tensor], cfg: RunConfig, drop: list
     keep = [i for i, s in enumerate(sources) if s not in drop]
     out = dict(weights)
     for key, value in weights.items():
-        if key.rsplit(".", 1)[-1] in ("w13", "w2", "router_experts") and ".ffn." in key and ".anchor." not in key:
+        if key.rsplit(".", 1)[-1] in EXPERT_KEYS and ".ffn." in key and ".anchor." not in key:
             out[key] = value[keep].clone()
     flex = dataclasses.replace(cfg.model.flexmoe, sources=",".join(sources[i] for i in keep))
     return out, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, flexmoe=flex))
@@ -167,6 +168,7 @@ def flex_report(merged: str | Path, max_docs: int = 200, batch_size: int = 8) ->
         return out
 
     rows = {"base": score(load_for_inference(info["base"])[0]), "merged": score(model)}
+    routing = routing_shares(model, tokenizer, domains, seq_len)
     for s, e in experts.items():
         rows[f"expert:{s}"] = score(load_for_inference(e)[0])
         weights, cut_cfg = without_sources(model.state_dict(), cfg, [s])
@@ -175,11 +177,45 @@ def flex_report(merged: str | Path, max_docs: int = 200, batch_size: int = 8) ->
         rows[f"without:{s}"] = score(cut.eval())
     report = {"merged": str(merged), "base": info["base"], "sources": list(experts), "opted_out": info["opted_out"],
               "top_k": cfg.model.flexmoe.top_k, "domains": list(domains), "scores": rows,
-              "table": table_rows(rows, list(domains))}
+              "table": table_rows(rows, list(domains)), "routing": routing}
     run = RunDir.at(merged)
     write_json(run.report_json, report)
     write_text(run.report_md, markdown(report))
     return report
+
+
+@torch.no_grad()
+def routing_shares(model, tokenizer, domains: dict[str, list[str]], seq_len: int) -> dict[str, dict[str, float]]:
+    """Per domain, the share of its tokens' gate weight each expert of the merged ``model`` gets, averaged over
+    tokens and layers (each token's top-k gates sum to 1): ``public`` is the anchor, then the sources. Routing that
+    separates the domains puts most of a source's share on its own expert and public's on the anchor."""
+    layers = [m for m in model.modules() if isinstance(m, FlexMoE)]
+    names = [PUBLIC, *(layers[0].sources if layers else [])]
+    mass = {"sum": torch.zeros(len(names), dtype=torch.float64)}
+
+    def add(module, args, output):
+        chosen, weights = module.route(args[0].reshape(-1, args[0].shape[-1]))
+        mass["sum"] += torch.zeros(len(names), dtype=torch.float64).index_add_(
+            0, chosen.flatten().cpu(), weights.flatten().double().cpu())
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_hook(add) for m in layers if m.sources]
+    out = {}
+    try:
+        for d, texts in domains.items():
+            mass["sum"].zero_()
+            ids = [i for t in texts for i in [tokenizer.eos_id] + tokenizer.encode(t)]
+            device = next(model.parameters()).device
+            for start in range(0, len(ids), seq_len):
+                model(torch.tensor(ids[start : start + seq_len], device=device)[None])
+            total = mass["sum"].sum()
+            out[d] = {n: float(v / total) if total else float(n == PUBLIC) for n, v in zip(names, mass["sum"])}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return out
 
 
 def _accuracy(model, tokenizer, questions: list[dict]) -> float:
@@ -224,6 +260,14 @@ def markdown(report: dict) -> str:
               "value ranked first among its attribute's values). Opted out: the merged model without that domain's "
               "expert (no retraining); others' acc change: the largest change of another domain's accuracy when "
               "this one is opted out."]
+    routing = report.get("routing", {})
+    experts = next(iter(routing.values()), {})
+    if experts:
+        lines += ["", "Routing in the merged model: the share of each domain's gate weight per expert (public: the "
+                  "anchor, the base's FFN), over tokens and layers.", "",
+                  "| domain | " + " | ".join(experts) + " |", "|---|" + "---|" * len(experts)]
+        lines += [f"| {d} | " + " | ".join(f"{100 * share[e]:.1f}%" for e in experts) + " |"
+                  for d, share in routing.items()]
     return "\n".join(lines) + "\n"
 
 

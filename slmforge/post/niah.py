@@ -10,7 +10,7 @@ grows (memory stays flat). ``init=run`` starts from RUN's weights (context exten
 config from fresh weights, with RUN's tokenizer. ``train.activation_checkpointing=true`` recomputes each block in
 backward, for the long rows. Validation: the answer loss and ``val_recall``, the share of held-out samples at
 the longest length whose every answer token is the argmax (what greedy decoding of the answer returns).
-The samples and settings are written to ``niah.yaml`` in the new folder; the loader's state is its batch count,
+The NIAH settings are written to ``niah.yaml`` in the new folder once it has trained; the loader's state is its batch count,
 so a resumed run makes the same samples.
 """
 
@@ -97,15 +97,17 @@ def niah_train(cfg: RunConfig, ncfg: NiahTrainConfig, source: str | Path, resume
     haystack = Haystack(ncfg.haystack, tokenizer, ncfg.text_field)
     task = niah_task(cfg, ncfg, haystack, tok_path)
     run = RunDir.of(cfg)
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text(run.root / "niah.yaml", dump_yaml(ncfg))
     log(f"niah: lengths {ncfg.lengths}, about {ncfg.tokens_per_step:,} tokens per step, "
         f"{'from ' + str(source) if ncfg.init == 'run' else 'fresh weights'} -> {run.root}")
-    return train(cfg, resume=resume, force=force, progress=progress, task=task)
+    result = train(cfg, resume=resume, force=force, progress=progress, task=task)
+    write_text(run.root / "niah.yaml", dump_yaml(ncfg))  # what it was trained on, beside config.yaml
+    return result
 
 
 def niah_task(cfg: RunConfig, ncfg: NiahTrainConfig, haystack: Haystack, tokenizer_path: Path | None = None) -> Task:
     """The ``Task``: the curriculum loader, the answer (+ lm_weight x text) loss, held-out recall."""
+    for kind in dict.fromkeys(ncfg.kinds):  # a length too short for the needles fails now, not at its first batch
+        make_sample(haystack, dataclasses.replace(ncfg, kinds=[kind]), min(ncfg.lengths), 0.5, "check")
     loader = NiahLoader(haystack, ncfg, cfg.train.max_steps, cfg.train.grad_accum)
     held_out = dataclasses.replace(ncfg, seed=ncfg.seed + 1_000_003)
     rows = max(1, ncfg.tokens_per_step // max(ncfg.lengths))

@@ -29,8 +29,8 @@ from slmforge.log import log
 from slmforge.model.vision import SmallCNN
 from slmforge.progress import progress_bar
 from slmforge.runs import RunDir
-from slmforge.serve.vision import (answer_ids, default_prompt, image_features, load_encoder, read_image, save_encoder,
-                                   to_tensor, vision_prompt)
+from slmforge.serve.vision import (answer_ids, default_prompt, image_features, load_encoder,
+                                   read_image, save_encoder, to_tensor, vision_prompt)
 from slmforge.synth.images import COLOURS, COUNTS, KINDS, POSITIONS, RELATIONS, SHAPES, SIZES
 from slmforge.train.loop import RunResult, train
 from slmforge.train.task import Task
@@ -66,7 +66,7 @@ def labels(records: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def train_encoder(data: str | Path, out: str | Path, dim: int = 128, steps: int = 1500, batch_size: int = 64,
-                  lr: float = 2e-3, seed: int = 0, limit: int = 0) -> dict:
+                  lr: float = 2e-3, seed: int = 0, limit: int = 0, attribute_tokens: bool = False) -> dict:
     """Train ``SmallCNN`` to classify every attribute of the training scenes; save it frozen to ``out``; return the
     validation accuracy of each head."""
     train_recs, val_recs = read_manifest(data, "train", limit), read_manifest(data, "validation")
@@ -75,7 +75,8 @@ def train_encoder(data: str | Path, out: str | Path, dim: int = 128, steps: int 
     x_val = to_tensor(load_images(val_recs, "images"), size)
     y_train, y_val = labels(train_recs), labels(val_recs)
     torch.manual_seed(seed)
-    encoder = SmallCNN(dim, size, heads={k: len(v) for k, v in HEADS.items()})
+    heads = {k: len(v) for k, v in HEADS.items()}
+    encoder = SmallCNN(dim, size, heads, attribute_tokens)
     opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
@@ -95,7 +96,8 @@ def train_encoder(data: str | Path, out: str | Path, dim: int = 128, steps: int 
     held = torch.tensor([bool(r["held_out"]) for r in val_recs])
     accuracy = head_accuracy(encoder.eval(), x_val, y_val)
     accuracy_held_out = head_accuracy(encoder, x_val[held], {k: v[held] for k, v in y_val.items()})
-    save_encoder(encoder, {"kind": "cnn", "dim": dim, "image_size": size}, out)
+    save_encoder(encoder, {"kind": "cnn", "dim": dim, "image_size": size, "heads": heads,
+                           "attribute_tokens": attribute_tokens}, out)
     (Path(out) / "encoder_eval.json").write_text(json.dumps(
         {"validation_accuracy": accuracy, "held_out_pairs_accuracy": accuracy_held_out}, indent=1) + "\n")
     log(f"vision encoder: validation accuracy {', '.join(f'{k} {v:.3f}' for k, v in accuracy.items())}; on "
@@ -214,10 +216,9 @@ def train_projector(base: str | Path, data: str | Path, encoder_dir: str | Path,
                 _evaluate, tokenizer=find_tokenizer(RunDir.at(base), src_cfg))
     log(f"vision: {len(train_recs):,} training images, {feats['train'].shape[1]} image tokens of "
         f"{feats['train'].shape[2]}, stage {stage} ({'projector only' if stage == 1 else 'projector and LM'})")
-    run = RunDir.of(cfg)
     result = train(cfg, resume=resume, force=force, progress=progress, task=task)
-    save_encoder(encoder, json.loads((Path(load_encoder_dir(encoder_dir)) / "encoder.json").read_text()),
-                 run.root / "vision")
+    save_encoder(encoder, json.loads((load_encoder_dir(encoder_dir) / "encoder.json").read_text()),
+                 RunDir.of(cfg).root / "vision")
     return result
 
 

@@ -25,11 +25,13 @@ Chat content and completion prompts are tokenized as text: ``<|end|>`` in them i
 
 Images (a vision run, ``serve/vision.py``): a user message's content may hold one OpenAI ``image_url`` part, a
 base64 data URL (``data:image/png;base64,...``; the server fetches nothing, so an http(s) URL is a 400), one image
-per request. Its encoder features (the run's frozen ``vision/`` encoder, loaded at start) fill P image slots at the
-front of that user turn, whatever the part's place among the text parts, and such a prompt has no leading EOS:
-``vision.vision_prompt``'s layout, the one the projector was trained on. A corrupt, huge or non-image payload, an
-image anywhere but a user message, a second image, or any image sent to a run without a vision part is a 400 naming
-the part (``messages[i].content[j].image_url``). The default ``max_body_bytes`` leaves room for an image of about
+per request. Its encoder features (the run's frozen ``vision/`` encoder, loaded at start) fill P image slots laid
+out as ``vision.vision_prompt`` lays them, the layout the projector was trained on (``model.vision.template``), with
+no leading EOS: chat, at the front of that user turn, whatever the part's place among the text parts; plain (a base
+model's stage 1), the request is that one user message, the prompt the slots and its text, and the answer its first
+line without the leading space, as ``vision.describe`` gives it. A corrupt, huge or non-image payload, an image
+anywhere but a user message, a second image, or any image sent to a run without a vision part is a 400 naming the
+part (``messages[i].content[j].image_url``). The default ``max_body_bytes`` leaves room for an image of about
 730 KB (base64 adds a third); the encoder reads images at its own small size anyway.
 
 long: over 400 lines since the limits and images came in; each check sits next to the request handling it guards.
@@ -60,7 +62,7 @@ from starlette.exceptions import HTTPException
 from slmforge.checkpoint import find_checkpoint, load_for_inference
 from slmforge.tokens.tokenizer import CHAT_ROLES
 from slmforge.serve.tools import check_tools, make_tool
-from slmforge.serve.vision import image_features, load_encoder, read_image
+from slmforge.serve.vision import image_features, load_encoder, read_image, vision_prompt
 from slmforge.serve.webpage import add_webpage
 from slmforge.serve.worker import Job, QueueFull, Worker
 
@@ -126,7 +128,7 @@ class _Part(BaseModel):
     @model_validator(mode="after")
     def _has_its_field(self):
         if getattr(self, self.type) is None:
-            raise ValueError(f"a {self.type} part needs its {self.type} field")
+            raise ValueError(f"type {self.type!r} needs a {self.type!r} field")
         return self
 
 
@@ -152,6 +154,7 @@ class _Api:
         self.worker, self.tokenizer, self.model_name, self.api_key = worker, tokenizer, model_name, api_key
         self.context_length, self.device, self.limits = context_length, device, limits
         self.encoder = encoder  # a vision run's frozen image encoder; None: the model reads text only
+        self.template = worker.model.cfg.vision.template  # how its prompts lay out an image (vision_prompt)
         self.created = int(time.time())
         self.tool = None  # tools.py's calculator with build_app's tools="calculator"
         self.chat_stop_ids = tuple(tokenizer.token_id(t) for t in CHAT_STOP_TOKENS)
@@ -187,9 +190,11 @@ class _Api:
 
     async def make_job(self, req: _Request, param: str, num_chars: int, encode: Callable[[], tuple],
                        max_tokens: int | None, stop_ids: tuple[int, ...]) -> list[Job]:
-        """``encode`` (run on a thread) -> the prompt's (ids, image features (N, P, F) or None, slot mask or None)."""
+        """``encode`` (run on a thread) -> the prompt's ids and the ``Job`` fields it sets (images, image_slots,
+        strip_leading, and stop strings added to the request's)."""
         stop = self.check_request(req, param, num_chars)
-        ids, images, image_slots = await asyncio.to_thread(encode)
+        ids, fields = await asyncio.to_thread(encode)
+        stop += fields.pop("stop", [])
         context_length = self.context_length
         max_tokens = max_tokens or max(1, context_length - len(ids))
         if len(ids) + max_tokens > context_length:
@@ -200,8 +205,7 @@ class _Api:
         return Job(ids, max_tokens, temperature=req.temperature, top_p=req.top_p, stop=stop,
                    stop_ids=(self.tokenizer.eos_id, *stop_ids), generator=generator,
                    tool=self.tool or (make_tool(req.tools, self.tokenizer) if isinstance(req.tools, str) else None),
-                   deadline=time.monotonic() + self.limits["request_timeout_s"], images=images,
-                   image_slots=image_slots).choices(req.n, req.seed)
+                   deadline=time.monotonic() + self.limits["request_timeout_s"], **fields).choices(req.n, req.seed)
 
     def submit(self, jobs: list[Job]) -> asyncio.Queue:
         """Queue a request's ``jobs`` (429 when the worker's queue is full, 503 when it is stopping); returns the
@@ -326,6 +330,8 @@ class _Api:
                 problem = ("this model has no vision part; it reads text only" if self.encoder is None else
                            "images are read in user messages only" if message.role != "user" else
                            "at most one image per request" if found else
+                           "this vision run reads an image with its text alone (model.vision.template=plain): send "
+                           "one user message" if self.template == "plain" and len(req.messages) > 1 else
                            "only base64 data URLs (data:image/png;base64,...) are accepted; this server fetches "
                            "nothing from the internet" if not head.startswith("data:") else
                            "a data URL must be base64-encoded (data:<type>;base64,<data>)"
@@ -335,13 +341,17 @@ class _Api:
                 found[i] = (param, data)
         return found
 
-    def chat_prompt(self, messages: list[dict], images: dict[int, tuple[str, str]]) -> tuple:
-        """The chat prompt -> (ids, image features (N, P, F) or None, slot mask or None). Text only: EOS first, as
-        token shards start every document (``generate.stream_text``); with an image: its P slots at the front of
-        its user turn and no EOS (module docstring)."""
+    def chat_prompt(self, messages: list[dict], images: dict[int, tuple[str, str]]) -> tuple[list[int], dict]:
+        """The chat prompt -> (ids, ``Job`` fields). Text only: EOS first, as token shards start every document
+        (``generate.stream_text``); with an image, ``vision_prompt``'s layout (module docstring)."""
         tok = self.tokenizer
         if not images:
-            return [tok.eos_id] + tok.encode_chat(messages), None, None
+            return [tok.eos_id] + tok.encode_chat(messages), {}
+        if self.template == "plain":  # a single user message (image_parts)
+            features = self.read_image(*images[0])  # (1, P, F)
+            ids, slots = vision_prompt(tok, features.shape[1], messages[0]["content"], "plain")
+            return ids, {"images": features.to(self.device), "image_slots": slots, "stop": ["\n"],
+                         "strip_leading": True}
         ids, slots, features = [], [], []
         for i, message in enumerate(messages):
             turn = tok.encode_chat([message], add_generation_prompt=False)  # role, text, end
@@ -352,7 +362,7 @@ class _Api:
             ids += [turn[0], *[tok.pad_id] * num_slots, *turn[1:]]
             slots += [False, *[True] * num_slots, *[False] * (len(turn) - 1)]
         ids.append(tok.token_id(CHAT_ROLES["assistant"]))
-        return ids, torch.cat(features).to(self.device), slots + [False]
+        return ids, {"images": torch.cat(features).to(self.device), "image_slots": slots + [False]}
 
     def read_image(self, param: str, data: str) -> torch.Tensor:
         """A base64 image -> its encoder features (1, P, F); a bad payload is a 400 naming ``param``."""
@@ -366,7 +376,7 @@ class _Api:
 
     async def completions(self, req: CompletionRequest, request: Request):
         def encode() -> tuple:  # token shards start every document after EOS, as ``generate.stream_text`` does
-            return [self.tokenizer.eos_id] + self.tokenizer.encode_text(req.prompt), None, None
+            return [self.tokenizer.eos_id] + self.tokenizer.encode_text(req.prompt), {}
 
         jobs = await self.make_job(req, "prompt", len(req.prompt), encode, req.max_tokens, ())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),

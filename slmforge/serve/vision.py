@@ -38,14 +38,13 @@ def build_encoder(spec: dict) -> torch.nn.Module:
 
 
 def save_encoder(encoder: torch.nn.Module, spec: dict, folder: str | Path) -> None:
-    """``encoder.json`` and, for trained kinds, ``encoder.safetensors`` (the attribute heads are left out)."""
+    """``encoder.json`` and, for trained kinds, ``encoder.safetensors`` (with the attribute heads)."""
     import safetensors.torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if spec["kind"] == "cnn":
-        weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()
-                   if not k.startswith("heads.")}
+        weights = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
         with atomic_path(folder / ENCODER_WEIGHTS) as tmp:
             safetensors.torch.save_file(weights, str(tmp))
     with atomic_path(folder / ENCODER_JSON) as tmp:
@@ -60,7 +59,7 @@ def load_encoder(folder: str | Path) -> torch.nn.Module:
     if not (folder / ENCODER_JSON).is_file():
         raise ValueError(f"{folder}: no {ENCODER_JSON}: not a vision run (train one with slmforge vision train)")
     spec = json.loads((folder / ENCODER_JSON).read_text())
-    encoder = build_encoder({k: v for k, v in spec.items() if k != "heads"})
+    encoder = build_encoder(spec)
     if spec["kind"] == "cnn":
         import safetensors.torch
 

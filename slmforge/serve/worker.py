@@ -62,6 +62,7 @@ class Job:
     tool: Tool | None = None  # tools.py: ids to force after each token (the calculator)
     images: torch.Tensor | None = None  # (N, P, F): its images' encoder features, fed at the prefill only
     image_slots: list[bool] | None = None  # per prompt id: an image slot (N * P of them, in order)
+    strip_leading: bool = False  # the text starts after its leading spaces (the plain vision template's " answer")
     index: int = 0  # which of its request's n choices
     queued: float = 0.0  # time.monotonic() when it was submitted
     new: list[int] = field(default_factory=list)
@@ -78,11 +79,11 @@ class Job:
         """
         self.num_tokens += 1
         if token in self.stop_ids:
-            return self._finish(decode(self.new), "stop")
+            return self._finish(self._text(decode), "stop")
         self.new.append(token)
         if self.tool is not None and not self.forced:
             self.forced = self.tool(self.new)
-        text = decode(self.new)
+        text = self._text(decode)
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
             return self._finish(text[:cut], "stop")
@@ -105,7 +106,12 @@ class Job:
 
     def expire(self, decode: Callable[[list[int]], str]) -> None:
         """End at the deadline: the text so far, finish_reason "length"."""
-        self._finish(decode(self.new), "length")
+        self._finish(self._text(decode), "length")
+
+    def _text(self, decode: Callable[[list[int]], str]) -> str:
+        text = decode(self.new)
+        # Spaces only: a newline first is the plain template's end of the answer (a stop string), never stripped.
+        return text.lstrip(" ") if self.strip_leading else text
 
     def _finish(self, text: str, reason: str) -> bool:
         if len(text) > len(self.emitted):

@@ -4,7 +4,7 @@ Kamradt's needle test and its passkey form (Mohtashami & Jaggi 2023, arXiv 2305.
 (Hsieh et al. 2024, arXiv 2404.06654):
 
   passkey  "The pass key is 48213. Remember it. 48213 is the pass key." -> "What is the pass key? ... is" 48213
-  kv       one key-value fact: "The secret number of the zorvath is 4821." -> asked by its key
+  kv       one key-value fact: "The secret number of the zorvath is 4821." -> "The secret number of the zorvath is"
   multi    ``num_needles`` such facts with distinct keys at random sentence boundaries; one (or ``questions``) asked
   odd      a needle phrased unlike any prose haystack: "[config] vault_code = 4821 ;;"
 
@@ -44,8 +44,7 @@ def _passkey(rng: random.Random, value: str) -> tuple[str, str]:
 
 
 def _kv(rng: random.Random, value: str, key: str = "") -> tuple[str, str]:
-    return (f"The secret number of the {key} is {value}.",
-            f"What is the secret number of the {key}? The secret number of the {key} is")
+    return f"The secret number of the {key} is {value}.", f"The secret number of the {key} is"
 
 
 def _odd(rng: random.Random, value: str) -> tuple[str, str]:

@@ -172,3 +172,23 @@ def test_plan_and_info_count_tables_apart_from_compute():
     extra = flops_per_token(cfg, 64)["forward"] - flops_per_token(base, 64)["forward"]
     assert extra == 2 * 2 * (2 * 32 * 32)  # two layers of W_k and W_v, 32 memory wide
     assert f"{tables:,} in Engram tables" in format_info(info(cfg))
+
+
+def test_training_sets_the_compression_and_gives_the_tables_their_own_group(tmp_path, shards_dir):
+    from slmforge.checkpoint import load_for_inference
+    from slmforge.train.loop import train
+    from slmforge.train.optim import param_groups
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, name="engram", max_steps=3)
+    data = dataclasses.replace(cfg.data, shards_dir=str(shards_dir / "shards"),
+                               tokenizer=str(shards_dir / "tokenizer.json"))
+    model_cfg = dataclasses.replace(cfg.model, engram=EngramConfig(layers="1", table_rows=101, dim=8))
+    train(dataclasses.replace(cfg, data=data, model=model_cfg), progress=False)
+    model, tok, _ = load_for_inference(cfg.run_dir)
+    tokens = [tok.hf.id_to_token(i) for i in range(tok.vocab_size)]
+    assert model.token_map[: len(tokens)].tolist() == compression_map(tokens)
+    assert len(set(model.token_map.tolist())) < len(model.token_map)  # some variants merged
+    groups = param_groups(model, 0.1)
+    assert len(groups) == 3 and groups[2]["params"] == [model.engrams["1"].table.weight]
+    assert groups[2]["weight_decay"] == 0.0

@@ -10,7 +10,8 @@ from slmforge.checkpoint import find_checkpoint, load_for_inference, read_checkp
 from slmforge.cli import main
 from slmforge.config import ModelConfig
 from slmforge.model.flexmoe import FlexMoE
-from slmforge.post.flex import _split, anchor_weights, flex_configs, flex_train, held_out_docs, router_embeddings
+from slmforge.post.flex import (_split, anchor_weights, ffn_input_moments, flex_configs, flex_train, held_out_docs,
+                                router_embeddings, router_row, shrunk_inverse)
 from slmforge.post.flex_merge import flex_merge, flex_optout, flex_report
 from slmforge.synth.knowledge import KnowledgeBase, candidates
 from tests.conftest import make_run
@@ -109,15 +110,41 @@ def test_router_embeddings_are_the_mean_ffn_input_per_layer(flex):
         torch.testing.assert_close(rows[f"blocks.{i}.ffn"], torch.cat(outs).mean(0), rtol=1e-5, atol=1e-6)
     other = router_embeddings(model, tok, flex["kb"].documents(1)[:5], 16, max_docs=5)
     assert not torch.allclose(other["blocks.0.ffn"], rows["blocks.0.ffn"])
-    # The expert run's starting router: the public rows (the base's held-out documents) and its source's.
+    # The expert run's starting router: the public rows (the base's held-out documents) and its source's, whitened
+    # by the public covariance (router=lda, the default).
     flex_cfg, run_cfg = flex_configs(flex["base"], ["source=a", f"data={flex['root'] / 'docs0.jsonl'}", *FAST])
     init = read_checkpoint(find_checkpoint(flex["experts"]["a"] / "init")[1])[0]
-    public = router_embeddings(model, tok, held_out_docs(flex["base"]), run_cfg.data.seq_len, 20)
+    public = ffn_input_moments(model, tok, held_out_docs(flex["base"]), run_cfg.data.seq_len, 20, covariance=True)
     own = router_embeddings(model, tok, _split(flex_cfg, run_cfg.data.seed)[0],
                             run_cfg.data.seq_len, 20)
     for i in seen:
-        assert torch.equal(init[f"blocks.{i}.ffn.router_anchor"][0], public[f"blocks.{i}.ffn"])
-        assert torch.equal(init[f"blocks.{i}.ffn.router_experts"][0], own[f"blocks.{i}.ffn"])
+        ffn = f"blocks.{i}.ffn"
+        mean, cov = public[ffn]
+        precision = shrunk_inverse(cov, flex_cfg.router_shrink)
+        for key, m in (("anchor", mean), ("experts", own[ffn])):
+            row, bias = router_row(m, precision)
+            assert torch.equal(init[f"{ffn}.router_{key}"][0], row) and torch.equal(init[f"{ffn}.router_{key}_bias"][0],
+                                                                                   bias)
+
+
+def test_router_rows_pick_the_nearest_domain_mean():
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 8, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3, 0.5, 2])[:, None]
+    a = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    cov = a @ a.t() + torch.eye(8, dtype=torch.float64)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64) * 3
+    for precision in (None, torch.linalg.inv(cov)):
+        rows = [router_row(m, precision) for m in means]
+        logits = x @ torch.stack([r for r, _ in rows]).t() + torch.stack([b for _, b in rows])
+        p = torch.eye(8, dtype=torch.float64) if precision is None else precision
+        diff = x[:, None, :] - means[None]  # (N, E, C)
+        distance = torch.einsum("nec,cd,ned->ne", diff, p, diff)
+        assert torch.equal(logits.argmax(1), distance.argmin(1))
+    # Tokens near the smallest mean go to it with the bias; by plain dot products a larger mean takes them.
+    near = means[2] + 0.05 * torch.randn(50, 8, generator=g, dtype=torch.float64)
+    rows = torch.stack([router_row(m)[0] for m in means])
+    biases = torch.stack([router_row(m)[1] for m in means])
+    assert ((near @ rows.t() + biases).argmax(1) == 2).all() and not ((near @ rows.t()).argmax(1) == 2).all()
 
 
 def test_flexmoe_dispatch_matches_reference_and_routes_by_embedding():
@@ -150,6 +177,11 @@ def test_report_has_every_domain_and_model(flex):
         assert 0 <= rows[d]["merged_fact_accuracy"] <= 1
     assert json.loads((merged / "report.json").read_text())["table"] == report["table"]
     assert "| a |" in (merged / "report.md").read_text()
+    # Routing diagnostic: per domain, each expert's share of the gate weight (the anchor is "public").
+    assert list(report["routing"]) == ["public", "a", "b"]
+    for shares in report["routing"].values():
+        assert list(shares) == ["public", "a", "b"] and abs(sum(shares.values()) - 1) < 1e-9
+    assert "| domain | public | a | b |" in (merged / "report.md").read_text()
 
 
 def test_bad_inputs_are_one_line_errors(flex, tmp_path, capsys):

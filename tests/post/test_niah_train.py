@@ -75,6 +75,7 @@ def test_cli_trains_and_refuses_bad_keys(eval_run, tmp_path, capsys):
     for bad, message in ((["lengths=[8]"], "lengths=[8]: give context lengths of at least 32"),
                          (["length_steps=[5]"], "length_steps has 1 entries for 3 lengths"),
                          (["kinds=[passkei]"], "Did you mean passkey"),
+                         (["lengths=[40, 400]"], "length=40: too short for the needles"),
                          (["train.max_stepz=3"], "max_stepz")):
         assert main(["niah", "train", str(eval_run), f"out_dir={tmp_path}", "name=bad", *bad]) == 2
         err = capsys.readouterr().err

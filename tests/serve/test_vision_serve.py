@@ -1,6 +1,7 @@
 """Images in ``slmforge serve`` (issue 23): a vision run answers a chat request with a base64 ``image_url`` part as
-``vision.describe`` answers the same image (greedy, streamed or not, both schedulers, rows with and without images
-in one batch); bad payloads, URLs to fetch and images sent to a text-only run are 400s in OpenAI's error shape."""
+``vision.describe`` answers the same image (greedy, streamed or not, both prompt templates, both schedulers, rows
+with and without images in one batch); bad payloads, URLs to fetch and images sent to a text-only run are 400s in
+OpenAI's error shape."""
 
 import base64
 import dataclasses
@@ -21,7 +22,8 @@ from slmforge.model.vision import SmallCNN
 from slmforge.runs import save_config
 from slmforge.serve.generate import stream_text
 from slmforge.serve.server import CHAT_STOP_TOKENS, build_app, running_server, serve
-from slmforge.serve.vision import DESCRIBE_PROMPT, describe, image_features, save_encoder, vision_prompt
+from slmforge.serve.vision import (DESCRIBE_PROMPT, answer_ids, default_prompt, describe, image_features,
+                                   save_encoder, vision_prompt)
 from slmforge.serve.worker import Job, Worker
 from slmforge.train.checkpoint import save_checkpoint
 from tests.conftest import tiny_run_config
@@ -60,28 +62,41 @@ def _image_part(url: str) -> dict:
 TEXT = {"type": "text", "text": DESCRIBE_PROMPT}
 
 
+TEMPLATES = ("plain", "chat")
+
+
 @pytest.fixture(scope="module")
-def vision_run(eval_run, loaded, tmp_path_factory):
+def vision_runs(eval_run, loaded, tmp_path_factory) -> dict:
+    """Both templates' runs, built once (pytest would rebuild a parametrized fixture as its tests' order demands)."""
+    return {template: _vision_run(eval_run, loaded[1], tmp_path_factory.mktemp(template), template)
+            for template in TEMPLATES}
+
+
+@pytest.fixture(scope="module", params=TEMPLATES)
+def vision_run(vision_runs, request):
+    return vision_runs[request.param]
+
+
+def _vision_run(eval_run, tok, root, template: str) -> tuple:
     """A tiny vision run folder (config, tokenizer, checkpoint, ``vision/`` encoder) whose model memorized a
-    caption per image; -> (run folder, model, tokenizer, encoder)."""
-    tok = loaded[1]
-    cfg = tiny_run_config(tmp_path_factory.mktemp("vision"), name="vis")
+    caption per image in ``template``; -> (run folder, model, tokenizer, encoder)."""
+    cfg = tiny_run_config(root, name="vis")
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, num_layers=1, vision=VisionConfig(feature_dim=16, num_tokens=17)))
+        cfg.model, num_layers=1, vision=VisionConfig(feature_dim=16, num_tokens=17, template=template)))
     torch.manual_seed(0)
     encoder = SmallCNN(dim=16, image_size=32).eval().requires_grad_(False)
     with torch.no_grad():  # untrained, its features are tiny (~0.02) and the two images' nearly equal: scaled up
         for p in encoder.parameters():
-            p.mul_(2.0)
+            p.mul_(3.0)
     model = LM(cfg.model)
     feats = image_features(encoder, [_image(c) for c in CAPTIONS])  # (2, 17, 16)
-    prompt, slots = vision_prompt(tok, 17)
-    rows = [prompt + tok.encode_text(c) + [tok.token_id("<|end|>")] for c in CAPTIONS.values()]
+    prompt, slots = vision_prompt(tok, 17, default_prompt(template), template)
+    rows = [prompt + answer_ids(tok, c, template) for c in CAPTIONS.values()]
     width = max(map(len, rows))
     tokens = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in rows])
     targets = torch.tensor([[-100] * len(prompt) + r[len(prompt):] + [-100] * (width - len(r)) for r in rows])
     mask = torch.tensor([slots + [False] * (width - len(slots))] * 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
         loss = model(tokens[:, :-1], targets=targets[:, 1:], images=feats, image_mask=mask[:, :-1])[1]
         opt.zero_grad()
@@ -108,6 +123,11 @@ def server(vision_run, request):
         yield url, apps[0].state.worker
 
 
+def _parts(vision_run, image: dict) -> list[dict]:
+    """The content of a request for ``describe``'s answer: the image and the template's default prompt."""
+    return [image, TEXT] if vision_run[1].cfg.vision.template == "chat" else [image]
+
+
 def _described(vision_run, colour: str) -> str:
     _, model, tok, encoder = vision_run
     return describe(model, tok, encoder, [_image(colour)], max_new_tokens=MAX_TOKENS)[0]
@@ -119,17 +139,19 @@ def test_image_answers_equal_describe_streamed_or_not(server, vision_run):
     for colour, caption in CAPTIONS.items():
         want = _described(vision_run, colour)
         assert want == caption  # the model reads the image: each gets its own caption
-        body = _chat(_image_part(_url(_png(_image(colour)))), TEXT)
+        body = _chat(*_parts(vision_run, _image_part(_url(_png(_image(colour))))))
         full = client.chat.completions.create(**body)
         chunks = list(client.chat.completions.create(**body, stream=True))
         assert full.choices[0].message.content == want
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
         assert full.choices[0].finish_reason == "stop"
-        # The slots go at the front of the user turn wherever the part is: the same prompt, the same answer.
-        r = httpx.post(url + "/v1/chat/completions", json=_chat(TEXT, _image_part(_url(_png(_image(colour))))),
-                       timeout=60)
-        assert r.json()["choices"][0]["message"]["content"] == want
-        assert full.usage.prompt_tokens == len(vision_prompt(vision_run[2], 17)[0])
+        template = vision_run[1].cfg.vision.template
+        assert full.usage.prompt_tokens == len(vision_prompt(vision_run[2], 17, default_prompt(template),
+                                                             template)[0])
+        if template == "chat":  # the slots go at the front of the user turn wherever the part is: the same answer
+            body["messages"][0]["content"].reverse()
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+            assert r.json()["choices"][0]["message"]["content"] == want
 
 
 def test_concurrent_image_and_text_requests(server, vision_run):
@@ -138,8 +160,8 @@ def test_concurrent_image_and_text_requests(server, vision_run):
     _, model, tok, _ = vision_run
     text_body = {"model": "vis", "messages": [{"role": "user", "content": "Tom has 3 apples"}],
                  "max_tokens": MAX_TOKENS, "temperature": 0}
-    bodies = [_chat(_image_part(_url(_png(_image("red")))), TEXT, n=2),
-              _chat(_image_part(_url(_png(_image("blue")))), TEXT), text_body]
+    bodies = [_chat(*_parts(vision_run, _image_part(_url(_png(_image("red"))))), n=2),
+              _chat(*_parts(vision_run, _image_part(_url(_png(_image("blue")))))), text_body]
     results = {}
 
     def client(i: int) -> None:
@@ -162,7 +184,9 @@ def _jobs(vision_run) -> tuple[list[Job], list[str]]:
     """Jobs mixing rows with and without images, and what each gets alone."""
     _, model, tok, encoder = vision_run
     stop_ids = (tok.eos_id, *(tok.token_id(t) for t in CHAT_STOP_TOKENS))
-    prompt, slots = vision_prompt(tok, 17)
+    template = model.cfg.vision.template
+    prompt, slots = vision_prompt(tok, 17, default_prompt(template), template)
+    plain = {"stop": ["\n"], "strip_leading": True} if template == "plain" else {}
     jobs, want = [], []
     for colour in ("red", "blue"):
         text_ids = [tok.eos_id] + tok.encode_chat([{"role": "user", "content": f"Is it {colour}?"}])
@@ -170,7 +194,7 @@ def _jobs(vision_run) -> tuple[list[Job], list[str]]:
         want.append("".join(stream_text(model, tok, text_ids, MAX_TOKENS, 0.0, 0, 1.0, new_document=False,
                                         stop_ids=list(stop_ids))))
         jobs.append(Job(prompt, MAX_TOKENS, stop_ids=stop_ids, images=image_features(encoder, [_image(colour)]),
-                        image_slots=slots))
+                        image_slots=slots, **plain))
         want.append(CAPTIONS[colour])
     return jobs, want
 
@@ -219,9 +243,16 @@ def test_bad_images_are_400s(server):
     assert "one image" in _error(httpx.post(url + "/v1/chat/completions", json=two, timeout=60), param)
     other = _chat(TEXT, _image_part(_url(png)), role="assistant")
     assert "user messages" in _error(httpx.post(url + "/v1/chat/completions", json=other, timeout=60), param)
-    unknown = _chat({"type": "audio", "audio": "..."})
-    r = httpx.post(url + "/v1/chat/completions", json=unknown, timeout=60)
-    assert r.status_code == 400 and "messages" in r.json()["error"]["param"]
+    if worker.model.cfg.vision.template == "plain":  # no conversation around the image
+        turns = _chat(TEXT, _image_part(_url(png)))
+        turns["messages"].insert(0, {"role": "system", "content": "Be brief."})
+        r = httpx.post(url + "/v1/chat/completions", json=turns, timeout=60)
+        assert "one user message" in _error(r, "messages[1].content[1].image_url")
+    # Malformed parts: the error names the part's own field, not the union's string branch.
+    for part, field in [({"type": "audio", "audio": "..."}, "type"), ({"type": "image_url", "image_url": "data:"},
+                                                                      "image_url")]:
+        r = httpx.post(url + "/v1/chat/completions", json=_chat(part), timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == f"messages.0.content.0.{field}", r.text
     assert worker.num_rows == rows  # none reached the model
     assert httpx.get(url + "/health").json()["status"] == "ok"
 

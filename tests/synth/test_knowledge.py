@@ -2,7 +2,7 @@
 
 import pytest
 
-from slmforge.synth.knowledge import ATTRIBUTES, KnowledgeBase, candidates
+from slmforge.synth.knowledge import ATTRIBUTES, DOMAINS, KnowledgeBase, candidates
 
 
 def test_deterministic_by_seed_and_different_across_seeds():
@@ -45,3 +45,24 @@ def test_candidates_name_the_attribute():
     assert candidates("blue") == ATTRIBUTES["color"][0] and "baker" in candidates("painter")
     with pytest.raises(ValueError, match="not a value"):
         candidates("Zorava")
+
+
+def test_domains_give_each_source_its_own_kind_and_vocabulary():
+    kinds = ["medicine", "astronomy", "finance"]
+    kb = KnowledgeBase(30, 3, seed=0, num_phrasings=2, domains=kinds)
+    assert kb.domains == kinds and KnowledgeBase(6, 2).domains == ["people", "people"]
+    words = []
+    for s, kind in enumerate(kinds):
+        attributes = DOMAINS[kind][1]
+        assert len(kb.questions(s)) == 10 * len(attributes) and len(kb.documents(s)) == 20
+        for prompt, answer in kb.questions(s):
+            assert answer in candidates(answer) and candidates(answer) in [v for v, _ in attributes.values()]
+            assert f"{prompt} {answer}." in " ".join(kb.documents(s))
+        words.append({w for d in kb.documents(s) for w in d.replace(".", " ").split()})
+    # Distinct domains: each shares only a few words with another (articles, "of", "is", ...).
+    assert all(len(words[i] & words[j]) < 15 for i in range(3) for j in range(i + 1, 3))
+    assert kb.entities[1].startswith("Planet ") and kb.entities[2].endswith(" Corp")
+    with pytest.raises(ValueError, match="domains must name"):
+        KnowledgeBase(6, 2, domains=["medicine"])
+    with pytest.raises(ValueError, match="domains must name"):
+        KnowledgeBase(6, 1, domains=["law"])

@@ -104,3 +104,15 @@ def test_hf_vision_tower_loads_a_local_folder(tmp_path):
         x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False)
         expect = ref(pixel_values=(x - tower.mean) / tower.std).last_hidden_state
     assert feats.shape == (2, 17, 32) and torch.allclose(feats, expect, atol=1e-5)
+
+
+def test_attribute_tokens_are_the_heads_probabilities():
+    torch.manual_seed(0)
+    enc = SmallCNN(dim=16, image_size=32, heads={"colour": 6, "shape": 4}, attribute_tokens=True)
+    images = torch.rand(3, 3, 32, 32)
+    feats = enc(images)
+    assert enc.num_tokens == 19 and feats.shape == (3, 19, 16)
+    probs = enc.classify(images)["shape"].softmax(-1)
+    assert torch.allclose(feats[:, 18, :4], probs) and torch.equal(feats[:, 18, 4:], torch.zeros(3, 12))
+    assert torch.allclose(feats[:, 17].sum(-1), torch.ones(3))
+
