@@ -16,6 +16,9 @@ step (``train.loop.train_step``: forward, backward, clipping, AdamW) runs N time
 every model one step per round in a rotating order, so a machine slowing down slows all alike; reported: median
 wall seconds and median CPU seconds of the step (the thread's own time, steadier on a shared machine) and
 tokens/s from each, relative to the baseline. Writes engram_speed.json.
+
+Seeds can run as separate processes (``--seeds 1 --result engram_seed1.json``); ``--merge A.json B.json ...``
+prints the one table of their rows.
 """
 
 from __future__ import annotations
@@ -160,7 +163,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a small corpus, 6 steps, one seed: a smoke run")
     ap.add_argument("--speed", type=int, default=0, metavar="ROUNDS",
                     help="time ROUNDS interleaved training steps of every model (no training runs, no evaluation)")
+    ap.add_argument("--result", default="engram.json", help="the result file's name under --out")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="print the table of these result files' rows together")
     args = ap.parse_args()
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        print(f"{parts[0]['steps']} steps, seeds {sorted({r['seed'] for r in rows})}\n")
+        print(format_table(rows, parts[0]["models"]))
+        return
     if args.quick:
         args.steps, args.seeds, args.rows, args.entities, args.general_docs = 6, [0], [500, 2000, 8000], 30, 200
 
@@ -191,12 +202,12 @@ def main() -> None:
     summary = {name: {"compute": count_params(m).non_embedding, "table": count_params(m).table,
                       "total": count_params(m).total, "train_flops": flops_per_token(m, 128)["train"]}
                for name, m in configs.items()}
-    write_json(out / "engram.json", {"steps": args.steps, "seeds": args.seeds, "entities": args.entities,
+    write_json(out / args.result, {"steps": args.steps, "seeds": args.seeds, "entities": args.entities,
                                      "models": summary, "rows": rows})
     print(f"\n{args.steps} steps x {base.train.batch_size} x {base.data.seq_len} tokens each "
           f"({rows[0]['tokens']:,} tokens), seeds {args.seeds}, {args.entities} people x 6 facts\n")
     print(format_table(rows, summary))
-    print(f"\nwrote {out / 'engram.json'}")
+    print(f"\nwrote {out / args.result}")
 
 
 if __name__ == "__main__":

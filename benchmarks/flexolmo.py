@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few tiny steps")
     ap.add_argument("--seed", type=int, default=0, help="the knowledge base's seed")
     ap.add_argument("--top-k", type=int, default=1, help="experts per token, in expert training and the merge")
+    ap.add_argument("--router-input", choices=["token", "context"], default="context",
+                    help="route on the token's hidden state or on the sequence's running mean (model.flexmoe)")
     args = ap.parse_args()
     from slmforge.post.flex import flex_configs, flex_train
     from slmforge.post.flex_merge import flex_merge, flex_report, markdown
@@ -88,6 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         steps = size["expert_steps"]
         keys = [f"source={kb.domains[source]}", *source_files(out, kb, source), f"train.max_steps={steps}",
+                f"name=base_{kb.domains[source]}_{args.router_input}", f"model.flexmoe.router_input={args.router_input}",
                 f"top_k={args.top_k}", f"train_router={args.top_k != 1}",
                 f"train.eval_every={max(steps // 4, 1)}", f"train.ckpt_every={steps}", "train.lr_peak=3e-3",
                 "train.batch_size=8", "data.seq_len=128"]  # biographies are ~130 tokens
@@ -96,8 +99,8 @@ def main() -> None:
             flex_train(base, flex, cfg, resume=(cfg.run_dir / "checkpoints").is_dir(), progress=False)
         experts.append(cfg.run_dir)
         timings[f"expert_s{source}_s"] = time.perf_counter() - t0
-    shutil.rmtree(out / "base_flex", ignore_errors=True)
-    merged = flex_merge(base, experts, top_k=args.top_k)
+    shutil.rmtree(out / f"base_flex_{args.router_input}", ignore_errors=True)
+    merged = flex_merge(base, experts, name=f"base_flex_{args.router_input}", top_k=args.top_k)
     report = flex_report(merged)
     timings["total_s"] = time.perf_counter() - start
     print(markdown(report), end="")

@@ -76,6 +76,11 @@ class FlexMoEConfig:
     # the same size per data source, routed by fixed per-expert router embeddings; written by `slmforge flex`.
     sources: str = ""  # comma-separated names of the expert FFNs beside the anchor, in router order; "" = the base
     top_k: int = 2  # experts per token, the anchor among the candidates; 0 = all
+    # The router's input: the token's FFN input, or the causal running mean of the sequence's FFN inputs so far (a
+    # document's domain is the document's: the router reads the context), started with context_prior pseudo-tokens
+    # of the public data's mean, so a sequence's first tokens stay with the anchor until the context says otherwise.
+    router_input: Literal["token", "context"] = "context"
+    context_prior: float = 16.0
 
 
 @dataclass

@@ -15,6 +15,14 @@ dot routing) let the router be a nearest-centroid classifier: rows ``m`` (domain
 give ``argmax x.m - |m|^2/2 = argmin |x - m|``, so a domain whose mean hidden state has the larger norm does not
 win every token (``post/flex.py``: ``router_row``, also its whitened form).
 
+Context routing (``model.flexmoe.router_input=context``, default): a document's domain is a property of the
+document, and one token's hidden state tells it poorly, so the router reads the causal running mean of the layer's
+FFN inputs over the sequence so far, ``(x_1 + .. + x_t + k m0) / (t + k)``, started with ``k`` (``context_prior``)
+pseudo-tokens of the public data's mean ``m0`` (``router_prior``, a base-side row): a sequence's first tokens go
+to the anchor until the context outweighs the prior. The rows stay the domain means, so opt-out is still deleting
+a row. Causal, so decoding can continue it: ``forward(x, cache)`` keeps each row's running sum and count on the
+layer's cache (``flexmoe_state``), skipping left-padded slots, and cached chunks route as the full sequence would.
+
 Shapes: B batch, T time, C d_model, N tokens (B*T), S expert FFNs (sources), E = S + 1 with the anchor, H ffn_dim.
 """
 
@@ -48,6 +56,7 @@ class FlexMoE(nn.Module):
         self.sources = flex_sources(cfg)
         s = len(self.sources)
         self.top_k = active_experts(cfg)
+        self.router_input, self.context_prior = cfg.flexmoe.router_input, cfg.flexmoe.context_prior
         self.anchor = SwiGLU(cfg)  # the base FFN: blocks.i.ffn.anchor.* holds the base's blocks.i.ffn.*
         self.w13 = nn.Parameter(torch.empty(s, c, 2 * h))  # per expert: gate (w1) then up (w3) columns, as moe.py
         self.w2 = nn.Parameter(torch.empty(s, h, c))
@@ -55,6 +64,7 @@ class FlexMoE(nn.Module):
         self.router_experts = nn.Parameter(torch.empty(s, c))
         self.router_anchor_bias = nn.Parameter(torch.zeros(1))
         self.router_experts_bias = nn.Parameter(torch.zeros(s))
+        self.router_prior = nn.Parameter(torch.zeros(1, c))  # the public data's mean FFN input (context routing)
         self.reference = False  # True: moe_reference instead of moe_dispatch (tests)
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -65,25 +75,49 @@ class FlexMoE(nn.Module):
         nn.init.normal_(self.router_experts, mean=0.0, std=std)
         nn.init.zeros_(self.router_anchor_bias)
         nn.init.zeros_(self.router_experts_bias)
+        nn.init.zeros_(self.router_prior)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C) -> (N, E) router logits, at least float32; column 0 is the anchor."""
-        logits = linear(x, torch.cat([self.router_anchor, self.router_experts]))
+        logits = linear(x.to(self.router_anchor.dtype), torch.cat([self.router_anchor, self.router_experts]))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return logits + torch.cat([self.router_anchor_bias, self.router_experts_bias]).to(logits.dtype)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, C) -> chosen experts (N, K) (0 is the anchor) and their softmax gate weights (N, K), float32."""
-        logits = self.router_logits(x)
+    def context(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """x (B, T, C) -> (B*T, C) float32: the router's input, the token itself (``router_input=token``) or the
+        running mean of the sequence's FFN inputs up to each token, ``context_prior`` pseudo-tokens of
+        ``router_prior`` first; with ``cache``, continued from (and advancing) its running sums."""
+        b, t, c = x.shape
+        if self.router_input == "token":
+            return x.reshape(-1, c)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        real = _real_slots(cache, b, t, x.device)  # (B, T) bool, False on left padding; None: all real
+        if real is not None:
+            xf = xf * real[..., None]
+        counts = (real.to(xf.dtype) if real is not None else xf.new_ones(b, t)).cumsum(1)
+        sums = xf.cumsum(1)
+        state = getattr(cache, "flexmoe_state", None) if cache is not None else None
+        if state is not None:
+            sums, counts = sums + state[0][:, None], counts + state[1][:, None]
+        if cache is not None:
+            cache.flexmoe_state = (sums[:, -1], counts[:, -1])
+        k = self.context_prior
+        mean = (sums + k * self.router_prior.to(xf.dtype)) / (counts + k).clamp_min(1e-6)[..., None]
+        return mean.reshape(-1, c)
+
+    def route(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> chosen experts (B*T, K) (0 is the anchor) and their softmax gate weights (B*T, K), float32;
+        the router reads ``context(x, cache)``."""
+        logits = self.router_logits(self.context(x, cache))
         top = logits.topk(self.top_k, dim=-1)
         return top.indices, top.values.softmax(-1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+    def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor | float]:
         if not self.sources:
             return self.anchor(x)
         b, t, c = x.shape
         flat = x.reshape(-1, c)
-        chosen, weights = self.route(flat)
+        chosen, weights = self.route(x, cache)
         # The anchor as expert 0 of the stacked weights: SwiGLU's (2H, C) and (C, H) matrices transposed.
         w13 = torch.cat([self.anchor.w13.weight.t()[None], self.w13])  # (E, C, 2H)
         w2 = torch.cat([self.anchor.w2.weight.t()[None], self.w2])  # (E, H, C)
@@ -102,3 +136,12 @@ class FlexMoE(nn.Module):
         # silu and product, and the expert output.
         saved = 2 * c + 4 * e + 2 * k * (2 * c + 4 * h)
         return LayerCost(params, active, activation_bytes=saved, inactive_params=params - active)
+
+
+def _real_slots(cache, b: int, t: int, device) -> torch.Tensor | None:
+    """(B, T) bool, True where the ``t`` new slots hold real tokens (not left padding); None when all do. The block's
+    mixer has already written them, so they are the cache's last ``t`` slots."""
+    if cache is None or getattr(cache, "num_pad", None) is None or cache.pos - t >= cache.max_pad:
+        return None
+    slots = torch.arange(cache.pos - t, cache.pos, device=device)
+    return slots[None, :] >= cache.num_pad.to(device)[:, None]

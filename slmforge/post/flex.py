@@ -225,7 +225,8 @@ def shrunk_inverse(cov: torch.Tensor, shrink: float) -> torch.Tensor:
 def coupled_weights(base: dict[str, torch.Tensor], model: ModelConfig, rows: dict[str, dict[str, torch.Tensor]],
                     precision: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The 2-expert model's weights: each base FFN as the anchor and as the expert's start; router rows from the
-    domain means ``rows`` (``router_row``: whitened by ``precision`` when given)."""
+    domain means ``rows`` (``router_row``: whitened by ``precision`` when given); the public mean as
+    ``router_prior``."""
     out = anchor_weights(base)
     for ffn in ffn_prefixes(base):
         out[f"{ffn}.w13"] = base[f"{ffn}.w13.weight"].t()[None].clone()  # (1, C, 2H)
@@ -233,6 +234,7 @@ def coupled_weights(base: dict[str, torch.Tensor], model: ModelConfig, rows: dic
         for key in ("anchor", "experts"):
             row, bias = router_row(rows[key.rstrip("s")][ffn], precision[ffn] if precision else None)
             out[f"{ffn}.router_{key}"], out[f"{ffn}.router_{key}_bias"] = row[None], bias[None]
+        out[f"{ffn}.router_prior"] = rows["anchor"][ffn][None].clone()  # the public mean: context routing's start
     return out
 
 

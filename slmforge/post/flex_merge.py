@@ -41,16 +41,23 @@ def flex_merge(base: str | Path, experts: list[str | Path], name: str = "", top_
     base_cfg = base_config(base)
     model, _, _ = load_for_inference(base)
     base_sd = model.state_dict()
-    sources, expert_sds = [], []
+    sources, expert_sds, routing = [], [], set()
     for e in map(Path, experts):
         source, sd = _expert(e, base, base_sd)
         if source in sources:
             raise ValueError(f"{e}: a second expert of source {source!r}; merge one expert per source")
         sources.append(source)
         expert_sds.append(sd)
+        flex = load_config(e / "config.yaml").model.flexmoe
+        routing.add((flex.router_input, flex.context_prior))
+    if len(routing) > 1:  # an expert learned the tokens its router input sent it: the merge keeps that input
+        raise ValueError(f"experts trained with different router inputs (router_input, context_prior): {routing}")
+    keys = [f"model.flexmoe.router_input={r}" for r, _ in routing] + [f"model.flexmoe.context_prior={k}"
+                                                                     for _, k in routing]
     cfg = load_config(base / "config.yaml", [f"name={name or base.name + '_flex'}", f"out_dir={base.parent}",
                                              "model.ffn=flexmoe", f"model.flexmoe.sources={','.join(sources)}",
-                                             f"model.flexmoe.top_k={top_k}", "train.init_from=", "post=[]"])
+                                             f"model.flexmoe.top_k={top_k}", "train.init_from=", "post=[]",
+                                             *keys])
     info = {"kind": "merged", "base": str(base), "experts": {s: str(e) for s, e in zip(sources, experts)},
             "opted_out": []}
     log(f"flex: merging {len(sources)} expert(s) into {base}: {', '.join(sources) or '(none)'}")
@@ -78,7 +85,8 @@ def merged_weights(base: dict[str, torch.Tensor], experts: list[dict[str, torch.
                  "router_experts": w13.new_zeros(0, w13.shape[1]), "router_experts_bias": w13.new_zeros(0)}
         for key, none in empty.items():
             out[f"{ffn}.{key}"] = torch.cat([sd[f"{ffn}.{key}"] for sd in experts]) if experts else none
-        for key, none in (("router_anchor", w13.new_zeros(1, w13.shape[1])), ("router_anchor_bias", w13.new_zeros(1))):
+        for key, none in (("router_anchor", w13.new_zeros(1, w13.shape[1])), ("router_anchor_bias", w13.new_zeros(1)),
+                          ("router_prior", w13.new_zeros(1, w13.shape[1]))):
             rows = [sd[f"{ffn}.{key}"] for sd in experts]
             # Every expert saw the same public row unless they were given different public data: then the mean.
             same = all(torch.equal(r, rows[0]) for r in rows)
@@ -194,7 +202,7 @@ def routing_shares(model, tokenizer, domains: dict[str, list[str]], seq_len: int
     mass = {"sum": torch.zeros(len(names), dtype=torch.float64)}
 
     def add(module, args, output):
-        chosen, weights = module.route(args[0].reshape(-1, args[0].shape[-1]))
+        chosen, weights = module.route(args[0])
         mass["sum"] += torch.zeros(len(names), dtype=torch.float64).index_add_(
             0, chosen.flatten().cpu(), weights.flatten().double().cpu())
 

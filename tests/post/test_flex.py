@@ -1,5 +1,6 @@
 """FlexOlmo (``slmforge flex``): expert training leaves the base alone, merging with no experts is the base, opting a
-source out equals merging without it, router embeddings are the domains' mean FFN inputs, bad input is one line."""
+source out equals merging without it, router embeddings are the domains' mean FFN inputs, context routing reads the
+running mean (cached chunks route as the full sequence), bad input is one line."""
 
 import json
 
@@ -9,6 +10,7 @@ import torch
 from slmforge.checkpoint import find_checkpoint, load_for_inference, read_checkpoint
 from slmforge.cli import main
 from slmforge.config import ModelConfig
+from slmforge.model.cache import Cache
 from slmforge.model.flexmoe import FlexMoE
 from slmforge.post.flex import (_split, anchor_weights, ffn_input_moments, flex_configs, flex_train, held_out_docs,
                                 router_embeddings, router_row, shrunk_inverse)
@@ -198,3 +200,69 @@ def test_bad_inputs_are_one_line_errors(flex, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and "Traceback" not in err, err
     assert not (flex["root"] / "base_c").exists()
+
+
+def _context_layer(top_k=1, prior=4.0):
+    cfg = ModelConfig(d_model=16, ffn_hidden=24)
+    cfg.flexmoe.sources, cfg.flexmoe.top_k, cfg.flexmoe.context_prior = "x,y,z", top_k, prior
+    layer = FlexMoE(cfg).double()
+    layer.reset_parameters(0.3, 0.2)
+    with torch.no_grad():
+        layer.router_prior.normal_()
+    return layer
+
+
+def test_context_routing_reads_the_running_mean_with_the_public_prior():
+    layer = _context_layer(prior=3.0)
+    assert layer.router_input == "context"
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    t = torch.arange(1, 10, dtype=torch.float64)[None, :, None]
+    expected = (x.cumsum(1) + 3.0 * layer.router_prior) / (t + 3.0)
+    torch.testing.assert_close(layer.context(x), expected.reshape(-1, 16), rtol=0, atol=1e-12)
+    layer.router_input = "token"
+    assert torch.equal(layer.context(x), x.reshape(-1, 16))
+    # A document far from the public mean leaves the anchor once its context outweighs the prior.
+    layer.router_input, layer.context_prior = "context", 8.0
+    with torch.no_grad():
+        layer.router_experts.zero_()[0] = 1.0
+        layer.router_anchor.zero_()
+        layer.router_experts_bias.fill_(-2.0)
+        layer.router_prior.zero_()
+    doc = torch.ones(1, 12, 16, dtype=torch.float64) / 4  # logit of expert x: 4 t / (t + 8) - 2 > 0 once t > 8
+    chosen = layer.route(doc)[0][:, 0]
+    assert chosen.tolist() == [0] * 8 + [1] * 4
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cached_chunks_route_as_the_full_sequence(top_k):
+    layer = _context_layer(top_k)
+    x = torch.randn(3, 11, 16, dtype=torch.float64)
+    full = layer(x)[0]
+    cache, outs = Cache(), []
+    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 11)):  # a prefill, then one token at a time, then a chunk
+        cache.pos += stop - start  # the block's mixer writes its slots before the FFN runs
+        outs.append(layer(x[:, start:stop], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=0, atol=1e-10)
+    # Left padding: a padded row decodes as it would alone.
+    num_pad = torch.tensor([0, 3, 1])
+    padded = torch.randn(3, 11, 16, dtype=torch.float64)
+    for b, p in enumerate(num_pad.tolist()):
+        padded[b, p:] = x[b, : 11 - p]
+    cache, outs = Cache(), []
+    cache.left_pad(num_pad)
+    for start, stop in ((0, 6), (6, 7), (7, 11)):
+        cache.pos += stop - start
+        outs.append(layer(padded[:, start:stop], cache=cache)[0])
+    out = torch.cat(outs, 1)
+    for b, p in enumerate(num_pad.tolist()):
+        torch.testing.assert_close(out[b, p:], layer(x[b : b + 1, : 11 - p])[0][0], rtol=0, atol=1e-10)
+
+
+def test_merge_keeps_the_experts_router_input_and_the_public_prior(flex):
+    merged = flex_merge(flex["base"], list(flex["experts"].values()), name="merged_prior")
+    model, _, cfg = load_for_inference(merged)
+    assert cfg.model.flexmoe.router_input == "context"
+    expert = load_for_inference(flex["experts"]["a"])[0].state_dict()
+    sd = model.state_dict()
+    assert torch.equal(sd["blocks.0.ffn.router_prior"], expert["blocks.0.ffn.router_prior"])
+    assert sd["blocks.0.ffn.router_prior"].abs().sum() > 0
