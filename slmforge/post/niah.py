@@ -52,6 +52,7 @@ class NiahTrainConfig(NiahConfig):
     init: Literal["run", "scratch"] = "run"  # RUN's weights, or fresh weights of RUN's model config
     val_samples: int = 8  # held-out samples at the longest length, scored at each evaluation
     questions: int = 2  # questions per training sample (multi needles): more answers per step
+    copy_share: float = 0.0  # share of each batch's rows that are copy rows (random tokens, repeated): induction
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
@@ -63,6 +64,8 @@ class NiahTrainConfig(NiahConfig):
                              f"lengths; give one per length or [] to split train.max_steps evenly")
         if self.tokens_per_step < 1 or self.val_samples < 1 or self.lm_weight < 0:
             raise ValueError(f"{prefix}tokens_per_step, val_samples: expected >= 1; lm_weight: expected >= 0")
+        if not 0 <= self.copy_share < 1:
+            raise ValueError(f"{prefix}copy_share={self.copy_share}: expected a share in [0, 1)")
 
 
 NIAH_KEYS = {f.name for f in dataclasses.fields(NiahTrainConfig)}
@@ -136,16 +139,35 @@ class NiahLoader:
             length = self.length_at(self.batches // self.grad_accum)
             rows = max(1, self.cfg.tokens_per_step // self.grad_accum // length)
             depths = random.Random(f"slmforge.niah.train:{self.cfg.seed}:{self.batches}")
+            copies = round(rows * self.cfg.copy_share)
             samples = [make_sample(self.haystack, self.cfg, length, depths.random(), f"train:{self.batches}:{r}")
-                       for r in range(rows)]
+                       for r in range(rows - copies)]
+            batch = rows_batch(samples, self.haystack.tokenizer.pad_id)
+            if copies:
+                batch = _with_copies(batch, copies, self.haystack.tokenizer.vocab_size, depths)
             self.batches += 1
-            yield rows_batch(samples, self.haystack.tokenizer.pad_id)
+            yield batch
 
     def state_dict(self) -> dict:
         return {"batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = state["batches"]
+
+
+def _with_copies(batch: tuple, copies: int, vocab: int, rng: random.Random) -> tuple:
+    """``copies`` more rows of the batch's width: random token ids, their first half repeated as the second half,
+    the repeat the text target (the prefix-matching copy of induction heads, Olsson et al. 2022, which then
+    serves the key lookup of the needles)."""
+    x, answer, text = batch
+    width, half = x.shape[1], (x.shape[1] + 1) // 2
+    gen = torch.Generator().manual_seed(rng.randrange(2**62))
+    first = torch.randint(7, vocab, (copies, half), generator=gen)  # above the special ids (0..6)
+    ids = torch.cat([first, first], dim=1)[:, : width + 1]
+    target = ids[:, 1:].clone()
+    target[:, : half - 1] = -100  # the first half is unpredictable
+    none = torch.full_like(target, -100)
+    return torch.cat([x, ids[:, :-1]]), torch.cat([answer, none]), torch.cat([text, target])
 
 
 def rows_batch(samples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -215,11 +215,6 @@ def scene_text(rng: random.Random) -> Document:
     a language model knows English. What is held out is an image of a red triangle with its caption, which is what
     the projector learns from; the text says nothing about which images show one.
     """
-    captions = [sample_scene(rng, "any").caption() for _ in range(rng.randint(3, 6))]
-    lines = [f"Picture {i + 1}: {c}" for i, c in enumerate(captions)]
-    # A description read back from earlier in the text: the model learns to copy what its context says, the skill
-    # that lets it read an image's tokens.
-    again = rng.randrange(len(captions))
-    lines.append(f"Picture {again + 1} again: {captions[again]}")
-    text = "\n".join(lines)
+    lines = [sample_scene(rng, "any").caption() for _ in range(rng.randint(3, 6))]
+    text = "\n".join(f"Picture {i + 1}: {line}" for i, line in enumerate(lines))
     return Document("", text, {"family": "scenes"})

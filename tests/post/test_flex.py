@@ -226,9 +226,9 @@ def test_context_routing_reads_the_running_mean_with_the_public_prior():
     with torch.no_grad():
         layer.router_experts.zero_()[0] = 1.0
         layer.router_anchor.zero_()
-        layer.router_experts_bias.fill_(-2.0)
+        layer.router_experts_bias.fill_(-2.1)
         layer.router_prior.zero_()
-    doc = torch.ones(1, 12, 16, dtype=torch.float64) / 4  # logit of expert x: 4 t / (t + 8) - 2 > 0 once t > 8
+    doc = torch.ones(1, 12, 16, dtype=torch.float64) / 4  # expert x: 4 t / (t + 8) - 2.1 > 0 once t > 8.8
     chosen = layer.route(doc)[0][:, 0]
     assert chosen.tolist() == [0] * 8 + [1] * 4
 

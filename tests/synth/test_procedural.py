@@ -6,12 +6,13 @@ import re
 
 import pytest
 
+from slmforge.config import DataConfig
 from slmforge.synth.procedural import (FAMILIES, TOPIC_ITEMS, arithmetic, build_corpus, check_sorting, safe_eval,
                                        sorting, topic_items, verify_arithmetic)
 
 # lm-eval-harness gsm8k's answer extraction ("strict-match").
 GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")
-ALL = list(FAMILIES)
+ALL = DataConfig().families  # the default corpus's families (``scenes``, the vision captions, is opt-in)
 
 
 @pytest.fixture(scope="module")

@@ -71,3 +71,15 @@ def test_write_split_writes_readable_pngs_and_a_manifest(tmp_path):
 @pytest.mark.parametrize("kind", ["single", "count", "pair"])
 def test_every_kind_is_sampled(kind):
     assert sample_scene(random.Random(1), "train", kind=kind).kind == kind
+
+
+def test_the_scenes_text_family_writes_parseable_captions_of_every_pair():
+    from slmforge.synth.procedural import FAMILIES, build_corpus
+
+    docs = build_corpus(["scenes"], 300, 10, 10, seed=0)["train"]
+    lines = [line.split(": ", 1)[1] for d in docs for line in d.text.splitlines()]
+    parsed = [parse_caption(line) for line in lines]
+    assert all(parsed)
+    pairs = {(a["colour"], a["shape"]) for _, a in parsed}
+    assert set(HELD_OUT) <= pairs  # text knows every phrase; only images of held-out pairs are held out
+    assert "scenes" in FAMILIES
