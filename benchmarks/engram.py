@@ -56,12 +56,12 @@ def build_corpus(out: Path, num_entities: int, num_general: int) -> None:
     (out / "held_out.json").write_text(json.dumps(held_out))
 
 
-def models(d_model: int, layers: int, rows: list[int]) -> dict:
+def models(d_model: int, layers: int, rows: list[int], baseline: bool = True) -> dict:
     from slmforge.config.model import AttnConfig, EngramConfig, ModelConfig
 
     base = ModelConfig(vocab_size=512, d_model=d_model, num_layers=layers, max_seq_len=256,
                        attn=AttnConfig(num_heads=4, num_kv_heads=2))
-    out = {"baseline": base}
+    out = {"baseline": base} if baseline else {}
     for r in rows:
         out[f"engram {r:,} rows"] = dataclasses.replace(base, engram=EngramConfig(layers="1", table_rows=r, dim=16))
     return out
@@ -154,7 +154,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", type=int, nargs="+", default=[2_000, 8_000, 32_000], help="rows per table")
+    ap.add_argument("--rows", type=int, nargs="*", default=[2_000, 8_000, 32_000], help="rows per table")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="train the model without a memory too (--no-baseline: the tables only)")
     ap.add_argument("--entities", type=int, default=100, help="people in the knowledge base (6 facts each)")
     ap.add_argument("--general-docs", type=int, default=1500, help="general-text training documents")
     ap.add_argument("--d-model", type=int, default=96)
@@ -169,8 +171,9 @@ def main() -> None:
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         rows = [r for part in parts for r in part["rows"]]
+        summary = {name: s for part in parts for name, s in part["models"].items()}
         print(f"{parts[0]['steps']} steps, seeds {sorted({r['seed'] for r in rows})}\n")
-        print(format_table(rows, parts[0]["models"]))
+        print(format_table(rows, summary))
         return
     if args.quick:
         args.steps, args.seeds, args.rows, args.entities, args.general_docs = 6, [0], [500, 2000, 8000], 30, 200
@@ -188,7 +191,7 @@ def main() -> None:
         f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}",
         f"train.warmup_steps={max(1, args.steps // 10)}", "train.batch_size=16", "data.seq_len=128",
         "train.eval_batches=8"])
-    configs = models(args.d_model, args.layers, args.rows)
+    configs = models(args.d_model, args.layers, args.rows, args.baseline)
     if args.speed:
         result = speed(base, configs, args.speed)
         write_json(out / "engram_speed.json", {"rounds": args.speed, "models": result})

@@ -8,10 +8,12 @@ with its own sentences and vocabulary, as separate owners' data would be. Source
 only in entity names give the router nothing to separate them by: routing is by domain.
 
 Each owner trains its expert (``slmforge flex train``: the base frozen as the anchor expert) on its own biographies
-only. Routing (``post/flex.py``): each router row is the domain's mean FFN input under the base, with the bias
-``-|m|^2/2`` that makes the router pick the nearest domain mean; ``--top-k 1`` (default) trains each expert on the
-tokens routed to it and merges with top-1 of anchor + 3 experts, so every token runs one FFN and opting a source out
-moves only the tokens routed to it. ``flex report`` prints the issue's one table: per domain, loss on held-out
+only. Routing (``post/flex.py``): each router row is the domain's mean FFN input under the base, whitened by the
+public covariance, with the bias that makes the router pick the nearest domain mean; the router reads the sequence's
+running mean of FFN inputs (``--router-input context``, default; ``token``: the token alone), started with 16
+pseudo-tokens of the public mean; ``--top-k 1`` (default) trains each expert on the tokens routed to it and merges
+with top-1 of anchor + 3 experts, so every token runs one FFN and opting a source out moves only the tokens routed
+to it. Experts and merge are named by the router input (``base_<domain>_context``, ``base_flex_context``). ``flex report`` prints the issue's one table: per domain, loss on held-out
 documents (new biographies of the same facts; public: held-out stories) and fact accuracy (the true value ranked
 first among its attribute's values) for the base, the expert alone, the merged model, the merged model with that
 source opted out, the largest change of the other domains' accuracy when it is, and the merged model's routing share

@@ -16,7 +16,10 @@ whichever domain's mean has the larger norm, on every token). ``router=lda`` (de
 inverse of the public data's covariance ``P`` (shrunk toward its mean variance): row ``P m``, bias ``-m.P m/2``,
 the nearest mean in Mahalanobis distance, linear discriminant analysis with one shared covariance, which separates
 domains where a few high-variance directions of the hidden state would drown the plain distance. Every owner
-computes its row alone from its data, the base and the public data, so the rows stay comparable.
+computes its row alone from its data, the base and the public data, so the rows stay comparable. What the router
+compares with the rows is ``model.flexmoe.router_input``: by default the sequence's running mean of FFN inputs,
+started with pseudo-tokens of the public mean (``router_prior``), since a document's domain is the document's and
+one token's hidden state tells it poorly (``model/flexmoe.py``); the merge keeps the experts' setting.
 ``train_router`` (the paper's choice, default) fine-tunes the expert's row and bias with its FFN; FlexOlmo's
 optional router tuning on proxy data after the merge is not done: no owner's data leaves the owner. ``top_k=1``
 trains the expert on the tokens the fixed router sends it (the gate is then 1, so the router gets no gradient) and
