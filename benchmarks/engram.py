@@ -28,7 +28,6 @@ import dataclasses
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

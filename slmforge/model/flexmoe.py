@@ -129,9 +129,10 @@ class FlexMoE(nn.Module):
         """All experts' parameters; a token's matmuls use the router and ``active_experts`` SwiGLUs."""
         c, h, e, k = cfg.d_model, cfg.ffn_dim, len(flex_sources(cfg)) + 1, active_experts(cfg)
         expert = 3 * c * h
-        params, active = e * (c + 1) + e * expert, e * (c + 1) + k * expert
+        router = e * (c + 1) + c  # rows and biases, and the public prior row
+        params, active = router + e * expert, router + k * expert
         if e == 1:  # the anchor alone: a plain SwiGLU, no router in the forward
-            return LayerCost(params, active - c - 1, activation_bytes=2 * (c + 4 * h), inactive_params=c + 1)
+            return LayerCost(params, expert, activation_bytes=2 * (c + 4 * h), inactive_params=router)
         # Saved: the normed input, the router logits (fp32), per chosen copy the gathered input, gate/up outputs,
         # silu and product, and the expert output.
         saved = 2 * c + 4 * e + 2 * k * (2 * c + 4 * h)

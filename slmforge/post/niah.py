@@ -156,16 +156,22 @@ class NiahLoader:
 
 
 def _with_copies(batch: tuple, copies: int, vocab: int, rng: random.Random) -> tuple:
-    """``copies`` more rows of the batch's width: random token ids, their first half repeated as the second half,
-    the repeat the text target (the prefix-matching copy of induction heads, Olsson et al. 2022, which then
-    serves the key lookup of the needles)."""
+    """``copies`` more rows of the batch's width: random token ids whose second half is made of 16-token slots,
+    each a copy of a segment from a random place of the first half; the copies (past each slot's first token) are
+    text targets. The prefix-matching copy of induction heads (Olsson et al. 2022) at varying distances, the
+    circuit the needles' key lookup then uses."""
     x, answer, text = batch
-    width, half = x.shape[1], (x.shape[1] + 1) // 2
+    width = x.shape[1]
+    half = (width + 1) // 2
     gen = torch.Generator().manual_seed(rng.randrange(2**62))
-    first = torch.randint(7, vocab, (copies, half), generator=gen)  # above the special ids (0..6)
-    ids = torch.cat([first, first], dim=1)[:, : width + 1]
-    target = ids[:, 1:].clone()
-    target[:, : half - 1] = -100  # the first half is unpredictable
+    ids = torch.randint(7, vocab, (copies, width + 1), generator=gen)  # above the special ids (0..6)
+    target = torch.full((copies, width), -100, dtype=torch.long)
+    for r in range(copies):
+        for start in range(half, width + 1 - 4, 16):
+            size = min(16, width + 1 - start)
+            src = rng.randrange(0, half - size + 1)
+            ids[r, start : start + size] = ids[r, src : src + size]
+            target[r, start : start + size - 1] = ids[r, start + 1 : start + size]
     none = torch.full_like(target, -100)
     return torch.cat([x, ids[:, :-1]]), torch.cat([answer, none]), torch.cat([text, target])
 
