@@ -69,7 +69,9 @@ class Block(nn.Module):
         # Only attention takes ``doc`` (LM.forward refuses it for the other mixers), so they keep their signature.
         mixed = self.mixer(self.mixer_norm(x), cache=cache) if doc is None else self.mixer(self.mixer_norm(x), doc=doc)
         x = x + mixed
-        y, aux = (self.ffn if ffn is None else ffn)(self.ffn_norm(x))
+        ffn = self.ffn if ffn is None else ffn
+        # An FFN whose routing reads the sequence so far (FlexMoE's context routing) keeps its state on the cache.
+        y, aux = ffn(self.ffn_norm(x), cache=cache) if getattr(ffn, "takes_cache", False) else ffn(self.ffn_norm(x))
         # A mixer with a training loss of its own (DSA's indexer KL) leaves it in ``aux_loss`` after each forward.
         return x + y, aux + getattr(self.mixer, "aux_loss", 0.0)
 

@@ -39,6 +39,8 @@ class Cache:
         """Keep only the batch rows ``rows`` ((B',) long), so finished rows stop costing compute."""
         if self.num_pad is not None:
             self.left_pad(self.num_pad[rows])
+        if getattr(self, "ffn_state", None) is not None:  # an FFN's per-row state (FlexMoE's running sums)
+            self.ffn_state = tuple(part[rows] for part in self.ffn_state)
 
 
 class KVCache(Cache):

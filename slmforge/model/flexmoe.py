@@ -21,7 +21,7 @@ FFN inputs over the sequence so far, ``(x_1 + .. + x_t + k m0) / (t + k)``, star
 pseudo-tokens of the public data's mean ``m0`` (``router_prior``, a base-side row): a sequence's first tokens go
 to the anchor until the context outweighs the prior. The rows stay the domain means, so opt-out is still deleting
 a row. Causal, so decoding can continue it: ``forward(x, cache)`` keeps each row's running sum and count on the
-layer's cache (``flexmoe_state``), skipping left-padded slots, and cached chunks route as the full sequence would.
+layer's cache (``ffn_state``, which ``Cache.keep`` trims with the rows), skipping left-padded slots, and cached chunks route as the full sequence would.
 
 Shapes: B batch, T time, C d_model, N tokens (B*T), S expert FFNs (sources), E = S + 1 with the anchor, H ffn_dim.
 """
@@ -96,11 +96,11 @@ class FlexMoE(nn.Module):
             xf = xf * real[..., None]
         counts = (real.to(xf.dtype) if real is not None else xf.new_ones(b, t)).cumsum(1)
         sums = xf.cumsum(1)
-        state = getattr(cache, "flexmoe_state", None) if cache is not None else None
+        state = getattr(cache, "ffn_state", None) if cache is not None else None
         if state is not None:
             sums, counts = sums + state[0][:, None], counts + state[1][:, None]
         if cache is not None:
-            cache.flexmoe_state = (sums[:, -1], counts[:, -1])
+            cache.ffn_state = (sums[:, -1], counts[:, -1])
         k = self.context_prior
         mean = (sums + k * self.router_prior.to(xf.dtype)) / (counts + k).clamp_min(1e-6)[..., None]
         return mean.reshape(-1, c)
@@ -111,6 +111,11 @@ class FlexMoE(nn.Module):
         logits = self.router_logits(self.context(x, cache))
         top = logits.topk(self.top_k, dim=-1)
         return top.indices, top.values.softmax(-1)
+
+    @property
+    def takes_cache(self) -> bool:
+        """Context routing continues across decoding steps: the block passes this FFN its layer's cache."""
+        return self.router_input == "context" and bool(self.sources)
 
     def forward(self, x: torch.Tensor, cache=None) -> tuple[torch.Tensor, torch.Tensor | float]:
         if not self.sources:

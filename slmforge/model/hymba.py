@@ -43,6 +43,8 @@ class HymbaCache:
     def keep(self, rows: torch.Tensor) -> None:
         self.kv.keep(rows)
         self.ssm.keep(rows)
+        if getattr(self, "ffn_state", None) is not None:
+            self.ffn_state = tuple(part[rows] for part in self.ffn_state)
 
     def nbytes(self) -> int:
         return self.kv.nbytes() + self.ssm.nbytes()

@@ -206,6 +206,8 @@ def _copy_rows(dst, src, rows: slice, index: torch.Tensor, width: int) -> None:
 
 def unmergeable(model) -> str | None:
     """None when ``RunningBatch`` can merge every cache of ``model``, else the name of one it cannot."""
+    if any(getattr(m, "takes_cache", False) for m in model.modules()):
+        return "FlexMoE context routing (its per-row running sums)"
     names = {type(part).__name__ for cache in model.init_cache(1, 1) for part in _parts(cache)}
     return next(iter(sorted(names - MERGEABLE)), None)
 

@@ -266,3 +266,20 @@ def test_merge_keeps_the_experts_router_input_and_the_public_prior(flex):
     sd = model.state_dict()
     assert torch.equal(sd["blocks.0.ffn.router_prior"], expert["blocks.0.ffn.router_prior"])
     assert sd["blocks.0.ffn.router_prior"].abs().sum() > 0
+
+
+def test_decoding_a_context_routed_merge_equals_full_recompute(flex):
+    """KV-cached, left-padded, batched generation carries the routing's running sums (``Block`` passes the cache
+    to the FFN, ``Cache.keep`` trims them with finished rows): the same tokens as recomputing every prefix."""
+    from slmforge.serve.batching import unmergeable
+    from slmforge.serve.generate import generate_batch, generate_batch_ref
+
+    merged = flex_merge(flex["base"], list(flex["experts"].values()), name="merged_decode")
+    model = load_for_inference(merged)[0].eval()
+    assert any(getattr(m, "takes_cache", False) for m in model.modules())
+    prompts = [IDS[0, :5].tolist(), IDS[1, :12].tolist(), IDS[0, 3:20].tolist()]
+    ref = generate_batch_ref(model, prompts, 10)
+    assert generate_batch(model, prompts, 10) == ref
+    early = generate_batch(model, prompts, 10, eos_id=ref[1][2])  # rows end at different steps, caches kept
+    assert early == generate_batch_ref(model, prompts, 10, eos_id=ref[1][2])
+    assert unmergeable(model) is not None  # continuous batching falls back to static for it
