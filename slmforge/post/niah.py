@@ -52,7 +52,7 @@ class NiahTrainConfig(NiahConfig):
     init: Literal["run", "scratch"] = "run"  # RUN's weights, or fresh weights of RUN's model config
     val_samples: int = 8  # held-out samples at the longest length, scored at each evaluation
     questions: int = 2  # questions per training sample (multi needles): more answers per step
-    copy_share: float = 0.0  # share of each batch's rows that are copy rows (random tokens, repeated): induction
+    copy_share: float = 0.0  # share of rows that are copy rows (random tokens, segments copied later): induction
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
