@@ -68,6 +68,15 @@ def config_args(p: argparse.ArgumentParser, cls, recipe: str | None = "flag", dr
     p.set_defaults(config_cls=cls)
 
 
+def run_flags(p: argparse.ArgumentParser, dry_run: bool = False) -> None:
+    """``--resume`` and ``--force`` of a subcommand that writes a new run folder from a trained run (and
+    ``--dry-run``)."""
+    p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
+    p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config, then exit")
+
+
 def _add_aliases(p: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

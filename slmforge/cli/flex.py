@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slmforge.cli.common import config_args, dry_run, load_args, split_items
+from slmforge.cli.common import config_args, dry_run, load_args, run_flags, split_items
 
 
 @dataclass
@@ -64,9 +64,7 @@ def register(sub) -> None:
                          "Other keys are run keys (train.max_steps=..., name=...).")
     p.add_argument("base", help="the public base run folder (a dense model trained by `slmforge run`/`train`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="source=..., data=..., train.* keys, name=...")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
-    p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config, then exit")
+    run_flags(p, dry_run=True)
     p.set_defaults(fn=cmd_flex_train, config_cls="slmforge.post.flex:FlexTrainConfig")
 
     p = group.add_parser("merge", help="merge the base and expert runs into one MoE run folder")

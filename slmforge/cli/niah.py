@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from slmforge.cli.common import config_args, dry_run, load_args
+from slmforge.cli.common import config_args, dry_run, load_args, run_flags
 
 
 def cmd_niah_train(args) -> None:
@@ -47,8 +47,7 @@ def register(sub) -> None:
                          description="NIAH keys (lengths, length_steps, tokens_per_step, lm_weight, init, haystack, "
                          "kinds, ...) and any run key (train.max_steps=..., model.attn.rope_scaling=yarn, name=...).")
     p.add_argument("run_dir", help="the trained run folder to start from (init=scratch: its model and tokenizer)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
-    p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
+    run_flags(p)
     config_args(p, "slmforge.post.niah:NiahTrainConfig", recipe=None, dry_run=True)
     p.set_defaults(fn=cmd_niah_train)
     p = kinds.add_parser("run", help="a NIAH recipe: base run, NIAH stages, the recall grid",

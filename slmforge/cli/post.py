@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slmforge.cli.common import dry_run
+from slmforge.cli.common import dry_run, run_flags
 
 WHAT = {"sft": "supervised fine-tuning on conversations (loss on assistant tokens, packed with document masking)",
         "orpo": "ORPO on preference pairs: NLL on chosen + beta * odds-ratio term, no reference model",
@@ -48,7 +48,5 @@ def register(sub) -> None:
                            f"<RUN>_{name} beside RUN.")
         p.add_argument("run_dir", help="the trained run folder (or a Hugging Face model folder) to start from")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="data=..., beta=..., train.* keys, name=...")
-        p.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
-        p.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved config, then exit")
+        run_flags(p, dry_run=True)
         p.set_defaults(fn=cmd_post, config_cls="slmforge.config:PostConfig")

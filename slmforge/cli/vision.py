@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from slmforge.cli.common import config_args, load_args
+from slmforge.cli.common import config_args, load_args, run_flags
 from slmforge.config import check_min
 
 
@@ -162,8 +162,7 @@ def register(sub) -> None:
     q.add_argument("run_dir", help="the trained text run to start from")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="data=, encoder=, stage=, projector=, "
                    "limit=, and any run key (train.max_steps=..., name=..., model.vision.template=chat)")
-    q.add_argument("--resume", action="store_true", help="continue exactly from the newest valid checkpoint")
-    q.add_argument("--force", action="store_true", help="start the run folder over (deletes its checkpoints)")
+    run_flags(q)
     q.set_defaults(fn=cmd_train, config_cls=TrainArgs)
     for name, fn, cls, what in (("describe", cmd_describe, DescribeArgs, "caption image files with a vision run"),
                                 ("eval", cmd_eval, EvalArgs, "score captions of held-out images by attribute")):
