@@ -74,8 +74,9 @@ class SmallCNN(nn.Module):
     The form stream sees only where the image differs from its background (the median border colour), so its
     features of a shape are the same in every colour; the colour stream sees the pixels. A grid token is both
     streams' features of one patch, side by side, so colour and form are bound by place. One plain CNN instead
-    learns colour-shape conjunctions and misses a red triangle it never saw (shape accuracy 0.77 on scenes with a
-    held-out pair, against 1.00 for this one); the held-out pairs measure composition, so the encoder must compose.
+    learns colour-shape conjunctions and misses a red triangle it never saw (shape accuracy 0.77 on validation scenes,
+    a third with a held-out pair, against 1.00 for this one); held-out pairs measure composition: the encoder must
+    compose.
     The summary token is each stream's nonlinear map of its whole grid, side by side, so what the attribute heads
     (``heads``, used only while the encoder trains) read from it, positions, counts and relations included, is
     linear in it; a colour head reads the colour half, the others the form half, so no head can learn a
