@@ -10,11 +10,8 @@ from slmforge.config import TrainConfig
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay, seen = [], [], set()
+    # Embeddings include Engram's hashed tables (model/engram.py): decay would wear down rows that are simply rare.
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    # Engram's hashed tables (model/engram.py): a group of their own, never decayed (a row no token hashed to this
-    # step has a zero gradient, and decay would wear down rows that are simply rare).
-    tables = [m.table.weight for m in getattr(model, "engrams", {}).values() if m.table.weight.requires_grad]
-    seen.update(id(p) for p in tables)
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -24,7 +21,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ] + ([{"params": tables, "weight_decay": 0.0}] if tables else [])
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
