@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from slmforge.checkpoint import find_checkpoint, find_tokenizer, load_for_inference
+from slmforge.checkpoint import find_checkpoint, find_tokenizer
 from slmforge.config import load_config
 from slmforge.eval.vision import read_records
 from slmforge.log import log
@@ -32,6 +32,7 @@ from slmforge.runs import RunDir
 from slmforge.serve.vision import (answer_ids, default_prompt, image_features, load_encoder,
                                    read_image, save_encoder, to_tensor, vision_prompt)
 from slmforge.synth.images import COLOURS, COUNTS, KINDS, POSITIONS, RELATIONS, SHAPES, SIZES
+from slmforge.tokens.tokenizer import Tokenizer
 from slmforge.train.loop import RunResult, train
 from slmforge.train.task import Task
 
@@ -203,7 +204,8 @@ def train_projector(base: str | Path, data: str | Path, encoder_dir: str | Path,
     """Stage 1 (or 2) of LLaVA on the images of ``data`` from the trained text run ``base``; returns the result."""
     encoder = load_encoder(encoder_dir)
     cfg = vision_config(base, encoder, overrides or [], stage, projector)
-    _, tokenizer, src_cfg = load_for_inference(base)
+    tok_path = find_tokenizer(RunDir.at(base), load_config(Path(base) / "config.yaml"))
+    tokenizer = Tokenizer.load(tok_path)  # the base's weights load once, in the training loop (train.init_from)
     train_recs, val_recs = read_manifest(data, "train", limit), read_manifest(data, "validation")
     feats = {s: image_features(encoder, load_images(r, f"{s} images")) for s, r in
              (("train", train_recs), ("validation", val_recs))}
@@ -214,7 +216,7 @@ def train_projector(base: str | Path, data: str | Path, encoder_dir: str | Path,
     bs = cfg.train.batch_size
     val_batches = [val_c.batch(torch.arange(i, min(i + bs, len(val_recs)))) for i in range(0, len(val_recs), bs)]
     task = Task(CaptionLoader(train_c, bs, cfg.train.seed), val_batches[:cfg.train.eval_batches], caption_loss,
-                _evaluate, tokenizer=find_tokenizer(RunDir.at(base), src_cfg))
+                _evaluate, tokenizer=tok_path)
     log(f"vision: {len(train_recs):,} training images, {feats['train'].shape[1]} image tokens of "
         f"{feats['train'].shape[2]}, stage {stage} ({'projector only' if stage == 1 else 'projector and LM'})")
     result = train(cfg, resume=resume, force=force, progress=progress, task=task)
