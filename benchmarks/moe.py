@@ -5,7 +5,8 @@ dense model is ``recipes/tiny_cpu.yaml``'s with its FFN width set so that its pa
 active ones (router included) as closely as a whole number of units allows. Both train on the same token shards
 (built once under ``--out``) with tiny_cpu's data, batch and schedule for ``--steps`` steps, once per ``--seeds``
 seed. Reported per model: total and active parameters, validation loss, training tokens/s (mean and spread over the
-seeds), the peak memory of one forward + backward of ``--memory-tokens`` tokens (``benchmarks/memory.py``, a fresh
+seeds; and ``--speed-steps`` steps of both models taking turns step by step on one batch, the median step, so that
+a shared machine's slow spells hit both alike), the peak memory of one forward + backward of ``--memory-tokens`` tokens (``benchmarks/memory.py``, a fresh
 process), and for the MoE the expert load after warm-up (max/mean, worst layer, averaged over the last 20% of
 steps; 1.0 is perfect balance) without an auxiliary loss. Writes moe.json and moe_load.png (per-layer max/mean
 load by step, first seed). Never run in CI. Example: ``python benchmarks/moe.py --steps 1200 --seeds 0 1 2``
@@ -59,6 +60,40 @@ def run_one(name: str, model, base, seed: int) -> dict:
             "run_dir": str(cfg.run_dir)}
 
 
+def interleaved_speed(configs: dict, batch_size: int, seq_len: int, steps: int, warmup: int = 5) -> dict[str, float]:
+    """Training tokens/s of each model (forward, backward, AdamW step, the MoE bias hook), the models taking turns
+    step by step on one random batch: the median step time of each."""
+    import time
+
+    import torch
+
+    from slmforge.config import TrainConfig
+    from slmforge.model.lm import LM
+    from slmforge.model.moe import after_step
+    from slmforge.train.optim import build_optimizer
+
+    runs = {}
+    for name, model_cfg in configs.items():
+        torch.manual_seed(0)
+        model = LM(model_cfg)
+        runs[name] = (model, build_optimizer(model, TrainConfig()))
+    vocab = next(iter(configs.values())).vocab_size
+    x = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(warmup + steps):
+        for name, (model, opt) in runs.items():
+            t0 = time.perf_counter()
+            _, loss = model(inputs, targets)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            after_step(model)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: batch_size * seq_len / statistics.median(t) for name, t in times.items()}
+
+
 def plot_load(run_dir: Path, path: Path) -> None:
     import matplotlib
 
@@ -102,11 +137,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--memory-tokens", type=int, default=4096)
+    ap.add_argument("--speed-steps", type=int, default=40, help="interleaved speed steps (0: skip)")
     ap.add_argument("--out", default="runs/bench_moe")
     ap.add_argument("--quick", action="store_true", help="small corpus, 64-token rows, 4 steps: a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.memory_tokens = 4, 256
+        args.steps, args.memory_tokens, args.speed_steps = 4, 256, min(args.speed_steps, 3)
 
     from slmforge.pipeline import prepare
     from slmforge.plan import count_params
@@ -124,12 +160,20 @@ def main() -> None:
         mem = measure(dataclasses.replace(model, max_seq_len=args.memory_tokens), args.memory_tokens)
         summary[name] = {"params": n.total, "active": n.active, "ffn": model.ffn, "ffn_hidden": model.ffn_dim,
                          "peak_bytes_fwd_bwd": mem.get("peak_bytes"), "memory_error": mem.get("error")}
+    speed = interleaved_speed(configs, base.train.batch_size, base.data.seq_len, args.speed_steps) \
+        if args.speed_steps else {}
+    for name in summary:
+        summary[name]["interleaved_tokens_per_second"] = speed.get(name)
     plot_load(Path(next(r["run_dir"] for r in rows if r["model"] == "moe")), out / "moe_load.png")
     write_json(out / "moe.json", {"steps": args.steps, "seeds": args.seeds, "batch_size": base.train.batch_size,
                                   "seq_len": base.data.seq_len, "models": summary, "rows": rows})
     print(f"\n{args.steps} steps x {base.train.batch_size} x {base.data.seq_len} tokens each "
           f"({rows[0]['tokens']:,} tokens), seeds {args.seeds}; recipes/tiny_cpu.yaml's data and schedule\n")
     print(format_table(rows, summary, args.memory_tokens))
+    if speed:
+        ratio = speed["moe"] / speed["dense"]
+        print(f"\ninterleaved speed ({args.speed_steps} steps each, taking turns): dense {speed['dense']:,.0f}, "
+              f"moe {speed['moe']:,.0f} tokens/s = {ratio:.0%} of dense")
     print(f"\nwrote {out / 'moe.json'} and {out / 'moe_load.png'}")
 
 
