@@ -54,7 +54,11 @@ def run_one(name: str, model, base, seed: int) -> dict:
                                tokenizer=str(base.run_dir / "tokenizer.json"))
     cfg = dataclasses.replace(base, name=f"{name}_seed{seed}", model=model, data=data,
                               train=dataclasses.replace(base.train, seed=seed))
-    result = train(cfg, force=True)
+    done = cfg.run_dir / "train_result.json"
+    if done.exists() and json.loads(done.read_text())["steps"] == cfg.train.max_steps:
+        result = argparse.Namespace(**json.loads(done.read_text()))  # finished by an earlier, interrupted call
+    else:
+        result = train(cfg, force=True)
     return {"model": name, "seed": seed, "tokens": result.tokens, "val_loss": result.val_loss,
             "tokens_per_second": result.tokens_per_second, "load_max_mean": late_load(cfg.run_dir),
             "run_dir": str(cfg.run_dir)}

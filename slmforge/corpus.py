@@ -200,17 +200,60 @@ def curation_done(cfg: RunConfig, stage: str) -> bool:
 
 
 def curate(cfg: RunConfig, stage: str) -> dict[str, dict]:
-    """Run curation ``stage`` on every train key; return {key: counts}."""
+    """Run curation ``stage`` on every train key; return {key: counts}.
+
+    With ``data.sources`` the sources are curated one by one and the union ``train`` (the tokenizer's documents)
+    is their kept documents put together, so the two never disagree; a source in ``curate.quality_skip`` passes
+    the quality stage unchanged."""
     stages = curation_stages(cfg)
     previous = stages[stages.index(stage) - 1] if stages.index(stage) else None
+    unknown = sorted(set(cfg.curate.quality_skip) - set(cfg.data.sources))
+    if unknown:
+        raise ValueError(f"curate.quality_skip names {unknown}, not in data.sources {sorted(cfg.data.sources)}")
     out = {}
-    for key in train_keys(cfg):
+    keys = train_keys(cfg)
+    for key in keys[1:] + keys[:1] if cfg.data.sources else keys:
         source = curation_dir(cfg, previous, key) / "kept" if previous else RunDir.of(cfg).split_data(key)
         folder = curation_dir(cfg, stage, key)
-        _CURATORS[stage](cfg, str(source), str(folder))
+        if key == "train" and cfg.data.sources:
+            _concatenate([curation_dir(cfg, stage, k) for k in keys[1:]], folder)
+        elif stage == "quality" and key.split("/")[0] in cfg.curate.quality_skip:
+            _pass_through(source, folder)
+        else:
+            _CURATORS[stage](cfg, str(source), str(folder))
         out[key] = curation_counts(folder / "report.json")
         log(f"{stage}: {key}: removed {out[key]['num_removed']:,} of {out[key]['num_docs']:,} documents -> {folder}")
     return out
+
+
+def _concatenate(inputs: list[Path], folder: Path) -> None:
+    """``folder``/kept holding the kept documents of the curation folders ``inputs``, byte for byte, with a
+    report.json summing their counts (the union of the sources)."""
+    counts = {"num_docs": 0, "num_kept": 0, "num_removed": 0, "removed": {}}
+    for path in inputs:
+        c = curation_counts(path / "report.json")
+        for k in ("num_docs", "num_kept", "num_removed"):
+            counts[k] += c[k]
+        for reason, n in c["removed"].items():
+            counts["removed"][reason] = counts["removed"].get(reason, 0) + n
+    _write_kept([f for path in inputs for f in sorted((path / "kept").glob("*.jsonl"))], folder, counts)
+
+
+def _pass_through(source: Path, folder: Path) -> None:
+    """``folder``/kept holding ``source``'s documents unchanged (a JSONL file or a kept/ folder): nothing removed."""
+    files = sorted(source.glob("*.jsonl")) if source.is_dir() else [source]
+    n = sum(1 for _ in read_documents(source))
+    _write_kept(files, folder, {"num_docs": n, "num_kept": n, "num_removed": 0, "removed": {}, "passed_through": True})
+
+
+def _write_kept(files: list[Path], folder: Path, counts: dict) -> None:
+    kept = folder / "kept"
+    kept.mkdir(parents=True, exist_ok=True)
+    with open(kept / f"{shard_name(0, 1)}.jsonl", "wb") as dst:
+        for f in files:
+            data = f.read_bytes()
+            dst.write(data if not data or data.endswith(b"\n") else data + b"\n")
+    (folder / "report.json").write_text(json.dumps(counts))  # last: the stage counts as done only once it exists
 
 
 def _dedup(cfg: RunConfig, source: str, out_dir: str) -> None:

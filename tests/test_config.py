@@ -129,6 +129,7 @@ def test_any_config_dataclass_loads_and_checks_its_choices(tmp_path):
 
 
 def test_every_recipe_loads():
+    from slmforge.course import MainConfig
     from slmforge.post.niah import NiahRecipe
     from slmforge.science import ForecastConfig, MixConfig
     from slmforge.synth.jobs import SynthJob, load_job
@@ -136,7 +137,8 @@ def test_every_recipe_loads():
     # A recipe's prefix names the subcommand that reads it; the rest are RunConfigs (`run`, `train`, `anneal`).
     loaders = {"synth_": (load_job, SynthJob), "mix_": (lambda p: load(MixConfig, p), MixConfig),
                "forecast_": (lambda p: load(ForecastConfig, p), ForecastConfig),
-               "niah_": (lambda p: load(NiahRecipe, p), NiahRecipe)}
+               "niah_": (lambda p: load(NiahRecipe, p), NiahRecipe),
+               "main_": (lambda p: load(MainConfig, p), MainConfig)}
     recipes = sorted(RECIPES.glob("*.yaml"))
     assert recipes
     for r in recipes:

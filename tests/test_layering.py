@@ -40,7 +40,7 @@ class Rule:
     allowed: frozenset[str] = frozenset()  # modules they may import all the same (public entry points)
 
 
-UPPER = frozenset({"train", "serve", "eval", "post", "science", "pipeline", "corpus", "cli"})
+UPPER = frozenset({"train", "serve", "eval", "post", "science", "pipeline", "corpus", "course", "cli"})
 
 # The one table of layering rules; docs/ARCHITECTURE.md prints the same rules.
 RULES = (
@@ -50,7 +50,8 @@ RULES = (
     Rule({"curate", "tokens", "synth"}, UPPER,
          "curate/, tokens/ and synth/ import no train/, serve/, eval/, post/, science/, pipeline, corpus or cli/"),
     Rule({"runs", "checkpoint", "metrics"}, UPPER, "runs, checkpoint and metrics sit below train/, serve/ and eval/"),
-    Rule({"plan", "info"}, UPPER, "plan and info are arithmetic over the model table, below train/ and serve/"),
+    Rule({"plan", "plan_schedule", "info"}, UPPER,
+         "plan, plan_schedule and info are arithmetic over the model table, below train/ and serve/"),
     Rule({"serve", "eval"}, {"train", "post", "science", "pipeline"},
          "serve/ and eval/ import no train/ or post/ (inference never imports training)"),
     Rule({"compress"}, all_but("model", "checkpoint", "tokens", "config", "runs", "metrics", "progress", "log",
@@ -60,6 +61,9 @@ RULES = (
     Rule({"post"}, {"science", "pipeline"}, "post/ sits above train/, serve/ and eval/ and below pipeline and science"),
     Rule({"science"}, {"train"}, "science/ uses train/ only through slmforge.train.loop (its entry point train)",
          allowed=frozenset({"slmforge.train.loop"})),
+    Rule({"train", "serve", "eval", "post", "science", "pipeline"}, {"course"},
+         "course/ (the main build) sits above science/: only cli/ and the Python API import it"),
+    Rule({"course"}, {"train"}, "course/ trains only through science/, pipeline and post/"),
     Rule(all_but("__main__"), {"cli"}, "only slmforge/__main__.py imports cli/"),
 )
 

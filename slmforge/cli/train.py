@@ -11,11 +11,30 @@ from slmforge.cli.common import config_args, dry_run, load_args, load_run
 MIX, FORECAST = "slmforge.science.mixture_law:MixConfig", "slmforge.science.scaling:ForecastConfig"
 
 
+def main_recipe(args):
+    """The MainConfig of ``args.recipe`` when it is a main-build recipe (``kind: main``), else None."""
+    from slmforge.config import load, read_yaml
+
+    recipe = getattr(args, "recipe", None)
+    if not (recipe and recipe.endswith((".yaml", ".yml")) and os.path.isfile(recipe)):
+        return None
+    if read_yaml(recipe).get("kind") != "main":
+        return None
+    from slmforge.course import MainConfig
+
+    return load(MainConfig, recipe, args.overrides)
+
+
 def cmd_plan(args) -> None:
     from slmforge.plan import format_plan, format_presets, plan
 
     if args.presets:
         return print(format_presets())
+    main = main_recipe(args)
+    if main is not None:
+        from slmforge.course import format_main_schedule, main_schedule
+
+        return print(format_main_schedule(main_schedule(main)))
     print(format_plan(plan(load_args(args))))
 
 
@@ -58,6 +77,14 @@ def format_result(r) -> str:
 def cmd_run(args) -> None:
     from slmforge.pipeline import run
 
+    main = main_recipe(args)
+    if main is not None:
+        from slmforge.course import format_main_schedule, main_schedule, run_main
+
+        if args.dry_run:
+            return print(format_main_schedule(main_schedule(main)))
+        results = run_main(main, force=args.force)
+        return print(f"report: {results['report']['report_md']}")
     cfg = load_run(args)
     if args.dry_run:
         return dry_run(cfg)
@@ -93,7 +120,8 @@ def cmd_anneal(args) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="compute-optimal size, FLOPs, time and memory for a budget")
+    p = sub.add_parser("plan", help="compute-optimal size, FLOPs, time and memory for a budget (with --config "
+                       "MAIN_RECIPE: the main build's schedule, stage by stage, on 1, 8 and 64 GPUs)")
     config_args(p, "slmforge.plan:PlanConfig")
     p.add_argument("--presets", action="store_true", help="list the model presets with exact parameter counts")
     p.set_defaults(fn=cmd_plan)

@@ -253,6 +253,9 @@ class CurateConfig:
     dedup_threshold: float = 0.8  # MinHash Jaccard similarity at which two documents count as duplicates
     eval_paths: list[str] = field(default_factory=list)  # decontamination sets; empty = curate/filters.GSM8K_TEST
     eval_fields: list[str] = field(default_factory=lambda: ["question", "answer"])  # joined into one item text
+    # data.sources the quality rules pass through unchanged: procedural arithmetic is correct by construction, and
+    # Gopher's rules (most words alphabetic, ...) would drop every equation-heavy document.
+    quality_skip: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -19,11 +19,13 @@ from slmforge.runs import RunDir, write_json
 from slmforge.science.sweep import SHARED, mean_and_stderr, run_sweep, share_data, with_run
 
 
-def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batches: int = 20) -> dict:
+def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batches: int = 20,
+                    problems: Path | None = None) -> dict:
     """Train ``cfg`` and its constant-mix control under <out_dir>/<name>/; return and write anneal.json.
 
     ``gsm8k``: how to score arithmetic (its ``data`` and ``out_dir`` are set here); the default is zero-shot on
-    200 problems with 128 new tokens, which fits a 256-token context.
+    200 problems with 128 new tokens, which fits a 256-token context. ``problems``: the held-out problems' JSONL;
+    by default the test split of the corpus built here (a ``cfg`` whose shards were built elsewhere names it).
     """
     stages = cfg.data.mixture.stages
     names = [s.name for s in stages]
@@ -42,7 +44,7 @@ def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batch
                    **{f"{n}/validation": shards[f"{n}/validation"] for n in base.data.sources}}
     runs = run_sweep([with_run(base, sweep_dir, "anneal"), control], eval_shards, eval_batches)
     # The problems are the shared corpus' held-out arithmetic; zero-shot fits the tiny models' context.
-    problems = RunDir.at(sweep_dir / SHARED).split_data("test")
+    problems = problems or RunDir.at(sweep_dir / SHARED).split_data("test")
     gsm8k = gsm8k or GSM8KConfig(num_fewshot=0, limit=200, max_new_tokens=128)
     out = {}
     for r in runs:

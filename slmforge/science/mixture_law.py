@@ -19,6 +19,11 @@ of the fitted target on a simplex grid of step ``1 / resolution``, each share ke
 measured (``extrapolate=true`` searches the whole simplex; corners the sweep never saw are where the law is
 least reliable). Shapes: R runs, k sources;
 ``h`` is (R, k), ``loss`` is (R,).
+
+Too few mixtures for the law ("three proxies, choose the best"): the law is fitted only when R distinct mixtures
+leave a degree of freedom (R >= parameters + 1, ``design``); otherwise ``mix`` chooses the measured mixture with
+the lowest target loss, and ``result["design"]`` says which. Either way the chosen mixture, by source name, is
+``result["predicted_optimum"]["mixture"]``.
 """
 
 from __future__ import annotations
@@ -187,8 +192,26 @@ def _check(cfg: MixConfig, names: list[str]) -> np.ndarray:
     return h / h.sum(axis=1, keepdims=True)
 
 
+def design(runs: int, k: int, shared_exponent: bool) -> dict:
+    """Which design ``runs`` distinct measured mixtures of ``k`` sources allow: the fitted law or the best of them.
+
+    The law is fitted only when at least one degree of freedom is left (runs >= parameters + 1). With runs ==
+    parameters it passes through every run exactly: each run's noise becomes the law's shape, its rmse is 0 and
+    its leave-one-out fits are underdetermined, so nothing would tell a real optimum from an artefact.
+    """
+    params = k + 2 if shared_exponent else 2 * k + 1
+    if runs >= params + 1:
+        return {"design": "fitted_law", "measured_mixtures": runs, "law_parameters": params,
+                "design_note": f"{runs} measured mixtures fit the {params}-parameter law with "
+                               f"{runs - params} degree(s) of freedom left"}
+    return {"design": "best_of_measured", "measured_mixtures": runs, "law_parameters": params,
+            "design_note": f"{runs} measured mixtures cannot fit the {params}-parameter law with a degree of "
+                           f"freedom left (it needs {params + 1}); chose the best measured mixture"}
+
+
 def mix(cfg: MixConfig) -> dict:
-    """Train one proxy per ratio, fit the law, predict the best mixture (and train it); JSON + PNG in the sweep."""
+    """Train one proxy per ratio; fit the law and predict the best mixture (and train it), or, with too few
+    ratios for the law (``design``), choose the best measured one. JSON + PNG in the sweep."""
     names = list(cfg.base.data.sources)
     h = _check(cfg, names)
     target = cfg.target or names
@@ -214,7 +237,37 @@ def mix(cfg: MixConfig) -> dict:
 
     points = measure(h, "mix")
     loss = np.array([p["target_loss"] for p in points])
-    losses = {n: np.array([p["per_source"][n] for p in points]) for n in target}
+    best = int(np.argmin(loss))
+    # Distinct mixtures: a repeated ratio (or [1, 1] beside [2, 2]) tells the law nothing new about its shape.
+    result = {**design(len(np.unique(h.round(9), axis=0)), len(names), cfg.shared_exponent),
+              "sources": names, "target": target, "fit": None, "points": points,
+              "tokens_per_run": base.train.max_steps * tokens_per_step(base), "seeds": cfg.seeds,
+              "best_grid": {"mixture": points[best]["mixture"], "target_loss": float(loss[best])}}
+    if result["design"] == "fitted_law":
+        losses = {n: np.array([p["per_source"][n] for p in points]) for n in target}
+        fit, h_opt = _fitted_law(cfg, result, h, losses, measure)
+    else:
+        # The chosen mixture is a measured run, so there is no prediction to validate; its loss is still the
+        # minimum of noisy measurements (biased low), which more seeds per mixture shrink.
+        result["predicted_optimum"] = {"mixture": points[best]["mixture"], "measured": points[best],
+                                       "measured_loss": float(loss[best])}
+        if cfg.validate:
+            result["validation"] = ("skipped: in the best_of_measured design the chosen mixture is a measured "
+                                    "run; no predicted optimum to train")
+    write_json(sweep_dir / "mix.json", result)
+    if result["design"] == "fitted_law":
+        plot_mix(result, h, loss, fit, h_opt, sweep_dir / "mix.png")
+    else:
+        plot_measured(result, sweep_dir / "mix.png")
+    result["plot"] = str(sweep_dir / "mix.png")
+    return result
+
+
+def _fitted_law(cfg: MixConfig, result: dict, h: np.ndarray, losses: dict[str, np.ndarray],
+                measure) -> tuple[dict, np.ndarray]:
+    """The fitted-law design: fit, optimise within the measured range, validate; fills ``result``."""
+    names, points = result["sources"], result["points"]
+    loss = np.array([p["target_loss"] for p in points])
     fit = fit_target(h, losses, cfg.shared_exponent, seed=cfg.seed)
     for p, pred, loo in zip(points, predict_target(fit, h), leave_one_out(h, losses, cfg.shared_exponent, cfg.seed)):
         p.update(predicted=float(pred), predicted_leave_one_out=loo)
@@ -222,16 +275,14 @@ def mix(cfg: MixConfig) -> dict:
     lo, hi = (None, None) if cfg.extrapolate else (h.min(axis=0), h.max(axis=0))
     h_opt, loss_opt = optimise(fit, len(names), cfg.resolution, lo, hi)
     best = int(np.argmin(loss))
-    result = {
+    result.update({
         "law": "L_i(h) = E_i + 1 / sum_j C_ij h_j^gamma_ij per target source i, target = mean_i L_i "
                "(arXiv 2507.09404, additive law at fixed N, D)",
         "search": "whole simplex" if cfg.extrapolate else {"min": dict(zip(names, lo.tolist())),
                                                            "max": dict(zip(names, hi.tolist()))},
-        "sources": names, "target": target, "fit": fit, "points": points,
-        "tokens_per_run": base.train.max_steps * tokens_per_step(base), "seeds": cfg.seeds,
-        "best_grid": {"mixture": points[best]["mixture"], "target_loss": float(loss[best])},
+        "fit": fit,
         "predicted_optimum": {"mixture": dict(zip(names, h_opt.tolist())), "predicted_loss": loss_opt},
-    }
+    })
     if cfg.validate:
         (check,) = measure(h_opt[None], "optimum")
         result["predicted_optimum"].update(measured=check, measured_loss=check["target_loss"],
@@ -243,10 +294,7 @@ def mix(cfg: MixConfig) -> dict:
             "seeds": list(range(cfg.seeds, 2 * cfg.seeds)), "predicted_optimum": opt_fresh["target_loss"],
             "best_grid": best_fresh["target_loss"],
             "gain_vs_best_grid": float(best_fresh["target_loss"] - opt_fresh["target_loss"])}
-    write_json(sweep_dir / "mix.json", result)
-    plot_mix(result, h, loss, fit, h_opt, sweep_dir / "mix.png")
-    result["plot"] = str(sweep_dir / "mix.png")
-    return result
+    return fit, h_opt
 
 
 def plot_mix(result: dict, h: np.ndarray, loss: np.ndarray, fit: dict, h_opt: np.ndarray, path: Path) -> None:
@@ -304,6 +352,32 @@ def plot_mix(result: dict, h: np.ndarray, loss: np.ndarray, fit: dict, h_opt: np
     bx.set(xlabel="measured target loss", ylabel="predicted target loss", title="mixture law fit")
     bx.legend(fontsize=8)
     fig.suptitle(f"Mixture law over {', '.join(names)} (target: {', '.join(result['target'])})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_measured(result: dict, path: Path) -> None:
+    """The best-of-measured design: each mixture's target loss (and its seeds), the chosen one starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts, chosen = result["points"], result["predicted_optimum"]
+    x = np.arange(len(pts))
+    fig, ax = plt.subplots(figsize=(1.2 * len(pts) + 3, 4.5))
+    ax.plot(x, [p["target_loss"] for p in pts], "o", ms=9, label="measured mixtures (mean over seeds)")
+    if result["seeds"] > 1:
+        ax.plot(*zip(*[(i, s) for i, p in enumerate(pts) for s in p["target_loss_per_seed"]]), "k.",
+                label="one seed")
+    i = next(i for i, p in enumerate(pts) if p["mixture"] == chosen["mixture"])
+    ax.plot([i], [chosen["measured_loss"]], "r*", ms=16, label="chosen: lowest target loss")
+    ax.set_xticks(x, [_label(np.array(list(p["mixture"].values()))) for p in pts])
+    ax.set(xlabel=f"mixture, % of {', '.join(result['sources'])}", ylabel="target loss (nats/token)",
+           title=f"Best of {len(pts)} measured mixtures (too few for the mixture law)")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

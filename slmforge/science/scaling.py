@@ -12,8 +12,15 @@ The saturating fit needs no optimiser: for a fixed E, log(L - E) is linear in lo
 Uncertainty: a bootstrap. Each replicate resamples every run's evaluation batches (the loss of each is a mean
 of per-batch losses) and, with more points than parameters, the fit's residuals; it refits and forecasts. The
 band is the replicates' 5-95% range. It covers evaluation noise and, given enough sizes, misfit, not the seed
-noise of training (one run per size). N counts non-embedding parameters by default (Kaplan's choice, which
-keeps small models on one line); ``params=total`` counts all.
+noise of training. ``seeds`` > 1 measures that: every size and the target are trained again at train.seed + s
+(same tokens), both laws are fitted per seed, and ``result["over_seeds"]`` gives the mean and standard deviation
+of each law's forecast and error. N counts non-embedding parameters by default (Kaplan's choice, which keeps
+small models on one line); ``params=total`` counts all.
+
+Which law to believe is chosen without the target (``recommend``): each law is fitted to all scales but the
+largest and scored on it, averaged over seeds. With 4 scales the held-out fit has 3 points: a least-squares fit
+for the 2-parameter line, an exact one for the 3-parameter saturating law; with 3 scales there is no
+recommendation (the saturating law would have 2 points).
 """
 
 from __future__ import annotations
@@ -43,7 +50,8 @@ class ForecastConfig:
     params: str = "non_embedding"  # N: "non_embedding" or "total" parameters
     eval_batches: int = 50  # validation batches scored per run (bootstrap resamples them)
     bootstrap: int = 1000
-    seed: int = 0
+    seed: int = 0  # bootstrap resampling
+    seeds: int = 1  # training seeds (base.train.seed + 0 .. seeds-1); run folders get _s<seed> when > 1
 
 
 # ---------------------------------------------------------------- fits
@@ -104,6 +112,60 @@ def bootstrap(n: np.ndarray, batch_losses: list[np.ndarray], n_eval: np.ndarray,
     return {k: np.array(v) for k, v in out.items()}
 
 
+# ---------------------------------------------------------------- which law, and the spread over seeds
+
+
+LAWS = {"power_law": (fit_power_law, power_law), "loglog": (fit_loglog, loglog)}
+
+
+def holdout_errors(n: np.ndarray, loss: np.ndarray) -> dict[str, float]:
+    """Each law fitted without the largest scale, scored on it: |predicted - measured| / measured."""
+    n, loss = np.asarray(n, np.float64), np.asarray(loss, np.float64)
+    top = int(np.argmax(n))
+    keep = np.arange(len(n)) != top
+    return {key: float(abs(f(n[top], fit(n[keep], loss[keep])) - loss[top]) / loss[top])
+            for key, (fit, f) in LAWS.items()}
+
+
+def recommend(n: np.ndarray, losses: list[np.ndarray]) -> dict:
+    """The law to trust for the forecast, chosen from the fitted scales alone (one loss array per seed).
+
+    Leave the largest scale out, fit each law on the rest, predict it: the law with the lower error there,
+    averaged over seeds, wins (a tie goes to the 2-parameter line). The held-out fit of the 3-parameter
+    saturating law needs 3 points, so this takes 4 or more scales; with 4 it passes exactly through the 3
+    smaller ones while the line is a least-squares fit. The target's loss is never looked at.
+    """
+    if len(n) < 4:
+        return {"law": None, "why": f"leave-one-out needs 4 or more scales; with {len(n)} the saturating law "
+                                    f"would be fitted to {len(n) - 1} points, fewer than its 3 parameters",
+                "holdout_errors": {}}
+    errors = {key: float(np.mean([holdout_errors(n, loss)[key] for loss in losses])) for key in LAWS}
+    law, other = sorted(("loglog", "power_law"), key=lambda k: errors[k])  # stable: a tie keeps loglog
+    why = (f"fitted on the {len(n) - 1} smaller scales, {law} predicts the largest ({int(max(n)):,} parameters) "
+           f"within {100 * errors[law]:.2f}% ({other}: {100 * errors[other]:.2f}%), averaged over "
+           f"{len(losses)} seed(s); the target's loss was not used")
+    return {"law": law, "why": why, "holdout_errors": errors}
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+    """Each law's forecast and relative error (signed and absolute) over seeds: mean and sample std."""
+    def stats(values) -> tuple[float, float]:
+        v = np.asarray(values, np.float64)
+        return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+    out = {"seeds": [s["seed"] for s in per_seed]}
+    for key in LAWS:
+        t = [s["target"][key] for s in per_seed]
+        out[key] = dict(zip(("predicted_mean", "predicted_std"), stats([x["predicted"] for x in t])))
+        if "relative_error" in t[0]:
+            errors = [x["relative_error"] for x in t]
+            out[key].update(zip(("relative_error_mean", "relative_error_std"), stats(errors)))
+            out[key].update(zip(("abs_relative_error_mean", "abs_relative_error_std"), stats(np.abs(errors))))
+    if "actual" in per_seed[0]["target"]:
+        out["actual"] = dict(zip(("mean", "std"), stats([s["target"]["actual"] for s in per_seed])))
+    return out
+
+
 # ---------------------------------------------------------------- the experiment
 
 
@@ -113,12 +175,19 @@ def _num_params(model_cfg, which: str) -> int:
     return getattr(count_params(model_cfg), which)
 
 
-def forecast(cfg: ForecastConfig) -> dict:
-    """Train each scale on the same tokens, fit both laws, forecast the target (and train it to check)."""
+def _check(cfg: ForecastConfig) -> None:
     if len(cfg.scales) < 3:
         raise ValueError(f"forecast: scales has {len(cfg.scales)} sizes; a 3-parameter law needs at least 3")
     if not cfg.target:
         raise ValueError("forecast: target is empty; give the model keys of the size to forecast (target: {...})")
+    if cfg.seeds < 1:
+        raise ValueError(f"forecast: seeds={cfg.seeds}: give 1 or more")
+
+
+def forecast(cfg: ForecastConfig) -> dict:
+    """Train each scale on the same tokens at every seed, fit both laws per seed, forecast the target (and train
+    it to check); the band, the plot and ``result["target"]`` are seed 0's, the spread over seeds is separate."""
+    _check(cfg)
     sweep_dir = Path(cfg.out_dir) / cfg.name
     base = share_data(cfg.base, sweep_dir)
     val = {"validation": shard_dirs(base)["validation"]}
@@ -129,39 +198,53 @@ def forecast(cfg: ForecastConfig) -> dict:
     if len(set(n)) < len(n):
         raise ValueError(f"forecast: two scales have the same parameter count ({n.astype(int).tolist()})")
 
-    def run_name(m) -> str:
-        return f"d{m.d_model}_l{m.num_layers}"
+    def run(m, s: int) -> RunConfig:
+        # Only the seed changes (model init and data order); one seed keeps the folder names of earlier sweeps.
+        name = f"d{m.d_model}_l{m.num_layers}" + (f"_s{s}" if cfg.seeds > 1 else "")
+        return with_run(base, sweep_dir, name, model=dataclasses.asdict(m), train={"seed": base.train.seed + s})
 
-    runs = run_sweep([with_run(base, sweep_dir, run_name(m), model=dataclasses.asdict(m)) for m in models],
-                     val, cfg.eval_batches)
-    batch_losses = [np.array(r.eval_losses["validation"]) for r in runs]
-    loss = np.array([b.mean() for b in batch_losses])
-    fit, line = fit_power_law(n, loss), fit_loglog(n, loss)
+    per_seed, batches = [], []
+    for s in range(cfg.seeds):
+        entry, batch_losses = _one_seed(cfg, [run(m, s) for m in models], run(target_model, s), val, n, n_target)
+        per_seed.append(entry)
+        batches.append(batch_losses)
     n_eval = np.geomspace(n.min() / 1.5, max(n_target, n.max()) * 1.5, 60)
-    boot = bootstrap(n, batch_losses, np.append(n_eval, n_target), cfg.bootstrap, cfg.seed)
-    result = {
-        "params": cfg.params,
-        "points": [{"run": r.cfg.name, "num_params": int(x), "val_loss": float(l),
-                    "tokens": r.report["train"]["tokens"]} for r, x, l in zip(runs, n, loss)],
-        "fit": {"power_law": fit, "loglog": line},
-        "target": {"run": run_name(target_model), "num_params": int(n_target)},
-    }
-    for key, f in (("power_law", power_law), ("loglog", loglog)):
+    boot = bootstrap(n, batches[0], np.append(n_eval, n_target), cfg.bootstrap, cfg.seed)
+    first = per_seed[0]
+    result = {"params": cfg.params, "points": first["points"], "fit": first["fit"],
+              "target": {**first["target"], **{key: dict(first["target"][key]) for key in LAWS}}}
+    for key in LAWS:
         lo, hi = np.quantile(boot[key][:, -1], [0.05, 0.95])
-        result["target"][key] = {"predicted": float(f(n_target, result["fit"][key])),
-                                 "band_5_95": [float(lo), float(hi)]}
-    if cfg.train_target:
-        (t,) = run_sweep([with_run(base, sweep_dir, run_name(target_model), model=dataclasses.asdict(target_model))],
-                         val, cfg.eval_batches)
-        actual = float(np.mean(t.eval_losses["validation"]))
-        result["target"]["actual"] = actual
-        for key in ("power_law", "loglog"):
-            pred = result["target"][key]["predicted"]
-            result["target"][key]["relative_error"] = (pred - actual) / actual
+        result["target"][key]["band_5_95"] = [float(lo), float(hi)]
+    result.update(seeds=per_seed, over_seeds=over_seeds(per_seed),
+                  recommended=recommend(n, [np.array([p["val_loss"] for p in e["points"]]) for e in per_seed]))
     write_json(sweep_dir / "forecast.json", result)
     plot_forecast(result, n_eval, boot, sweep_dir / "forecast.png")
     result["plot"] = str(sweep_dir / "forecast.png")
     return result
+
+
+def _one_seed(cfg: ForecastConfig, scale_runs: list[RunConfig], target_run: RunConfig, val: dict,
+              n: np.ndarray, n_target: int) -> tuple[dict, list[np.ndarray]]:
+    """One seed's scales trained and fitted, the target forecast (and trained); with each scale's batch losses."""
+    runs = run_sweep(scale_runs, val, cfg.eval_batches)
+    batch_losses = [np.array(r.eval_losses["validation"]) for r in runs]
+    loss = np.array([b.mean() for b in batch_losses])
+    fits = {key: fit(n, loss) for key, (fit, _) in LAWS.items()}
+    entry = {"seed": target_run.train.seed,
+             "points": [{"run": r.cfg.name, "num_params": int(x), "val_loss": float(l),
+                         "tokens": r.report["train"]["tokens"]} for r, x, l in zip(runs, n, loss)],
+             "fit": fits, "target": {"run": target_run.name, "num_params": int(n_target)},
+             "holdout_errors": holdout_errors(n, loss) if len(n) >= 4 else {}}
+    for key, (_, f) in LAWS.items():
+        entry["target"][key] = {"predicted": float(f(n_target, fits[key]))}
+    if cfg.train_target:
+        (t,) = run_sweep([target_run], val, cfg.eval_batches)
+        actual = float(np.mean(t.eval_losses["validation"]))
+        entry["target"]["actual"] = actual
+        for key in LAWS:
+            entry["target"][key]["relative_error"] = (entry["target"][key]["predicted"] - actual) / actual
+    return entry, batch_losses
 
 
 def plot_forecast(result: dict, n_eval: np.ndarray, boot: dict[str, np.ndarray], path: Path) -> None:

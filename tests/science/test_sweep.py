@@ -72,8 +72,8 @@ def test_forecast_sweep_writes_report_and_skips_finished_runs(tmp_path, monkeypa
 
 def test_mix_sweep_fits_predicts_and_validates(tmp_path, saved_figures):
     cfg = MixConfig(name="mx", out_dir=str(tmp_path), base=two_source_base(tmp_path),
-                    ratios=[[0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]], shared_exponent=True, eval_batches=3,
-                    seeds=2)
+                    ratios=[[0.8, 0.2], [0.6, 0.4], [0.5, 0.5], [0.4, 0.6], [0.2, 0.8]], shared_exponent=True,
+                    eval_batches=3, seeds=2)
     result = mix(cfg)
     sweep = tmp_path / "mx"
     saved = json.loads((sweep / "mix.json").read_text())
@@ -92,7 +92,9 @@ def test_mix_sweep_fits_predicts_and_validates(tmp_path, saved_figures):
     assert min(inside) == pytest.approx(opt["predicted_loss"], abs=1e-3) and min(ys) <= opt["predicted_loss"]
     assert fit_ax["lines"]["fit (in sample)"] == ([p["target_loss"] for p in saved["points"]],
                                                   [p["predicted"] for p in saved["points"]])
-    assert len(saved["points"]) == 4 and saved["sources"] == ["math", "story"]
+    assert len(saved["points"]) == 5 and saved["sources"] == ["math", "story"]
+    # 5 mixtures leave one degree of freedom to the 4-parameter law (shared exponent, 2 sources): it is fitted.
+    assert (saved["design"], saved["measured_mixtures"], saved["law_parameters"]) == ("fitted_law", 5, 4)
     opt = saved["predicted_optimum"]
     assert sum(opt["mixture"].values()) == pytest.approx(1.0)
     assert opt["measured"]["runs"][0].startswith("optimum_") and opt["measured"]["runs"][1].endswith("_s1")
