@@ -50,4 +50,12 @@ def run(cfg):
     return _run(cfg)
 
 
-__all__ = ["RunConfig", "load_config", "plan", "train", "train_tokenizer", "synthesize", "run", "__version__"]
+def run_main(cfg, force: bool = False):
+    """The main build (``slmforge run`` of a ``kind: main`` recipe): ``cfg`` a ``course.MainConfig``."""
+    from slmforge.course import run_main as _run_main
+
+    return _run_main(cfg, force=force)
+
+
+__all__ = ["RunConfig", "load_config", "plan", "train", "train_tokenizer", "synthesize", "run", "run_main",
+           "__version__"]
