@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmforge import pipeline
+import slmforge.pipeline as pipeline
 from slmforge.checkpoint import load_for_inference
 from slmforge.config import RunConfig, merge, to_dict
 from slmforge.corpus import shard_dirs
