@@ -35,7 +35,9 @@ class PostConfig:
     max_len: int = 0  # tokens per example (prompt + reply); 0 = model.max_seq_len
     overlong: Literal["truncate", "skip"] = "truncate"  # an example longer than max_len (both are counted)
     packing: bool = True  # sft: conversations packed into rows with document masking (attention-only models)
-    replay: float = 0.0  # sft: share of each batch's rows that are the base run's pre-training windows
+    # sft: share of each batch's rows that are the base run's pre-training windows; orpo/dpo: replay x batch_size
+    # pre-training windows beside each batch of pairs, their next-token loss added to the pair loss
+    replay: float = 0.0
     curriculum: bool = False  # sft: first epoch easy to hard (steps, then largest operand; post/curriculum.py)
     beta: float = 0.1  # ORPO's lambda (weight of the odds-ratio term) / DPO's beta (KL strength)
     label_smoothing: float = 0.0  # DPO: conservative DPO's assumed label noise

@@ -102,7 +102,8 @@ def post_train(cfg: RunConfig, resume: bool = False, force: bool = False, progre
         if f.method == "dpo":
             key = str(find_checkpoint(cfg.train.init_from)[1].resolve())
             ref = reference_logps(model, train_e + val_e, tokenizer.pad_id, cfg.train.batch_size, run, key)
-        task = pair_task(cfg, tok_path, tokenizer.pad_id, train_e, val_e, ref)
+        task = pair_task(cfg, tok_path, tokenizer.pad_id, train_e, val_e, ref,
+                         replay_shards=_replay_shards(cfg) if f.replay else None)
     del model
     # After the data is read (a bad file is refused before anything is written), before the training writes.
     _copy_held_out(Path(cfg.train.init_from), run)

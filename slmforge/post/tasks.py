@@ -102,7 +102,7 @@ def pair_loss(method: str, beta: float, label_smoothing: float = 0.0, ref: torch
     """(model, (tokens, targets, index)) -> (loss, metrics) for ORPO or DPO; rows 0..B-1 chosen, B..2B-1 rejected.
     ``ref`` (num_pairs, 2): the reference's summed log-probs of (chosen, rejected), DPO only."""
     def loss(model, batch):
-        tokens, targets, index = batch
+        tokens, targets, index = batch[:3]
         sums, counts = sequence_logps(model(tokens)[0], targets)
         b = tokens.shape[0] // 2
         if method == "orpo":
@@ -113,6 +113,10 @@ def pair_loss(method: str, beta: float, label_smoothing: float = 0.0, ref: torch
             r = ref.to(sums.device)[index]
             value, metrics = dpo_loss(sums[:b], sums[b:], r[:, 0], r[:, 1], beta, label_smoothing)
         metrics.pop("loss", None)
+        if len(batch) == 5:  # PairReplayLoader's pre-training windows: their plain next-token loss, added
+            replay = model(batch[3], targets=batch[4])[1]
+            value = value + replay
+            metrics["replay_nll"] = float(replay.detach())
         return value, metrics
     return loss
 
@@ -135,12 +139,37 @@ def pair_eval(loss_fn):
     return evaluate
 
 
+class PairReplayLoader:
+    """Preference batches with ``finetune.replay * batch_size`` pre-training windows beside them, as
+    (tokens, targets, index, replay x, replay y): their next-token loss is added to the pair loss, which keeps the
+    base corpus's loss from drifting up while the pairs pull the replies apart (the alignment tax), as in SFT."""
+
+    def __init__(self, pairs: PairLoader, replay: TokenLoader):
+        self.pairs, self.replay = pairs, replay
+
+    def __iter__(self):
+        for (tokens, targets, index), (rx, ry) in zip(self.pairs, self.replay):
+            yield tokens, targets, index, rx, ry
+
+    def state_dict(self) -> dict:
+        return {"pairs": self.pairs.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pairs.load_state_dict(state["pairs"])
+        self.replay.load_state_dict(state["replay"])
+
+
 def pair_task(cfg: RunConfig, tokenizer_path: Path, pad_id: int, train_pairs: list[EncodedPair],
               val_pairs: list[EncodedPair], ref: torch.Tensor | None = None, rank: int = 0,
-              world_size: int = 1) -> Task:
-    """ORPO or DPO on encoded pairs; ``ref`` (len(train) + len(val), 2) for DPO, train pairs first."""
+              world_size: int = 1, replay_shards: Path | None = None) -> Task:
+    """ORPO or DPO on encoded pairs; ``ref`` (len(train) + len(val), 2) for DPO, train pairs first; with
+    ``finetune.replay`` > 0, pre-training windows of ``replay_shards`` beside each batch (``PairReplayLoader``)."""
     f, t = cfg.finetune, cfg.train
     loader = PairLoader(train_pairs, t.batch_size, t.seed, pad_id, rank=rank, world_size=world_size)
+    replay_rows = round(f.replay * t.batch_size)
+    if replay_rows:
+        loader = PairReplayLoader(loader, TokenLoader(replay_shards, max_len(cfg), replay_rows, seed=t.seed,
+                                                      rank=rank, world_size=world_size))
     val_ref = None if ref is None else ref[len(train_pairs):]
     val = PairLoader(val_pairs[: f.eval_pairs], t.batch_size, t.seed, pad_id, shuffle=False)
     train_loss = pair_loss(f.method, f.beta, f.label_smoothing, None if ref is None else ref[: len(train_pairs)])

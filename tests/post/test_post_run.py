@@ -297,3 +297,63 @@ def test_gsm8k_train_records_become_question_solution_conversations(tmp_path):
     assert len(convs) == 3 and convs[0] == [{"role": "user", "content": first["question"]},
                                             {"role": "assistant", "content": first["answer"]}]
     assert "<<48/2=24>>" in convs[0][1]["content"] and convs[0][1]["content"].endswith("#### 72")
+
+
+def test_orpo_replay_adds_the_pretraining_windows_loss(tmp_path, monkeypatch):
+    """finetune.replay on ORPO: replay x batch_size pre-training windows beside each batch of pairs, their
+    next-token loss added to the pair loss (and logged), so the base corpus's loss is kept while pairs train."""
+    from slmforge.pipeline import run
+    from slmforge.post import run as post_run
+    from slmforge.post.tasks import pair_loss
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, name="base", max_steps=2)
+    run(cfg)
+    orpo = finetune_config(cfg.run_dir, "orpo", [f"data={_pairs_file(tmp_path / 'p.jsonl')}", "replay=0.5", *FAST,
+                                                  "max_len=32", "train.max_steps=2"])
+    captured = []
+    plain = pair_loss("orpo", orpo.finetune.beta)
+
+    def spy(model, batch):
+        captured.append(batch)
+        return plain(model, batch)
+
+    real = post_run.train
+    monkeypatch.setattr(post_run, "train", lambda c, **kw: real(c, loss_fn=spy, **kw))
+    post_train(orpo, progress=False)
+    tokens, targets, index, rx, ry = captured[0]
+    assert tokens.shape[0] == 2 * 4 and rx.shape == (2, 32) and bool((ry != -100).all())
+    model = load_for_inference(cfg.run_dir)[0]
+    with torch.no_grad():
+        both, metrics = plain(model, captured[0])
+        alone, _ = plain(model, captured[0][:3])
+        replay = model(rx, targets=ry)[1]
+    assert float(both) == pytest.approx(float(alone) + float(replay), rel=1e-6)
+    assert metrics["replay_nll"] == pytest.approx(float(replay), rel=1e-6)
+    assert any("replay_nll" in r for r in MetricsLog(RunDir.of(orpo).metrics).read())
+
+
+def test_pair_replay_loader_resumes_exactly(shards_dir):
+    from slmforge.post.prefs import PairLoader, encode_pairs
+    from slmforge.post.tasks import PairReplayLoader
+    from slmforge.tokens.shards import TokenLoader
+    from slmforge.tokens.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(shards_dir / "tokenizer.json")
+    pairs = [Pair([{"role": "user", "content": f"Add {i}."}], f"#### {i + 1}", f"#### {i + 2}") for i in range(20)]
+    encoded, _ = encode_pairs(tok, pairs, 32, "truncate")
+
+    def make():
+        return PairReplayLoader(PairLoader(encoded, 2, 3, tok.pad_id),
+                                TokenLoader(shards_dir / "shards" / "train", 32, 1, seed=3))
+
+    first = make()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    want = [next(it) for _ in range(4)]
+    again = make()
+    again.load_state_dict(state)
+    got = [b for _, b in zip(range(4), again)]
+    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
