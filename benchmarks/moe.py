@@ -10,7 +10,8 @@ a shared machine's slow spells hit both alike), the peak memory of one forward +
 process), and for the MoE the expert load after warm-up (max/mean, worst layer, averaged over the last 20% of
 steps; 1.0 is perfect balance) without an auxiliary loss. Writes moe.json and moe_load.png (per-layer max/mean
 load by step, first seed). Never run in CI. Example: ``python benchmarks/moe.py --steps 1200 --seeds 0 1 2``
-(``--quick`` for a smoke run of a few tiny steps).
+(``--quick`` for a smoke run of a few tiny steps). A run folder with a train_result.json of ``--steps`` steps is
+read, not trained again (a rerun after an interruption); delete ``--out`` to start over.
 """
 
 from __future__ import annotations
