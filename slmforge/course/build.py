@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from slmforge.config import CurateConfig, RunConfig, dump_yaml, merge, to_dict
+from slmforge.config import CurateConfig, RunConfig, dump_yaml, merge
 from slmforge.corpus import curation_summary, shard_dirs
 from slmforge.course.config import MainConfig
 from slmforge.log import log
@@ -243,7 +243,3 @@ def run_main(cfg: MainConfig, force: bool = False) -> dict:
         write_json(marker, out)
         results[name] = out
     return results
-
-
-def config_dict(cfg: MainConfig) -> dict:
-    return to_dict(cfg)
