@@ -72,7 +72,7 @@ def target_lines(results: dict) -> list[str]:
     ab = t.get("ablation")
     if ab:
         d = ab["difference_anneal_minus_constant"]
-        lines.append(f"Anneal gain (anneal minus the same run without the anneal mix): validation loss "
+        lines.append("Anneal gain (anneal minus the same run without the anneal mix): validation loss "
                      + ", ".join(f"{k} {v:+.4f}" for k, v in d["val_loss"].items())
                      + "; held-out math accuracy " + ", ".join(f"{k} {100 * v:+.1f} pts"
                                                               for k, v in d["arithmetic_accuracy"].items()))

@@ -262,6 +262,20 @@ def test_sft_replays_pretraining_windows_as_extra_rows(tmp_path, monkeypatch):
         load_config(None, ["finetune.replay=1.5"])
 
 
+def _assert_resumes_exactly(make):
+    """A loader from ``make()`` saved after 3 batches and restored into a new one gives the same next 4 batches."""
+    first = make()
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    want = [next(it) for _ in range(4)]
+    again = make()
+    again.load_state_dict(state)
+    got = [b for _, b in zip(range(4), again)]
+    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+
+
 def test_replay_loader_resumes_exactly(shards_dir, loaded):
     from slmforge.post.tasks import ReplayLoader
     from slmforge.tokens.shards import TokenLoader
@@ -275,16 +289,7 @@ def test_replay_loader_resumes_exactly(shards_dir, loaded):
         return ReplayLoader(SFTLoader(examples, 32, 2, seed=3, pad_id=0),
                             TokenLoader(shards_dir / "shards" / "train", 32, 1, seed=3))
 
-    first = make()
-    it = iter(first)
-    for _ in range(3):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))
-    want = [next(it) for _ in range(4)]
-    again = make()
-    again.load_state_dict(state)
-    got = [b for _, b in zip(range(4), again)]
-    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+    _assert_resumes_exactly(make)
 
 
 @needs_data(SHARED_DATA / "gsm8k" / "train.jsonl")
@@ -347,13 +352,4 @@ def test_pair_replay_loader_resumes_exactly(shards_dir):
         return PairReplayLoader(PairLoader(encoded, 2, 3, tok.pad_id),
                                 TokenLoader(shards_dir / "shards" / "train", 32, 1, seed=3))
 
-    first = make()
-    it = iter(first)
-    for _ in range(3):
-        next(it)
-    state = json.loads(json.dumps(first.state_dict()))
-    want = [next(it) for _ in range(4)]
-    again = make()
-    again.load_state_dict(state)
-    got = [b for _, b in zip(range(4), again)]
-    assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w, g))
+    _assert_resumes_exactly(make)
