@@ -27,6 +27,7 @@ from slmforge.config import CurateConfig, RunConfig, dump_yaml, merge
 from slmforge.corpus import curation_summary, shard_dirs
 from slmforge.course.config import MainConfig
 from slmforge.log import log
+from slmforge.metrics import tokens_per_step
 from slmforge.runs import RunDir, write_json, write_text
 from slmforge.science.sweep import SHARED, share_data
 
@@ -61,10 +62,6 @@ def single_stage(base: RunConfig, weights: dict[str, float], tokens: int, name: 
     """``base`` training on one fixed mixture (``weights`` by source) for ``tokens`` and after."""
     stage = {"name": name, "tokens": tokens, "weights": [{"source": s, "weight": w} for s, w in weights.items()]}
     return merge(base, {"data": {"mixture": {"stages": [stage]}}}, "main")
-
-
-def tokens_of(cfg: RunConfig, steps: int) -> int:
-    return steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
 
 
 def problems_path(cfg: MainConfig, results: dict) -> Path:
@@ -128,7 +125,7 @@ def stage_scaling(cfg: MainConfig, results: dict) -> dict:
 
     s = cfg.scaling
     base = merge(shared_base(cfg, results), {"train": {"max_steps": s.steps}}, "scaling")
-    base = single_stage(base, results["mix"]["chosen"], tokens_of(base, s.steps))
+    base = single_stage(base, results["mix"]["chosen"], s.steps * tokens_per_step(base))
     out = forecast(ForecastConfig(name="scaling", out_dir=str(build_dir(cfg)), base=base, scales=s.scales,
                                   target=cfg.target.model, train_target=True, params=s.params, seeds=s.seeds))
     keep = ("points", "fit", "target", "seeds", "over_seeds", "recommended", "plot")
@@ -140,9 +137,9 @@ def target_config(cfg: MainConfig, results: dict) -> RunConfig:
     t = cfg.target
     base = merge(shared_base(cfg, results), {"name": "target", "out_dir": str(build_dir(cfg)), "model": t.model,
                                              "train": {"max_steps": t.steps}}, "target")
-    total = tokens_of(base, t.steps)
+    total = t.steps * tokens_per_step(base)
     anneal_steps = max(1, round(t.steps * t.anneal_fraction))
-    stable = tokens_of(base, t.steps - anneal_steps)
+    stable = (t.steps - anneal_steps) * tokens_per_step(base)
     chosen = results["mix"]["chosen"]
     if not t.anneal_weights:
         return single_stage(base, chosen, total)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from slmforge.config import ModelConfig, merge
 from slmforge.course.config import MainConfig
+from slmforge.metrics import tokens_per_step
 from slmforge.plan import chinchilla_loss, count_params
 from slmforge.plan_schedule import StagePlan, format_schedule, schedule
 
@@ -24,7 +25,7 @@ def _model(cfg: MainConfig, keys: dict, where: str) -> ModelConfig:
 def stage_plans(cfg: MainConfig) -> list[StagePlan]:
     base, mb = cfg.base, cfg.plan.micro_batch_size
     seq = base.data.seq_len
-    per_step = base.train.batch_size * base.train.grad_accum * seq
+    per_step = tokens_per_step(base)
 
     def plan(name: str, model: ModelConfig, steps: int, runs: int = 1, passes: float = 1.0,
              seq_len: int = seq, tokens: float | None = None) -> StagePlan:
@@ -66,7 +67,7 @@ def main_schedule(cfg: MainConfig) -> dict:
     g = cfg.plan
     out = schedule(stage_plans(cfg), gpu=g.gpu, gpu_counts=tuple(g.gpu_counts), mfu=g.mfu, fsdp=g.fsdp)
     target = _model(cfg, cfg.target.model, "target.model")
-    tokens = cfg.target.steps * cfg.base.train.batch_size * cfg.base.train.grad_accum * cfg.base.data.seq_len
+    tokens = cfg.target.steps * tokens_per_step(cfg.base)
     out["target"] = {"params": count_params(target).total, "tokens": tokens,
                      "chinchilla_loss": chinchilla_loss(count_params(target).total, tokens)}
     if g.budget_gpu_hours > 0:
