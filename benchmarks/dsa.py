@@ -5,7 +5,7 @@
    ``--lengths`` (4k, 8k, 16k tokens): step seconds and peak memory above the model, each point in a fresh process
    (``memory.measure``). Sparse attention reads T * k keys and keeps (T, k) indices; its indexer still scores all
    T^2 / 2 pairs, at index_heads * index_dim per pair instead of the attention's heads * head_dim.
-2. Quality at equal tokens, on ``recipes/tiny_cpu.yaml``'s data and schedule: dense attention for ``--steps`` steps,
+2. Quality at equal tokens, on ``recipes/families_cpu.yaml``'s data and schedule: dense attention for ``--steps`` steps,
    against DSA trained ``--warmup`` steps in dense mode (the indexer learns the attention's distribution by KL), then
    ``--steps - --warmup`` steps in sparse mode from those weights (``train.init_from``; ``recipes/dsa_cpu.yaml`` is the
    same two runs). Reported: validation loss of each, its gap to dense, and the indexer's recall of the full
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import bench_config, measure  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
-from layouts import base_config  # noqa: E402  (the tiny_cpu corpus every model comparison trains on)
+from layouts import base_config  # noqa: E402  (the families_cpu corpus every model comparison trains on)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

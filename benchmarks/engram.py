@@ -2,7 +2,7 @@
 
 The corpus (built once under ``--out``): the training biographies of a ``synth.knowledge`` knowledge base (fictional
 people whose facts must be memorized) mixed with the procedural corpus's general text (stories, word problems,
-sorting puzzles); one BPE tokenizer over both. Every model is recipes/tiny_cpu.yaml's schedule on a small Llama
+sorting puzzles); one BPE tokenizer over both. Every model is recipes/families_cpu.yaml's schedule on a small Llama
 (``--d-model``, ``--layers``) for ``--steps`` steps; the Engram models add one memory at layer 1 (orders 2-3, 2
 heads per order, 16 wide per table) at ``--rows`` rows per table, so the tables grow while the compute per token
 (two d_model x 64 projections) stays the same. Reported per model, mean ± spread over the seeds: parameters
@@ -185,7 +185,7 @@ def main() -> None:
 
     out = Path(args.out)
     build_corpus(out, args.entities, args.general_docs)
-    base = load_config(RECIPES / "tiny_cpu.yaml", [
+    base = load_config(RECIPES / "families_cpu.yaml", [
         f"out_dir={out}", f"data.shards_dir={out / 'shards'}", f"data.tokenizer={out / 'tokenizer.json'}",
         f"train.max_steps={args.steps}", f"train.eval_every={args.steps}", f"train.ckpt_every={args.steps}",
         f"train.warmup_steps={max(1, args.steps // 10)}", "train.batch_size=16", "data.seq_len=128",

@@ -1,6 +1,6 @@
 """FlexOlmo on CPU: a public base, one expert per private data owner's domain of fictional facts, the merge, opt-out.
 
-The base is ``recipes/tiny_cpu.yaml``'s model trained on public data only (procedural stories, the ``narrative``
+The base is ``recipes/families_cpu.yaml``'s model trained on public data only (procedural stories, the ``narrative``
 family). Three private sources are three data owners with different domains, the disjoint entity sets of
 ``synth.knowledge.KnowledgeBase(num_sources=3, domains=[medicine, astronomy, finance])``: drugs (condition, form,
 side effect, organ), planets (gas, moons, mineral, climate) and companies (sector, product, currency, logo), each
@@ -44,7 +44,7 @@ def train_base(out: Path, size: dict) -> Path:
     from slmforge.train.loop import train
 
     steps = size["base_steps"]
-    cfg = load_config(RECIPES / "tiny_cpu.yaml", [
+    cfg = load_config(RECIPES / "families_cpu.yaml", [
         "name=base", f"out_dir={out}", "data.families=[narrative]", f"data.num_train_docs={size['base_docs']}",
         "data.num_val_docs=100", "data.num_test_docs=100", f"train.max_steps={steps}",
         f"train.eval_every={max(steps // 4, 1)}", f"train.ckpt_every={steps}", "sample_prompts=[]"])

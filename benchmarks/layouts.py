@@ -1,8 +1,8 @@
 """Every token-mixer layout and sharing variant trained the same way: parameters, validation loss, speed, memory.
 
-Each layout takes its ``model`` section from its recipe (``recipes/tiny_cpu.yaml`` for attention,
+Each layout takes its ``model`` section from its recipe (``recipes/families_cpu.yaml`` for attention,
 ``recipes/layout_*.yaml``, ``recipes/sharing_*.yaml``); everything else (data, batch, sequence length, steps,
-schedule, seed) comes from ``recipes/tiny_cpu.yaml`` with ``--steps``, so all train on the same token shards (built
+schedule, seed) comes from ``recipes/families_cpu.yaml`` with ``--steps``, so all train on the same token shards (built
 once under ``--out``) for the same number of tokens. Reported per layout: parameters (total and shared), validation
 loss at the end, training tokens/s, and the peak memory of one forward + backward of a 4k-token sequence
 (``benchmarks/memory.py``'s ``measure``, a fresh process each). Prints a markdown table and writes layouts.json.
@@ -21,7 +21,7 @@ from memory import measure  # noqa: E402  (benchmarks/ is a folder of scripts, n
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LAYOUTS = {
-    "attention": "tiny_cpu.yaml", "ssm": "layout_ssm.yaml", "linear": "layout_linear.yaml",
+    "attention": "families_cpu.yaml", "ssm": "layout_ssm.yaml", "linear": "layout_linear.yaml",
     "hybrid": "layout_hybrid.yaml", "hymba": "layout_hymba.yaml", "shared FFN": "sharing_ffn.yaml",
     "block repeat x2": "sharing_repeat.yaml", "OpenELM scaling": "sharing_openelm.yaml",
 }
@@ -35,7 +35,7 @@ def base_config(out: Path, steps: int, quick: bool):
     if quick:
         overrides += ["data.num_train_docs=400", "data.num_val_docs=40", "data.num_test_docs=40",
                       "data.seq_len=64", "train.batch_size=4", "train.eval_batches=2"]
-    return load_config(RECIPES / "tiny_cpu.yaml", overrides)
+    return load_config(RECIPES / "families_cpu.yaml", overrides)
 
 
 def run_layout(name: str, base, memory_tokens: int) -> dict:
@@ -87,7 +87,7 @@ def main() -> None:
     write_json(out / "layouts.json", {"steps": args.steps, "batch_size": base.train.batch_size,
                                       "seq_len": base.data.seq_len, "rows": rows})
     print(f"\n{args.steps} steps x {base.train.batch_size} x {base.data.seq_len} tokens each "
-          f"({rows[0]['tokens']:,} tokens), recipes/tiny_cpu.yaml's data and schedule\n")
+          f"({rows[0]['tokens']:,} tokens), recipes/families_cpu.yaml's data and schedule\n")
     print(format_table(rows, args.memory_tokens))
     print(f"\nwrote {out / 'layouts.json'}")
 

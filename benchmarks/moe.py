@@ -1,9 +1,9 @@
 """Dense SwiGLU against a DeepSeekMoE FFN at equal active parameters and equal tokens, over several seeds.
 
 The MoE model is ``recipes/moe_cpu.yaml``'s (16 routed experts of ffn_dim / 3 units, top-2, one shared expert); the
-dense model is ``recipes/tiny_cpu.yaml``'s with its FFN width set so that its parameters per token equal the MoE's
+dense model is ``recipes/families_cpu.yaml``'s with its FFN width set so that its parameters per token equal the MoE's
 active ones (router included) as closely as a whole number of units allows. Both train on the same token shards
-(built once under ``--out``) with tiny_cpu's data, batch and schedule for ``--steps`` steps, once per ``--seeds``
+(built once under ``--out``) with families_cpu's data, batch and schedule for ``--steps`` steps, once per ``--seeds``
 seed. Reported per model: total and active parameters, validation loss, training tokens/s (mean and spread over the
 seeds; and ``--speed-steps`` steps of both models taking turns step by step on one batch, the median step, so that
 a shared machine's slow spells hit both alike), the peak memory of one forward + backward of ``--memory-tokens`` tokens (``benchmarks/memory.py``, a fresh
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory import measure  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
-from layouts import base_config  # noqa: E402  (the tiny_cpu corpus every model comparison trains on)
+from layouts import base_config  # noqa: E402  (the families_cpu corpus every model comparison trains on)
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -173,7 +173,7 @@ def main() -> None:
     write_json(out / "moe.json", {"steps": args.steps, "seeds": args.seeds, "batch_size": base.train.batch_size,
                                   "seq_len": base.data.seq_len, "models": summary, "rows": rows})
     print(f"\n{args.steps} steps x {base.train.batch_size} x {base.data.seq_len} tokens each "
-          f"({rows[0]['tokens']:,} tokens), seeds {args.seeds}; recipes/tiny_cpu.yaml's data and schedule\n")
+          f"({rows[0]['tokens']:,} tokens), seeds {args.seeds}; recipes/families_cpu.yaml's data and schedule\n")
     print(format_table(rows, summary, args.memory_tokens))
     if speed:
         ratio = speed["moe"] / speed["dense"]

@@ -1,10 +1,10 @@
 """``slmforge run RECIPE``: walk ``STAGES``, a list of named stages, in one run folder.
 
-The stages, in order: data, [dedup], [quality], [decontaminate], tokenizer, shards, train, eval, samples,
-report; the bracketed ones run only when switched on in the recipe's ``curate`` section (slmforge/corpus.py
-holds the data stages). A stage whose ``done(cfg)`` is true (its output exists) is skipped, so a killed run
-resumes where it stopped; training itself resumes from its latest checkpoint. Eval, samples and the report run
-every time: they are quick and read the newest checkpoint.
+The stages, in order: data, [dedup], [quality], [decontaminate], tokenizer, shards, train, eval, [math],
+samples, report; the bracketed ones run only when switched on in the recipe (``curate``; ``math_eval``, held-out
+arithmetic scored for the report); slmforge/corpus.py holds the data stages. A stage whose ``done(cfg)`` is true (its output exists) is skipped, so a killed run
+resumes where it stopped; training itself resumes from its latest checkpoint. Eval, math, samples and the report
+run every time: they are quick and read the newest checkpoint.
 
 The recipe's ``post`` list (SFT, ORPO, DPO; slmforge/post/) runs after samples, each stage into its own run folder.
 Adding a stage (vision, ...) is one entry in ``STAGES``:
@@ -175,6 +175,31 @@ def samples(cfg: RunConfig) -> list[dict]:
             for i, p in enumerate(cfg.sample_prompts)]
 
 
+def check_math_eval(cfg: RunConfig) -> None:
+    """Refuse ``math_eval`` before any work when the corpus has no procedural arithmetic to hold out."""
+    if not cfg.math_eval.decodings:
+        return
+    datas = list(corpus.source_configs(cfg).values()) if cfg.data.sources else [cfg.data]
+    if not any(d.source == "procedural" and "arithmetic" in d.families for d in datas):
+        raise ValueError("math_eval.decodings: the corpus has no procedural arithmetic to score (data.source="
+                         "procedural with arithmetic in data.families, or a data.sources entry with it)")
+
+
+def evaluate_math(cfg: RunConfig) -> dict:
+    """{decoding: {"accuracy", "problems"}}: the test split's arithmetic problems, zero-shot and greedy, strict
+    ``#### N`` match, once per ``math_eval.decodings`` (files under eval/gsm8k_procedural[_calculator])."""
+    from slmforge.eval.gsm8k import GSM8KConfig, evaluate
+
+    out = {}
+    for mode in cfg.math_eval.decodings:
+        gsm = GSM8KConfig(data="procedural", num_fewshot=0, limit=cfg.math_eval.limit, batch_size=32,
+                          tools="calculator" if mode == "calculator" else "")
+        result = evaluate(RunDir.of(cfg).root, gsm)
+        out[mode] = {"accuracy": result["metrics"]["strict-match"]["exact_match"],
+                     "problems": result["num_problems"]}
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -197,6 +222,8 @@ def write_report(cfg: RunConfig, walk: Walk) -> dict:
     run, cfg = RunDir.of(cfg), resolve_mixture(cfg)
     report = {"curate": corpus.curation_summary(cfg)} if corpus.curation_stages(cfg) else {}
     seconds = walk.invocations()
+    if "math" in walk.results:
+        report["math"] = walk.results["math"]
     report.update({"train": json.loads(run.train_result.read_text()), "eval": walk.results["eval"],
                    "samples": walk.results["samples"], "seconds_total": sum(seconds),
                    "seconds_this_invocation": seconds[-1], "invocations": len(seconds)})
@@ -225,6 +252,9 @@ def render_report(cfg: RunConfig, report: dict) -> str:
         lines.append(f"| {split} loss | empty split, not evaluated |" if e is None else
                      f"| {split} loss | {e['loss']:.3f} nats/token (ppl {e['perplexity']:.2f}, "
                      f"{e['bits_per_byte']:.3f} bits/byte) |")
+    for mode, m in report.get("math", {}).items():
+        lines.append(f"| held-out arithmetic, {MATH_LABELS[mode]} | {m['accuracy']:.1%} of {m['problems']} problems "
+                     f"(0-shot, greedy) |")
     if report.get("curate"):
         lines += ["", "| curation | documents | kept | removed |", "|---|---|---|---|"]
         lines += [f"| {stage} {key} | {c['num_docs']:,} | {c['num_kept']:,} | "
@@ -239,6 +269,9 @@ def render_report(cfg: RunConfig, report: dict) -> str:
         lines += [f"**Prompt:** `{s['prompt']}`", "", "```", s["prompt"] + s["completion"], "```", ""]
     lines += ["## Config", "", "```yaml", dump_yaml(cfg).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+MATH_LABELS = {"plain": "the model's own arithmetic", "calculator": "with the calculator in decoding"}
 
 
 def _fmt(x: float | None) -> str:
@@ -283,6 +316,7 @@ STAGES: list[Stage] = [
           depends=("model", "train", *OPERATIONAL, "data.seq_len", "data.packing", "data.mixture"),
           outputs=_outputs("checkpoints", "metrics", "loss_plot", "train_result")),
     Stage("eval", _never, lambda cfg, walk: evaluate_run(cfg), outputs=lambda cfg: [RunDir.of(cfg).root / "eval"]),
+    Stage("math", _never, lambda cfg, walk: evaluate_math(cfg), enabled=lambda cfg: bool(cfg.math_eval.decodings)),
     Stage("samples", _never, lambda cfg, walk: samples(cfg)),
     # SFT, ORPO, DPO into their own run folders (<name>_sft, ...), each from the one before: slmforge/post/run.py
     Stage("post", post_done, lambda cfg, walk: run_post_stages(cfg), enabled=lambda cfg: bool(cfg.post),
@@ -313,6 +347,7 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
     rebuilt. config.yaml is written only once the check has passed.
     """
     check_model(cfg.model)
+    check_math_eval(cfg)
     run_dir = RunDir.of(cfg)
     check_config_change(cfg, force)
     run_dir.root.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,9 @@ class Stage:
     name: str = ""
     tokens: int = 0  # budget: training tokens of all ranks together spent in this stage
     weights: list[SourceWeight] = field(default_factory=list)  # sources left out get weight 0
+    # Or the budget as a share of the run (train.max_steps x tokens per step), turned into tokens when training
+    # starts: a recipe whose stages are fractions stays aligned when train.max_steps or the batch changes.
+    fraction: float = 0.0
 
     def __post_init__(self):
         self.weights = [_as(SourceWeight, w, f"stage {self.name!r}.weights[{i}]") for i, w in enumerate(self.weights)]
@@ -68,6 +71,13 @@ class MixtureConfig:
     @property
     def total_tokens(self) -> int:
         return sum(stage.tokens for stage in self.stages)
+
+    def budgeted(self, run_tokens: int) -> "MixtureConfig":
+        """Stages given as a ``fraction`` of the run turned into token budgets, ``round(fraction x run_tokens)``;
+        stages given in tokens are kept, and a malformed stage is left for ``validate`` to name."""
+        stages = [dataclasses.replace(stage, tokens=max(1, round(stage.fraction * run_tokens)), fraction=0.0)
+                  if 0 < stage.fraction <= 1 and not stage.tokens else stage for stage in self.stages]
+        return self if stages == self.stages else dataclasses.replace(self, stages=stages)
 
     def stage_at(self, tokens_seen: int) -> tuple[int, Stage]:
         """(index, stage) that the token after ``tokens_seen`` global tokens belongs to; the last stage past the end."""
@@ -106,8 +116,12 @@ class MixtureConfig:
             key = f"{prefix}stages[{k}] ({stage.name!r})"
             if not stage.name or stage_names.index(stage.name) != k:
                 raise ValueError(f"{key}: stages need distinct, non-empty names")
-            if stage.tokens <= 0:
-                raise ValueError(f"{key}.tokens={stage.tokens}: expected a positive token budget")
+            if stage.fraction and stage.tokens:
+                raise ValueError(f"{key}: give tokens or fraction, not both")
+            if stage.fraction and not 0 < stage.fraction <= 1:
+                raise ValueError(f"{key}.fraction={stage.fraction}: expected a share of the run in (0, 1]")
+            if stage.tokens <= 0 and not stage.fraction:
+                raise ValueError(f"{key}.tokens={stage.tokens}: expected a positive token budget (or a fraction)")
             self._check_weights(key, stage, names)
 
     @staticmethod
@@ -259,6 +273,23 @@ class CurateConfig:
 
 
 @dataclass
+class MathEvalConfig:
+    """Held-out procedural arithmetic scored at the end of ``slmforge run`` and shown in the report: the corpus's
+    test-split problems, zero-shot and greedy, as ``slmforge eval gsm8k RUN data=procedural`` scores them."""
+
+    decodings: list[str] = field(default_factory=list)  # plain (the model's own arithmetic), calculator; [] = off
+    limit: int = 0  # the first `limit` problems; 0 = all
+
+    def validate(self, prefix: str = "math_eval.") -> None:
+        for i, mode in enumerate(self.decodings):
+            check_choice(f"{prefix}decodings[{i}]", mode, MATH_DECODINGS)
+        check_min(self, prefix, 0, "limit")
+
+
+MATH_DECODINGS = ("plain", "calculator")
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -271,6 +302,7 @@ class RunConfig:
     post: list[PostConfig] = field(default_factory=list)  # stages `slmforge run` chains after training (SFT, ORPO)
     sample_prompts: list[str] = field(default_factory=lambda: ["Question: Tom has 3 apples"])
     sample_tokens: int = 64
+    math_eval: MathEvalConfig = field(default_factory=MathEvalConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slmforge.config import RunConfig
 from slmforge.corpus import shard_dirs
+from slmforge.metrics import tokens_per_step
 from slmforge.eval.gsm8k import GSM8KConfig, evaluate
 from slmforge.runs import RunDir, write_json
 from slmforge.science.sweep import SHARED, mean_and_stderr, run_sweep, share_data, with_run
@@ -64,6 +65,7 @@ def anneal_ablation(cfg: RunConfig, gsm8k: GSM8KConfig | None = None, eval_batch
                                 for f in a["arithmetic_accuracy"]},
     }
     out["tokens"] = runs[0].report["train"]["tokens"]
-    out["stages"] = [{"name": s.name, "tokens": s.tokens} for s in stages]
+    budgets = cfg.data.mixture.budgeted(cfg.train.max_steps * tokens_per_step(cfg))
+    out["stages"] = [{"name": s.name, "tokens": s.tokens} for s in budgets.stages]
     write_json(sweep_dir / "anneal.json", out)
     return out

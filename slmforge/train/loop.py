@@ -34,7 +34,7 @@ from slmforge.tokens.tokenizer import Tokenizer
 from slmforge.train import distributed as dist
 from slmforge.train.checkpoint import load_checkpoint, save_checkpoint
 from slmforge.train.optim import build_optimizer
-from slmforge.train.schedule import anneal_aligned, lr_at
+from slmforge.train.schedule import anneal_aligned, lr_at, stage_budgets
 from slmforge.train.speed import autocast_dtype, peak_flops
 from slmforge.train.task import (Task, freeze, init_checkpoint, load_init, reshard_loader_state, shards_task,
                                  train_shards)
@@ -152,7 +152,8 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     """Seed, build the model, optimizer and loaders, then write config.yaml; restore the newest valid checkpoint if
     asked, else ``train.init_from``'s weights. Every check a user error can fail comes first, so a refused run
     writes nothing."""
-    t = anneal_aligned(cfg, info.world_size)
+    budgeted = stage_budgets(cfg, info.world_size)  # config.yaml keeps the recipe's fractions
+    t = anneal_aligned(budgeted, info.world_size)
     device = dist.device_for(info, t.device)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -176,7 +177,7 @@ def setup(cfg: RunConfig, info: dist.DistInfo, resume: bool, force: bool = False
     train_model = dist.parallelize(model, info, t.parallel, compile_enabled(t.compile, device),
                                    t.activation_checkpointing, device)
     optimizer = build_optimizer(model, t)
-    task = task or shards_task(cfg, run, t, info.rank, info.world_size)
+    task = task or shards_task(budgeted, run, t, info.rank, info.world_size)
     if cfg.model.engram.layers and ckpt is None and init is None:  # a checkpoint carries its own map
         _engram_compression(model, task.tokenizer or run.tokenizer)
     if info.is_main:

@@ -54,6 +54,13 @@ def cosine(step: int, cfg: TrainConfig) -> float:
 SCHEDULES = {"wsd": wsd, "cosine": cosine}
 
 
+def stage_budgets(cfg: RunConfig, world_size: int = 1) -> RunConfig:
+    """``cfg`` with its mixture stages given as fractions of the run turned into token budgets
+    (``MixtureConfig.budgeted`` of ``train.max_steps x tokens per step``)."""
+    mix = cfg.data.mixture.budgeted(cfg.train.max_steps * tokens_per_step(cfg, world_size))
+    return cfg if mix is cfg.data.mixture else replace(cfg, data=replace(cfg.data, mixture=mix))
+
+
 def anneal_aligned(cfg: RunConfig, world_size: int = 1) -> TrainConfig:
     """``cfg.train`` with the WSD decay starting at the first step of mixture stage ``train.anneal_stage``.
 

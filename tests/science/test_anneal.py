@@ -97,3 +97,63 @@ def test_anneal_ablation_compares_with_the_constant_mix(tmp_path):
     math = {run: out[run]["val_loss"]["math/validation"] for run in ("anneal", "constant")}
     assert diff == pytest.approx(math["anneal"] - math["constant"])
     assert (tmp_path / "abl" / "anneal.json").exists()
+
+
+def fraction_config(out_dir, name="fractions", **train):
+    """anneal_config with its budgets as shares of the run: 8/12 stable, 4/12 anneal."""
+    cfg = anneal_config(out_dir, name=name, **train)
+    stages = [dataclasses.replace(s, tokens=0, fraction=f) for s, f in zip(cfg.data.mixture.stages, (2 / 3, 1 / 3))]
+    return dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, mixture=dataclasses.replace(cfg.data.mixture, stages=stages)))
+
+
+def test_fraction_budgets_follow_the_run_length(tmp_path):
+    from slmforge.train.schedule import stage_budgets
+
+    cfg = fraction_config(tmp_path)
+    assert [s.tokens for s in stage_budgets(cfg).data.mixture.stages] == [BOUNDARY * TOKENS_PER_STEP,
+                                                                          (STEPS - BOUNDARY) * TOKENS_PER_STEP]
+    assert lr_at(BOUNDARY - 1, anneal_aligned(stage_budgets(cfg))) == cfg.train.lr_peak > lr_at(
+        BOUNDARY, anneal_aligned(stage_budgets(cfg)))
+    # Three times the steps: the decay still starts two thirds of the way, where token budgets would be refused.
+    long = merge(cfg, {"train": {"max_steps": 3 * STEPS}})
+    assert [s.tokens for s in stage_budgets(long).data.mixture.stages] == [3 * BOUNDARY * TOKENS_PER_STEP,
+                                                                           3 * (STEPS - BOUNDARY) * TOKENS_PER_STEP]
+    assert round(anneal_aligned(stage_budgets(long)).decay_fraction * 3 * STEPS) == 3 * (STEPS - BOUNDARY)
+    short = merge(anneal_config(tmp_path), {"train": {"max_steps": BOUNDARY - 2}})
+    with pytest.raises(ValueError, match="outside the stable phase"):
+        anneal_aligned(stage_budgets(short))
+    # Token budgets pass through unchanged (the same object: nothing to resolve).
+    tokens_cfg = anneal_config(tmp_path)
+    assert stage_budgets(tokens_cfg) is tokens_cfg
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"tokens": 100, "fraction": 0.5}, "tokens or fraction, not both"),
+    ({"fraction": 1.5}, r"fraction=1.5: expected a share of the run in \(0, 1\]"),
+    ({"fraction": -0.2}, "fraction=-0.2"),
+    ({}, "expected a positive token budget"),
+])
+def test_bad_fraction_stages_name_the_key(tmp_path, stage, message):
+    from slmforge.config.run import MixtureConfig
+
+    mix = MixtureConfig(sources=[{"name": "a", "shards": "x"}],
+                        stages=[{"name": "only", "weights": [{"source": "a", "weight": 1}], **stage}])
+    with pytest.raises(ValueError, match=r"stages\[0\] \('only'\)"):
+        mix.budgeted(1000).validate()
+    with pytest.raises(ValueError, match=message):
+        mix.budgeted(1000).validate()
+
+
+def test_fraction_stages_train_exactly_as_their_token_budgets(tmp_path):
+    """The same run with fractions and with the token budgets they resolve to: identical losses and stages; the
+    run folder's config keeps the fractions (a rerun of the recipe is not a changed config)."""
+    from slmforge.pipeline import run
+    from slmforge.runs import MetricsLog
+
+    run(fraction_config(tmp_path))
+    run(anneal_config(tmp_path, name="tokens"))
+    a, b = (MetricsLog(tmp_path / n / "metrics.jsonl").read() for n in ("fractions", "tokens"))
+    assert [(r["loss"], r["stage"], r["lr"]) for r in a] == [(r["loss"], r["stage"], r["lr"]) for r in b]
+    assert "fraction: 0.6666" in (tmp_path / "fractions" / "config.yaml").read_text()
+    assert run(fraction_config(tmp_path))["train"]["steps"] == STEPS  # the rerun reuses every stage
