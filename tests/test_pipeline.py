@@ -15,7 +15,7 @@ NUM_WEB_DOCS, NUM_PLANTED = 40, 6
 
 def test_stage_order():
     assert [s.name for s in pipeline.STAGES] == ["data", "dedup", "quality", "decontaminate", "tokenizer", "shards",
-                                                 "train", "eval", "samples", "post", "report"]
+                                                 "train", "eval", "math", "samples", "post", "report"]
 
 
 # An evaluation item of our own (GSM8K-shaped), so the test needs no ../shared/data.
