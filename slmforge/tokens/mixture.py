@@ -39,7 +39,6 @@ Shapes: B = batch_size, T = seq_len; the loader yields ``x, y`` of shape (B, T),
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ import numpy as np
 
 # The dataclasses live in config (the ground floor); re-exported here, where they are used.
 from slmforge.config import MixtureConfig, Source, SourceWeight, Stage
+from slmforge.log import log
 from slmforge.tokens.shards import TokenLoader
 
 __all__ = ["MixtureConfig", "MixtureLoader", "Source", "SourceWeight", "Stage"]
@@ -142,9 +142,10 @@ class MixtureLoader:
                 loader = self.loaders[s]
                 if loader.position >= len(loader) and s not in self._warned:
                     self._warned.add(s)
-                    warnings.warn(f"mixture source {self.cfg.sources[s].name!r} finished epoch {loader.epoch} in "
-                                  f"stage {self.cfg.stages[k].name!r}; repeating it from epoch {loader.epoch + 1} "
-                                  f"(on_exhausted='repeat')", stacklevel=2)
+                    # A line, not a warning: a planned repeat (the demo sees its problems 1.7 times) is news,
+                    # not a fault, and a warning would print the loop's source line under it.
+                    log(f"mixture: source {self.cfg.sources[s].name!r} finished epoch {loader.epoch} in stage "
+                        f"{self.cfg.stages[k].name!r}; repeating it from epoch {loader.epoch + 1} (on_exhausted='repeat')")
                 # One row: the rest of the source's epoch (or the next epoch), of which we take the first batch.
                 x, y = next(loader.iter_epoch_once())
                 self.counts[k, s] += 1

@@ -211,12 +211,12 @@ def test_resume_continues_the_identical_stream(dirs, skip, mode):
 # ---------------------------------------------------------------- exhaustion
 
 
-def test_repeat_warns_once_naming_the_source_and_epoch(dirs):
+def test_repeat_says_so_once_naming_the_source_and_epoch(dirs, capsys):
     loader = MixtureLoader(_cfg(dirs, [("only", 1000, {"web": 1, "small": 1})]), T, B)
-    with pytest.warns(UserWarning, match=r"source 'small' finished epoch 0 in stage 'only'; repeating it from epoch 1"
-                      ) as record:
-        rows = _sources_of(_take(loader, 25))
-    assert len(record) == 1
+    rows = _sources_of(_take(loader, 25))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "finished epoch" in line]
+    assert lines == ["[slmforge] mixture: source 'small' finished epoch 0 in stage 'only'; repeating it from epoch 1 "
+                     "(on_exhausted='repeat')"]
     assert rows.count(3) == 50 and loader.loaders[3].epoch == 4  # 12 rows an epoch: four repeats
 
 
