@@ -2,9 +2,9 @@
 
 The stages, in order: data, [dedup], [quality], [decontaminate], tokenizer, shards, train, eval, [math],
 samples, report; the bracketed ones run only when switched on in the recipe (``curate``; ``math_eval``, held-out
-arithmetic scored for the report); slmforge/corpus.py holds the data stages. A stage whose ``done(cfg)`` is true (its output exists) is skipped, so a killed run
-resumes where it stopped; training itself resumes from its latest checkpoint. Eval, math, samples and the report
-run every time: they are quick and read the newest checkpoint.
+arithmetic scored for the report); slmforge/corpus.py holds the data stages. A stage whose ``done(cfg)`` is true
+(its output exists) is skipped, so a killed run resumes where it stopped; training itself resumes from its latest
+checkpoint. Eval, math, samples and the report run every time: they are quick and read the newest checkpoint.
 
 The recipe's ``post`` list (SFT, ORPO, DPO; slmforge/post/) runs after samples, each stage into its own run folder.
 Adding a stage (vision, ...) is one entry in ``STAGES``:

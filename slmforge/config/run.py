@@ -60,7 +60,8 @@ class MixtureConfig:
 
     sources: list[Source] = field(default_factory=list)
     stages: list[Stage] = field(default_factory=list)  # empty = no mixture
-    on_exhausted: Literal["repeat", "stop"] = "repeat"  # a source at the end of an epoch: repeat it (a log line says so, once)
+    # A source at the end of an epoch: repeat it (a log line says so, once), or stop.
+    on_exhausted: Literal["repeat", "stop"] = "repeat"
     after_last: Literal["continue", "stop"] = "continue"  # after the last budget: continue the last stage, or stop
     seed: int = 0
 

@@ -145,7 +145,8 @@ class MixtureLoader:
                     # A line, not a warning: a planned repeat (the demo sees its problems 1.7 times) is news,
                     # not a fault, and a warning would print the loop's source line under it.
                     log(f"mixture: source {self.cfg.sources[s].name!r} finished epoch {loader.epoch} in stage "
-                        f"{self.cfg.stages[k].name!r}; repeating it from epoch {loader.epoch + 1} (on_exhausted='repeat')")
+                        f"{self.cfg.stages[k].name!r}; repeating it from epoch {loader.epoch + 1} "
+                        f"(on_exhausted='repeat')")
                 # One row: the rest of the source's epoch (or the next epoch), of which we take the first batch.
                 x, y = next(loader.iter_epoch_once())
                 self.counts[k, s] += 1
