@@ -1,6 +1,7 @@
 """What post-training buys, measured: base vs SFT vs SFT+ORPO (and DPO) on held-out problems, over seeds.
 
     python benchmarks/post_gains.py [--base runs/post_cpu] [--seeds 0 1 2] [--limit 300] [--hh PATH] [--dpo]
+    python benchmarks/post_gains.py --variant replay --orpo replay=0.25    # ORPO with pre-training windows
 
 The base run is the recipe's own (``slmforge run recipes/post_cpu.yaml`` trains it; this script reuses it and
 the recipe's ``post`` settings, read from ``--recipe``). For each seed (``train.seed``: the SFT and ORPO data
@@ -16,7 +17,7 @@ finished, then prints one table:
   (held out by prompt hash) through an ORPO run on the HH-RLHF training split (seed 0 only);
 - the alignment tax: validation loss on the base corpus (its validation shards) before and after.
 
-Writes ``<base>/post_gains.json``. CPU, minutes per seed.
+Writes ``<base>/post_gains.json`` (``post_gains_<variant>.json``). CPU, minutes per seed.
 """
 
 from __future__ import annotations
@@ -83,11 +84,13 @@ def pair_metrics(run_dir: Path, pairs: list, orpo_dir: Path) -> dict:
     return {"reward_accuracy": m["val_reward_accuracy"], "reward_margin": m["val_reward_margin"]}
 
 
-def one_seed(base: RunDir, recipe: str, seed: int, limit: int) -> dict:
+def one_seed(base: RunDir, recipe: str, seed: int, limit: int, variant: str = "", orpo_keys: tuple = ()) -> dict:
     # Seed 0 is the recipe's own post stages (<base>_sft, <base>_sft_orpo): `slmforge run` may have trained them.
+    # A variant trains its own ORPO runs (<sft>_orpo_<variant>) from the same SFT runs, with orpo_keys on top.
     name = f"{base.root.name}_sft" if seed == 0 else f"{base.root.name}_s{seed}_sft"
     sft = train_stage(base.root, "sft", name, seed, stage_keys(recipe, "sft"))
-    orpo = train_stage(sft, "orpo", f"{sft.name}_orpo", seed, stage_keys(recipe, "orpo"))
+    orpo = train_stage(sft, "orpo", f"{sft.name}_orpo" + (f"_{variant}" if variant else ""), seed,
+                       [*stage_keys(recipe, "orpo"), *orpo_keys])
     pairs = held_out_pairs(orpo)
     row = {"seed": seed, "sft_accuracy": accuracy(sft, True, limit), "orpo_accuracy": accuracy(orpo, True, limit),
            "sft_loss": base_loss(sft, base), "orpo_loss": base_loss(orpo, base), "held_out_pairs": len(pairs)}
@@ -121,12 +124,18 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=300, help="held-out problems scored (0 = all)")
     ap.add_argument("--hh", default="", help="an HH-RLHF .jsonl.gz: also ORPO on it, scored on its held-out pairs")
     ap.add_argument("--hh-pairs", type=int, default=1200)
+    ap.add_argument("--orpo", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="ORPO keys over the recipe's (e.g. replay=0.25), trained as the variant --variant")
+    ap.add_argument("--variant", default="", help="name of the ORPO variant (needed with --orpo)")
     args = ap.parse_args()
+    if bool(args.orpo) != bool(args.variant):
+        sys.exit("--orpo and --variant go together: the variant's ORPO runs are <sft>_orpo_<variant>")
     base = RunDir.at(args.base)
     if not base.train_result.is_file():
         sys.exit(f"{base.root}: no trained base run; train it first: slmforge run recipes/post_cpu.yaml")
     report = {"base_accuracy": accuracy(base.root, False, args.limit), "base_loss": base_loss(base.root, base),
-              "seeds": [one_seed(base, args.recipe, s, args.limit) for s in args.seeds]}
+              "variant": {"name": args.variant, "orpo": args.orpo},
+              "seeds": [one_seed(base, args.recipe, s, args.limit, args.variant, tuple(args.orpo)) for s in args.seeds]}
     if args.hh:
         report["hh_rlhf"] = hh_rows(base, args.hh, args.hh_pairs)
     rows = report["seeds"]
@@ -145,7 +154,8 @@ def main() -> None:
     gain = [r["orpo_accuracy"] - r["sft_accuracy"] for r in rows]
     print(f"\nORPO - SFT accuracy: {statistics.mean(gain) * 100:+.1f} points (per seed: "
           f"{', '.join(f'{g * 100:+.1f}' for g in gain)}); goal +5")
-    (base.root / "post_gains.json").write_text(json.dumps(report, indent=2))
+    out = base.root / ("post_gains" + (f"_{args.variant}" if args.variant else "") + ".json")
+    out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
