@@ -14,8 +14,8 @@ from pathlib import Path
 
 from slmforge.config import RunConfig
 from slmforge.corpus import shard_dirs
-from slmforge.metrics import tokens_per_step
 from slmforge.eval.gsm8k import GSM8KConfig, evaluate
+from slmforge.metrics import tokens_per_step
 from slmforge.runs import RunDir, write_json
 from slmforge.science.sweep import SHARED, mean_and_stderr, run_sweep, share_data, with_run
 
