@@ -120,11 +120,17 @@ def stage_mix(cfg: MainConfig, results: dict) -> dict:
             "tokens_per_run": out["tokens_per_run"], "plot": out.get("plot")}
 
 
+def scaling_train(cfg: MainConfig) -> dict:
+    """The train keys of every scaling run and the target's forecast run over ``base.train``."""
+    s = cfg.scaling
+    return {"max_steps": s.steps, **({"batch_size": s.batch_size} if s.batch_size else {})}
+
+
 def stage_scaling(cfg: MainConfig, results: dict) -> dict:
     from slmforge.science.scaling import ForecastConfig, forecast
 
     s = cfg.scaling
-    base = merge(shared_base(cfg, results), {"train": {"max_steps": s.steps}}, "scaling")
+    base = merge(shared_base(cfg, results), {"train": scaling_train(cfg)}, "scaling")
     base = single_stage(base, results["mix"]["chosen"], s.steps * tokens_per_step(base))
     out = forecast(ForecastConfig(name="scaling", out_dir=str(build_dir(cfg)), base=base, scales=s.scales,
                                   target=cfg.target.model, train_target=True, params=s.params, seeds=s.seeds))

@@ -29,6 +29,9 @@ class ProxySpec:
 class ScalingSpec:
     scales: list[dict[str, Any]] = field(default_factory=list)  # model keys per size, >= 4 for a tested law
     steps: int = 300  # every scaling run and the target's forecast run: the same tokens (the fixed subset)
+    # Sequences per step of those runs; 0 = base.train.batch_size. Fewer per step and more steps at the same tokens:
+    # too few steps leave the larger sizes short of optimisation and bend the curve the law extrapolates.
+    batch_size: int = 0
     seeds: int = 1  # the whole ladder and the target's forecast run once per seed
     params: Literal["non_embedding", "total"] = "non_embedding"
 
@@ -100,5 +103,6 @@ class MainConfig:
             raise ValueError(f"{prefix}target.anneal_fraction={self.target.anneal_fraction}: expected (0, 1)")
         check_min(self.proxy, f"{prefix}proxy.", 1, "steps seeds")
         check_min(self.scaling, f"{prefix}scaling.", 1, "steps seeds")
+        check_min(self.scaling, f"{prefix}scaling.", 0, "batch_size")
         check_min(self.target, f"{prefix}target.", 2, "steps")
         check_min(self.evals, f"{prefix}evals.", 0, "gsm8k_limit niah_samples")

@@ -28,18 +28,18 @@ def stage_plans(cfg: MainConfig) -> list[StagePlan]:
     per_step = tokens_per_step(base)
 
     def plan(name: str, model: ModelConfig, steps: int, runs: int = 1, passes: float = 1.0,
-             seq_len: int = seq, tokens: float | None = None) -> StagePlan:
-        return StagePlan(name=name, model=model, tokens=tokens if tokens is not None else steps * per_step,
-                         runs=runs, seq_len=seq_len, micro_batch_size=mb, passes=passes,
-                         global_batch_tokens=per_step)
+             step_tokens: int = per_step) -> StagePlan:
+        return StagePlan(name=name, model=model, tokens=steps * step_tokens, runs=runs, seq_len=seq,
+                         micro_batch_size=mb, passes=passes, global_batch_tokens=step_tokens)
 
     p, s, t = cfg.proxy, cfg.scaling, cfg.target
+    subset = per_step * s.batch_size // base.train.batch_size if s.batch_size else per_step  # the ladder's step
     target = _model(cfg, t.model, "target.model")
     out = [plan("proxy mixtures", _model(cfg, p.model, "proxy.model"), p.steps, len(p.mixtures) * p.seeds)]
     for i, keys in enumerate(s.scales):
         m = _model(cfg, keys, f"scaling.scales[{i}]")
-        out.append(plan(f"scaling d{m.d_model} l{m.num_layers}", m, s.steps, s.seeds))
-    out.append(plan("target on the subset (forecast check)", target, s.steps, s.seeds))
+        out.append(plan(f"scaling d{m.d_model} l{m.num_layers}", m, s.steps, s.seeds, step_tokens=subset))
+    out.append(plan("target on the subset (forecast check)", target, s.steps, s.seeds, step_tokens=subset))
     ablation = bool(t.anneal_weights) and t.ablation
     out.append(plan("target pre-training + anneal" + (" (and no-anneal control)" if ablation else ""), target,
                     t.steps, 2 if ablation else 1))

@@ -105,14 +105,32 @@ def attention_matmul(q, k, v, window: int = 0, block: int = 128) -> torch.Tensor
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def attention_padded(q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    """Attention over a left-padded cache: q (B, H, T, D); k, v (B, K, S, D); mask (B, 1, T, S) bool, True = may
+    attend (``padded_mask``) -> (B, H, T, D).
+
+    On CPU up to ``MATMUL_ATTN_MAX_KEYS`` keys by ``_attention_block`` with the mask as a per-row bias: SDPA's CPU
+    flash kernel with a mask builds a kernel for each new key count, which a decoding step (one more key every
+    step) pays again and again: 4-12 ms stalls every few steps where a step of the tiny preset takes 3 ms.
+    """
+    if q.device.type == "cpu" and k.shape[2] <= MATMUL_ATTN_MAX_KEYS:
+        return _attention_block(q, k, v, mask[:, 0])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _attention_block(q, k, v, mask) -> torch.Tensor:
-    """q: (B, H, Tb, D); k, v: (B, K, Sb, D); mask: (Tb, Sb) bool, or None for none -> (B, H, Tb, D)."""
+    """q: (B, H, Tb, D); k, v: (B, K, Sb, D); mask: (Tb, Sb) bool for every row, (B, Tb, Sb) per row, or None for
+    none -> (B, H, Tb, D)."""
     b, h, t, d = q.shape
     kvh, s = k.shape[1], k.shape[2]
     g = h // kvh
     qs, ks = q.reshape(b * kvh, g * t, d), k.reshape(b * kvh, s, d).transpose(1, 2)
     if mask is None:
         scores = torch.bmm(qs, ks).mul_(1 / math.sqrt(d))  # (B*K, G*Tb, Sb)
+    elif mask.dim() == 3:  # per row: each row's bias repeated over its K kv heads and G query heads
+        bias = torch.zeros(b, 1, 1, t, s, dtype=q.dtype, device=q.device).masked_fill_(~mask[:, None, None],
+                                                                                       float("-inf"))
+        scores = torch.baddbmm(bias.expand(b, kvh, g, t, s).reshape(b * kvh, g * t, s), qs, ks, alpha=1 / math.sqrt(d))
     else:
         bias = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf")).repeat(g, 1)
         scores = torch.baddbmm(bias.expand(b * kvh, g * t, s), qs, ks, alpha=1 / math.sqrt(d))
@@ -189,9 +207,11 @@ class Attention(nn.Module):
         if positions is None:
             y = self._attend(q, k, v)
         else:
-            mask = document_mask(doc, self.window) if doc is not None else padded_mask(cache.valid[:, : k.shape[2]],
-                                                                                        t, self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=h != kvh)
+            if doc is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc, self.window),
+                                                   enable_gqa=h != kvh)
+            else:
+                y = attention_padded(q, k, v, padded_mask(cache.valid[:, : k.shape[2]], t, self.window))
         return y.transpose(1, 2).reshape(b, t, h * d)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

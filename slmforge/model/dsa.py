@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slmforge.config import ModelConfig
-from slmforge.model.attention import MATMUL_ATTN_MAX_KEYS, Attention, attention_matmul, padded_mask
+from slmforge.model.attention import MATMUL_ATTN_MAX_KEYS, Attention, attention_matmul, attention_padded, padded_mask
 from slmforge.model.cache import IndexedKVCache
 from slmforge.model.cost import LayerCost, mean_keys
 from slmforge.model.layers import RMSNorm, apply_rope, init_linear, linear, rope_tables
@@ -307,7 +307,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     """Full causal attention (the warm-up) by attention's kernels; ``valid`` (B, S): a left-padded cache's slots."""
     t, s, gqa = q.shape[2], k.shape[2], q.shape[1] != k.shape[1]
     if valid is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=padded_mask(valid, t, 0), enable_gqa=gqa)
+        return attention_padded(q, k, v, padded_mask(valid, t, 0))
     if q.device.type == "cpu" and s <= MATMUL_ATTN_MAX_KEYS:
         return attention_matmul(q, k, v)
     if t == 1:

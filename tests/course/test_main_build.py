@@ -10,6 +10,7 @@ from slmforge.cli import main as cli_main
 from slmforge.config import load
 from slmforge.course import MainConfig, STAGES, main_schedule, run_main
 from slmforge.course.build import target_config
+from slmforge.course.schedule import stage_plans
 from slmforge.curate.filters import GSM8K_TEST
 from tests.conftest import needs_data
 
@@ -27,7 +28,7 @@ def ci_recipe(tmp_path: Path) -> Path:
     raw["synth"].update(topics=["fractions", "photosynthesis"], audiences=["children"], styles=["a textbook"],
                         samples_per_item=8)
     raw["proxy"].update(model={"d_model": 32, "num_layers": 1}, steps=4)
-    raw["scaling"].update(steps=6, scales=[{"d_model": d, "num_layers": 1} for d in (32, 48, 64, 80)])
+    raw["scaling"].update(steps=6, batch_size=2, scales=[{"d_model": d, "num_layers": 1} for d in (32, 48, 64, 80)])
     raw["target"].update(model={"d_model": 96, "num_layers": 2}, steps=10)
     raw["post"][0].update(num_examples=60, train={"max_steps": 3, "batch_size": 4})
     raw["post"][1].update(num_examples=8, samples_per_problem=2, max_new_tokens=24, eval_pairs=4,
@@ -59,6 +60,8 @@ def test_main_build_runs_every_stage_and_resumes(tmp_path, capsys):
     s = results["scaling"]
     assert len(s["points"]) == 4
     assert s["target"]["actual"] > 0 and "relative_error" in s["target"]["power_law"]
+    ladder = yaml.safe_load((root / "scaling" / "d32_l1_s0" / "config.yaml").read_text())["train"]
+    assert (ladder["batch_size"], ladder["max_steps"]) == (2, 6)  # scaling.batch_size over base.train's 4
     # the annealed target beside its control, then SFT and ORPO from it, each evaluated on held-out problems
     assert set(results["target"]["ablation"]) >= {"anneal", "constant", "difference_anneal_minus_constant"}
     assert [r["method"] for r in results["post"]["runs"]] == ["sft", "orpo"]
@@ -122,6 +125,16 @@ def test_plan_and_dry_run_print_the_schedule(capsys):
         assert cli_main(argv) == 0
         out = capsys.readouterr().out
         assert "proxy mixtures" in out and "target pre-training" in out and "orpo" in out
+
+
+def test_plan_prices_the_ladder_at_its_own_batch_size():
+    cfg = load(MainConfig, RECIPES / "main_cpu.yaml", ["scaling.batch_size=4", "scaling.steps=100"])
+    rows = {r.name: r for r in stage_plans(cfg)}
+    assert rows["scaling d48 l2"].tokens == 100 * 4 * cfg.base.data.seq_len
+    assert rows["target on the subset (forecast check)"].global_batch_tokens == 4 * cfg.base.data.seq_len
+    assert rows["proxy mixtures"].global_batch_tokens == cfg.base.train.batch_size * cfg.base.data.seq_len
+    with pytest.raises(ValueError, match="scaling.batch_size=-1"):
+        load(MainConfig, RECIPES / "main_cpu.yaml", ["scaling.batch_size=-1"])
 
 
 def test_gpu_recipe_fits_an_h100_stage_by_stage():

@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from slmforge.config import AttnConfig, LinearConfig, ModelConfig, SSMConfig
 from slmforge.model import attention
@@ -138,3 +139,18 @@ def test_padded_mask_equals_its_definition(t, window):
         else:
             want[b, 0, i, j] = num_pad[b] <= j <= q and not (window and j <= q - window)
     assert torch.equal(attention.padded_mask(valid, t, window), want)
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("t", [1, 5])
+def test_padded_attention_matmul_equals_sdpa(heads, kv, t, monkeypatch):
+    """The CPU matmul path for left-padded rows (per-row bias) gives SDPA's answer with the same mask."""
+    num_pad, s = torch.tensor([0, 2, 6]), 9
+    valid = torch.arange(s)[None, :] >= num_pad[:, None]
+    mask = attention.padded_mask(valid, t, 0)
+    q = torch.randn(3, heads, t, 8, dtype=torch.float64)
+    k, v = (torch.randn(3, kv, s, 8, dtype=torch.float64) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=heads != kv)
+    torch.testing.assert_close(attention.attention_padded(q, k, v, mask), want, rtol=1e-10, atol=1e-10)
+    monkeypatch.setattr(attention, "MATMUL_ATTN_MAX_KEYS", 0)  # past the limit: SDPA itself
+    torch.testing.assert_close(attention.attention_padded(q, k, v, mask), want, rtol=0, atol=0)
