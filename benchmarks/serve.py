@@ -11,7 +11,9 @@ Reported per row: requests/s and completion tokens/s over the measured window, p
 to last chunk), p50 and p99 time to first token (request sent to the first text chunk), and rows per forward (the
 server's tokens decoded / (decoding steps + prefills)). Every answer is checked: the same prompt and max_tokens
 give the same text in every row and mode, and with ``--check`` (default) the text ``generate.stream_text`` gives
-that prompt alone in this process. Never run in CI. Example: ``python benchmarks/serve.py --run runs/tiny_cpu``
+that prompt alone in this process. ``--inproc`` drives the model worker itself (``serve.worker.Worker``) from client
+threads in this process, no HTTP: the scheduler's own gain, apart from the HTTP stack and the load generator,
+which on a 2-core machine share the cores with the model. Never run in CI. Example: ``python benchmarks/serve.py --run runs/tiny_cpu``
 (smoke: ``--per-client 1 --max-tokens 8 --clients 1 8``).
 """
 
@@ -123,6 +125,82 @@ async def load(url: str, clients: int, args) -> dict:
             "forwards": after["num_steps"] - before["num_steps"] + after["num_batches"] - before["num_batches"]}
 
 
+def load_inproc(worker, tokenizer, clients: int, args) -> dict:
+    """``load`` without HTTP: client threads submit ``Job``s (ids as the server's /v1/completions makes them) to
+    ``worker`` and wait for each to finish; latency and TTFT as there (the first text event)."""
+    import threading
+
+    from slmforge.serve.worker import Job
+
+    texts, done, lock = prompts(), [], threading.Lock()
+
+    def one_job(i: int) -> dict:
+        p, n = request(i, args.max_tokens)
+        finished, pieces, first = threading.Event(), [], []
+        t0 = time.perf_counter()
+
+        def emit(event: tuple) -> None:
+            if event[0] == "text":
+                if not first:
+                    first.append(time.perf_counter())
+                pieces.append(event[1])
+            else:
+                usage.append(event[2] if event[0] == "done" else 0)
+                finished.set()
+
+        usage: list[int] = []
+        worker.submit(Job([tokenizer.eos_id] + tokenizer.encode_text(texts[p]), n, emit=emit,
+                          stop_ids=(tokenizer.eos_id,)))
+        finished.wait()
+        end = time.perf_counter()
+        return {"key": (p, n), "text": "".join(pieces), "latency": end - t0, "ttft": (first[0] if first else end) - t0,
+                "tokens": usage[0]}
+
+    def client_loop(c: int) -> None:
+        time.sleep(c * args.stagger_ms / 1000)
+        for k in range(args.per_client):
+            r = one_job(c * args.per_client + k)
+            with lock:
+                done.append(r)
+
+    for i in range(min(clients, 4)):  # warm-up
+        one_job(i)
+    before = (worker.num_tokens, worker.num_steps + worker.num_batches)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"seconds": time.perf_counter() - t0, "done": done, "tokens": worker.num_tokens - before[0],
+            "forwards": worker.num_steps + worker.num_batches - before[1]}
+
+
+def measure_inproc(args) -> list[dict]:
+    """``measure`` with one ``Worker`` per scheduler in this process instead of a server."""
+    import torch
+
+    from slmforge.serve.worker import Worker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args)
+    workers = {b: Worker(model, tokenizer, max_batch=args.max_batch, batch_window_s=args.window_ms / 1000,
+                         max_queue=1024, batching=b) for b in args.batching}
+    try:
+        for w in workers.values():
+            w.start()
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for c in args.clients:
+            for _ in range(args.repeat):
+                for batching, w in workers.items():
+                    runs.setdefault((batching, c), []).append(load_inproc(w, tokenizer, c, args))
+        return [summary(b, c, runs[b, c]) for b in args.batching for c in args.clients]
+    finally:
+        for w in workers.values():
+            w.stop()
+
+
 def summary(batching: str, clients: int, runs: list[dict]) -> dict:
     """The runs of one row pooled: requests/s over their total time, percentiles over all their requests."""
     done, seconds = [r for run in runs for r in run["done"]], sum(run["seconds"] for run in runs)
@@ -212,14 +290,15 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--window-ms", type=float, default=20.0, help="static batching's batch_window_s, in ms")
     ap.add_argument("--no-check", dest="check", action="store_false", help="skip the decoded-alone reference")
+    ap.add_argument("--inproc", action="store_true", help="drive the model worker in this process, no HTTP")
     args = ap.parse_args()
     if not args.run:
         from slmforge.config import preset
 
         tokenizer_for(preset(args.preset).vocab_size)  # train it once, here, not in the server
-    results = measure(args)
+    results = measure_inproc(args) if args.inproc else measure(args)
     verdict = check(args, results)
-    print(f"model {args.run or args.preset}, max_batch {args.max_batch}, {args.per_client} streamed requests per "
+    print(f"{'in-process worker, no HTTP' if args.inproc else 'HTTP'}: model {args.run or args.preset}, max_batch {args.max_batch}, {args.per_client} streamed requests per "
           f"client, clients {args.stagger_ms:g} ms apart, max_tokens {args.max_tokens // 8}-{args.max_tokens}, greedy, "
           f"{args.repeat} run(s) per row")
     print(f"{'batching':>10} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "

@@ -110,8 +110,8 @@ def cmd_forecast(args) -> None:
     from slmforge.science import forecast
 
     result = forecast(_science_config(args))
-    print(json.dumps({k: result[k] for k in ("target", "over_seeds", "recommended", "plot") if k in result},
-                     indent=2))
+    keys = ("target", "over_seeds", "seed_mean", "recommended", "plot")
+    print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
 
 
 def cmd_anneal(args) -> None:

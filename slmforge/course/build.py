@@ -134,7 +134,7 @@ def stage_scaling(cfg: MainConfig, results: dict) -> dict:
     base = single_stage(base, results["mix"]["chosen"], s.steps * tokens_per_step(base))
     out = forecast(ForecastConfig(name="scaling", out_dir=str(build_dir(cfg)), base=base, scales=s.scales,
                                   target=cfg.target.model, train_target=True, params=s.params, seeds=s.seeds))
-    keep = ("points", "fit", "target", "seeds", "over_seeds", "recommended", "plot")
+    keep = ("points", "fit", "target", "seeds", "over_seeds", "seed_mean", "recommended", "plot")
     return {k: out[k] for k in keep if k in out}
 
 

@@ -60,6 +60,12 @@ def forecast_lines(results: dict) -> list[str]:
         o = over.get(law, {})
         spread = f"{_pct(o.get('relative_error_mean'))} ± {_pct(o.get('relative_error_std'))}" if o else "-"
         lines.append(f"| {law} | {t[law]['predicted']:.4f} | {_pct(t[law].get('relative_error'))} | {spread} |")
+    pooled = s.get("seed_mean")
+    if pooled and "actual" in pooled["target"]:
+        lines += ["", f"Fitted once to each size's mean over the {pooled['seeds']} seeds (the target's mean: "
+                      f"{pooled['target']['actual']:.4f}): "
+                  + "; ".join(f"{law} {pooled['target'][law]['predicted']:.4f} "
+                              f"({_pct(pooled['target'][law]['relative_error'])})" for law in ("power_law", "loglog"))]
     rec = s.get("recommended")
     if rec:
         lines += ["", f"Recommended law: **{rec['law']}** ({rec.get('why', '')})"]

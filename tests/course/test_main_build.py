@@ -73,6 +73,7 @@ def test_main_build_runs_every_stage_and_resumes(tmp_path, capsys):
     report = (root / "report.md").read_text()
     for heading in ("## Data", "## Mixture", "## Forecast", "## Target and anneal", "## Evaluations", "## Time"):
         assert heading in report
+    assert f"mean over the {cfg.scaling.seeds} seeds" in report and "seed_mean" in s
     # a rerun reuses every stage; the report is rewritten from the saved numbers
     before = json.loads((root / "stages" / "target.json").read_text())
     again = run_main(load(MainConfig, recipe))

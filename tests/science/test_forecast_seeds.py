@@ -113,3 +113,31 @@ def test_seeds_end_to_end(tmp_path):
     errors = [s["target"]["loglog"]["relative_error"] for s in result["seeds"]]
     assert result["over_seeds"]["loglog"]["relative_error_mean"] == pytest.approx(np.mean(errors))
     assert result["recommended"]["law"] is None  # 3 scales: no leave-one-out for the 3-parameter law
+
+
+def test_the_seed_mean_fit_averages_before_fitting(tmp_path, monkeypatch):
+    """Noise of opposite sign at the largest scale in two seeds: each seed's forecast misses, one high and one low;
+    fitted once to the seed means (the truth), the law forecasts the target's mean loss."""
+    def run_sweep(configs, val, eval_batches):
+        out = []
+        for cfg in configs:
+            loss = power_law(count_params(cfg.model).non_embedding, TRUTH)
+            if cfg.model.d_model == 40:
+                loss += 0.03 if cfg.train.seed == 0 else -0.03
+            out.append(SweepRun(cfg, {"train": {"tokens": 256}}, {"validation": [loss, loss]}, False))
+        return out
+
+    _fake_sweep(monkeypatch, [])
+    monkeypatch.setattr(scaling, "run_sweep", run_sweep)
+    result = forecast(_config(tmp_path, "sm", seeds=2))
+    per_seed = [s["target"]["power_law"]["relative_error"] for s in result["seeds"]]
+    assert per_seed[0] > 0.005 and per_seed[1] < -0.005
+    pooled = result["seed_mean"]
+    assert pooled["seeds"] == 2
+    assert pooled["val_loss"] == pytest.approx(np.mean([[p["val_loss"] for p in s["points"]]
+                                                        for s in result["seeds"]], axis=0).tolist())
+    assert pooled["target"]["actual"] == pytest.approx(result["over_seeds"]["actual"]["mean"])
+    assert abs(pooled["target"]["power_law"]["relative_error"]) < 2e-3
+    assert abs(pooled["target"]["loglog"]["relative_error"]) > 0.01  # the line cannot bend with the law
+    one = forecast(_config(tmp_path, "one", seeds=1))
+    assert "seed_mean" not in one
