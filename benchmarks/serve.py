@@ -70,18 +70,18 @@ def load_model(args):
 
 
 def run_server(args, batching: str, port: int) -> None:
-    """Child process: build the model and serve it on loopback until terminated."""
+    """Child process: build the model and serve it on loopback until terminated, as ``slmforge serve`` does
+    (``server.run_app``: the model loop on the main thread, HTTP on another)."""
     import torch
-    import uvicorn
 
-    from slmforge.serve.server import build_app
+    from slmforge.serve.server import build_app, run_app
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args)
     app = build_app(model, tokenizer, "bench", max_batch=args.max_batch, batch_window_s=args.window_ms / 1000,
-                    max_queue=1024, batching=batching)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+                    max_queue=1024, batching=batching, start_worker=False)
+    run_app(app, "127.0.0.1", port, log_level="warning")
 
 
 async def one(client: httpx.AsyncClient, i: int, max_tokens: int, texts: list[str]) -> dict:

@@ -474,8 +474,9 @@ def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max
               context_length: int | None = None, batch_window_s: float = 0.02, max_body_bytes: int = 1_000_000,
               max_queue: int = 64, request_timeout_s: float = 60.0, max_stop: int = 4,
               max_stop_chars: int = 64, tools: str = "", batching: str = "continuous",
-              encoder: torch.nn.Module | None = None) -> FastAPI:
-    """The FastAPI app serving ``model``; its worker starts and stops with the app (``app.state.worker``).
+              encoder: torch.nn.Module | None = None, start_worker: bool = True) -> FastAPI:
+    """The FastAPI app serving ``model``; its worker starts (on a thread of its own; ``start_worker=False``: the
+    caller runs it, ``run_app``) and stops with the app (``app.state.worker``).
 
     ``context_length`` (default ``model.cfg.max_seq_len``) bounds prompt tokens + max_tokens; the limits are
     described in the module docstring. ``encoder``: a vision run's image encoder (``vision.load_encoder``), for
@@ -489,7 +490,8 @@ def build_app(model, tokenizer, model_name: str, api_key: str | None = None, max
 
     @asynccontextmanager
     async def lifespan(app):
-        worker.start()
+        if start_worker:
+            worker.start()
         yield
         worker.stop()
 
@@ -528,16 +530,51 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         thread.join()
 
 
+def run_app(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve ``app`` (``build_app(..., start_worker=False)``) until SIGINT or SIGTERM: uvicorn on a thread, the
+    model loop (``Worker.run_here``) on this one, the thread that loaded the model (``Worker.run_here`` says why).
+
+    A signal starts uvicorn's graceful shutdown (a second one forces it); its lifespan then stops the worker, which
+    finishes the jobs in flight, and this returns. A server that cannot start (a port in use) stops the worker too,
+    and this raises OSError.
+    """
+    import signal
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    http = threading.Thread(target=server.run, name="slmforge-http", daemon=True)
+
+    def on_signal(signum, frame) -> None:
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    def watch() -> None:  # uvicorn ended without its lifespan's shutdown (it could not start): end the loop
+        http.join()
+        app.state.worker.stop(0.0)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        threading.Thread(target=watch, name="slmforge-http-watch", daemon=True).start()
+        app.state.worker.run_here()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        server.should_exit = True
+        http.join()
+    if not server.started:
+        raise OSError(f"slmforge serve: could not serve on {host}:{port} (uvicorn's message above says why)")
+
+
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch: int = 8, device: str | None = None, **limits) -> None:
     """Load a run or checkpoint folder (and a vision run's image encoder) and serve it until interrupted. The API
     key defaults to $SLMFORGE_API_KEY; ``limits``: ``build_app``'s max_body_bytes, max_queue, request_timeout_s,
     max_stop, max_stop_chars, tools, batching."""
-    import uvicorn
-
     model, tokenizer, cfg = load_for_inference(checkpoint, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = load_encoder(find_checkpoint(checkpoint)[0].root) if cfg.model.vision.feature_dim else None
     app = build_app(model, tokenizer, model_name or cfg.name, api_key or os.environ.get("SLMFORGE_API_KEY"),
-                    max_batch, encoder=encoder, **limits)
-    uvicorn.run(app, host=host, port=port)
+                    max_batch, encoder=encoder, start_worker=False, **limits)
+    run_app(app, host, port)
 

@@ -61,3 +61,61 @@ def test_serve_process_requires_the_api_key(tmp_path):
         for proc, _ in servers:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_run_app_decodes_on_the_calling_thread_and_a_signal_ends_it_gracefully(tmp_path):
+    """``run_app`` (what ``slmforge serve`` runs): the model decodes on the thread that called it, not on a thread
+    of its own; SIGINT lets the stream in flight finish, then it returns."""
+    import signal
+    import threading
+
+    from slmforge.checkpoint import load_for_inference
+    from slmforge.serve.server import build_app, run_app
+
+    model, tok, _ = load_for_inference(make_run(tmp_path, "main"), "cpu")
+    threads, forward = set(), model.forward
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)  # slow enough that the signal comes mid-stream
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    port, lines = _free_port(), []
+
+    def client() -> None:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(url + "/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        body = {"model": "main", "prompt": "Tom has", "max_tokens": 30, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not lines:
+                    os.kill(os.getpid(), signal.SIGINT)  # mid-stream
+                lines.append(line)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    run_app(build_app(model, tok, "main", start_worker=False), port=port, log_level="warning")
+    thread.join(30)
+    assert threads == {threading.current_thread().name}
+    assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    run_dir = make_run(tmp_path, "busy")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "slmforge", "serve", str(run_dir), f"port={port}"],
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"could not serve on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

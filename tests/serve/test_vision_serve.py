@@ -13,7 +13,6 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 from PIL import Image, ImageDraw
 
 from slmforge.config.model import VisionConfig
@@ -21,6 +20,7 @@ from slmforge.model.lm import LM
 from slmforge.model.vision import SmallCNN
 from slmforge.runs import save_config
 from slmforge.serve.generate import stream_text
+from slmforge.serve import server as server_module
 from slmforge.serve.server import CHAT_STOP_TOKENS, build_app, running_server, serve
 from slmforge.serve.vision import (DESCRIBE_PROMPT, answer_ids, default_prompt, describe, image_features,
                                    save_encoder, vision_prompt)
@@ -113,12 +113,13 @@ def _vision_run(eval_run, tok, root, template: str) -> tuple:
 
 @pytest.fixture(scope="module", params=["continuous", "static"])
 def server(vision_run, request):
-    """``serve(run)`` (uvicorn's run replaced: the app runs on a thread) -> (base URL, worker)."""
+    """``serve(run)`` (``run_app`` replaced: the app and its worker each run on a thread) -> (base URL, worker)."""
     apps = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+        mp.setattr(server_module, "run_app", lambda app, *a, **kw: apps.append(app))
         serve(vision_run[0], model_name="vis", batching=request.param)
     assert apps[0].state.worker.batching == request.param
+    apps[0].state.worker.start()  # serve's app leaves it to run_app; the lifespan's shutdown stops it
     with running_server(apps[0]) as url:
         yield url, apps[0].state.worker
 
