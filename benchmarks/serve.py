@@ -13,7 +13,8 @@ server's tokens decoded / (decoding steps + prefills)). Every answer is checked:
 give the same text in every row and mode, and with ``--check`` (default) the text ``generate.stream_text`` gives
 that prompt alone in this process. ``--inproc`` drives the model worker itself (``serve.worker.Worker``) from client
 threads in this process, no HTTP: the scheduler's own gain, apart from the HTTP stack and the load generator,
-which on a 2-core machine share the cores with the model. Never run in CI. Example: ``python benchmarks/serve.py --run runs/tiny_cpu``
+which on a 2-core machine share the cores with the model. Never run in CI.
+Example: ``python benchmarks/serve.py --run runs/tiny_cpu``
 (smoke: ``--per-client 1 --max-tokens 8 --clients 1 8``).
 """
 
@@ -298,8 +299,9 @@ def main() -> None:
         tokenizer_for(preset(args.preset).vocab_size)  # train it once, here, not in the server
     results = measure_inproc(args) if args.inproc else measure(args)
     verdict = check(args, results)
-    print(f"{'in-process worker, no HTTP' if args.inproc else 'HTTP'}: model {args.run or args.preset}, max_batch {args.max_batch}, {args.per_client} streamed requests per "
-          f"client, clients {args.stagger_ms:g} ms apart, max_tokens {args.max_tokens // 8}-{args.max_tokens}, greedy, "
+    transport = "in-process worker, no HTTP" if args.inproc else "HTTP"
+    print(f"{transport}: model {args.run or args.preset}, max_batch {args.max_batch}, {args.per_client} streamed "
+          f"requests per client, clients {args.stagger_ms:g} ms apart, max_tokens {args.max_tokens // 8}-{args.max_tokens}, greedy, "
           f"{args.repeat} run(s) per row")
     print(f"{'batching':>10} {'clients':>7} {'req/s':>7} {'tok/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
           f"{'TTFT p50':>8} {'TTFT p99':>8} {'rows/fwd':>8}")
