@@ -233,3 +233,19 @@ def test_synth_mostly_rejected_is_a_warning_with_the_reasons(tmp_path, capsys):
     assert warning == [f"synth mostly: warning: {summary['rejected']} rejected, {summary['written']} accepted: "
                        f"chatty preamble ({summary['rejected']}, e.g. \"chatty preamble: 'Sure! Here is a fun "
                        f"problem for you, I h'\")"]
+
+
+def test_tokenize_workers_end_on_sigterm_whatever_the_parent_catches(tmp_path, monkeypatch):
+    """Pool.terminate ends the forked workers with SIGTERM: a handler the parent installed (a server's graceful
+    shutdown) must not reach them, or a worker blocked on the task queue never ends."""
+    import signal
+
+    from slmforge.tokens import shards
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        monkeypatch.setattr(shards.Tokenizer, "load", staticmethod(lambda path: None))
+        shards._init_worker("unused")
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -48,6 +49,9 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
+    # A forked worker inherits the parent's signal handlers (a server's graceful SIGTERM, LLVM's from numba), and
+    # Pool.terminate ends its workers with SIGTERM: a caught one left a worker blocked on the task queue forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
 
