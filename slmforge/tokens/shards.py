@@ -100,7 +100,7 @@ def _encoded(batches: Iterator[list[str]], tokenizer: Tokenizer, tokenizer_path:
             del os.environ["TOKENIZERS_PARALLELISM"]
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
-    with pool:
+    try:
         # A bounded window of batches in flight keeps memory flat and the output in input order.
         pending: deque = deque()
         for batch in batches:
@@ -109,6 +109,12 @@ def _encoded(batches: Iterator[list[str]], tokenizer: Tokenizer, tokenizer_path:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+    finally:
+        # close + join, even on an error: the workers finish the few batches in flight and leave at the queue's
+        # sentinel. Pool.terminate (what ``with pool`` does) ends them by SIGTERM instead, which a worker forked a
+        # moment before still handles with the parent's handler, if the parent has one: then it blocks forever.
+        pool.close()
+        pool.join()
 
 
 class _ShardWriter:
