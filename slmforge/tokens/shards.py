@@ -49,8 +49,8 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    # A forked worker inherits the parent's signal handlers (a server's graceful SIGTERM, LLVM's from numba), and
-    # Pool.terminate ends its workers with SIGTERM: a caught one left a worker blocked on the task queue forever.
+    # A forked worker inherits the parent's signal handlers (a server's graceful SIGTERM, say); the pool ends by
+    # close + join (``_encoded``), but a worker that ever gets SIGTERM (Pool.terminate, a user's kill) must end.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
 
