@@ -94,6 +94,9 @@ class DSAConfig:
     mode: Literal["dense", "sparse"] = "sparse"
     kl_weight: float = 1.0  # weight of the indexer's KL loss (trains only the indexer; 0 = off)
     block: int = 256  # query and key block length of the chunked implementation
+    # mode=sparse: the run's first dense_steps optimizer steps are the dense warm-up, so warm-up and sparse training
+    # share one run, one optimizer state and one learning-rate schedule (0 = sparse from the first step)
+    dense_steps: int = 0
 
 
 @dataclass
@@ -189,11 +192,14 @@ class ModelConfig:
         check_min(self, prefix, 0, "ffn_hidden attn.head_dim attn.window hymba.window moe.num_shared moe.expert_hidden "
                                    "moe.bias_update_rate moe.seq_aux_loss")
         check_min(self, prefix, 1, "moe.num_experts moe.top_k dsa.index_heads dsa.index_dim dsa.top_k dsa.block")
-        check_min(self, prefix, 0, "dsa.kl_weight attn.rope_original_len")
+        check_min(self, prefix, 0, "dsa.kl_weight dsa.dense_steps attn.rope_original_len")
         check_min(self, prefix, 1, "attn.rope_factor")
         check_min(self, prefix, 0, "vision.feature_dim")
         check_min(self, prefix, 1, "vision.num_tokens")
         self._validate_engram(prefix)
+        if self.dsa.dense_steps and self.dsa.mode == "dense":
+            raise ValueError(f"{prefix}dsa.dense_steps={self.dsa.dense_steps}: a warm-up before sparse training; "
+                             f"with dsa.mode=dense every step is dense (set dsa.mode=sparse or dense_steps=0)")
         if self.dsa.index_dim % 2:
             raise ValueError(f"{prefix}dsa.index_dim={self.dsa.index_dim}: expected an even number (RoPE)")
         if self.moe.top_k > self.moe.num_experts:

@@ -14,10 +14,11 @@ p_t = sum_h softmax_h(q_th . k) / H (detached): KL(p_t || softmax(I_t)), average
 is the layer's ``aux_loss`` in training mode, which the block adds to the LM loss as it adds an FFN's. The indexer's
 input is detached and the selection is discrete, so the LM loss never reaches the indexer and the KL never reaches the
 model. ``dsa.mode=dense`` is the warm-up: full causal attention, KL over all earlier keys; ``sparse``: top-k attention,
-KL over the selected keys. (The paper freezes the main model during the warm-up; here it keeps learning from the LM
-loss, which the indexer does not see.)
+KL over the selected keys; ``dsa.dense_steps`` makes a sparse run's first steps the warm-up (``at_step``). (The paper
+freezes the main model during the warm-up; here it keeps learning from the LM loss, which the indexer does not see.)
 
-Two implementations. ``dsa_reference`` builds the (T, S) scores and masks; the tests compare it with ``dsa_chunked``,
+Two implementations. ``dsa_reference`` builds the (T, S) scores and masks (the layer uses it while S fits one block:
+then it is the cheaper one); the tests compare it with ``dsa_chunked``,
 which goes over blocks of ``block`` queries: per block it scores the earlier keys a key block at a time keeping a
 running top-k, then gathers the selected K/V and attends under activation checkpointing. A training step keeps (T, N)
 indices and per-block inputs, never a (T, S) matrix: memory grows with T * N. (The indexer's compute still grows
@@ -134,21 +135,22 @@ def dsa_reference(q, k, v, iq, iw, ik, top_k: int, dense: bool, valid=None, with
     k_slots = torch.arange(s, device=q.device)
     allowed = allowed_mask(k_slots[s - t :], k_slots, valid)
     mask = allowed.expand(q.shape[0], t, s)
+    index = index_scores(iq, iw, ik) if with_kl or not dense else None
     if not dense:
-        keys = sort_keys(index_scores(iq, iw, ik), allowed, k_slots).topk(min(top_k, s), dim=-1).values
+        keys = sort_keys(index.detach(), allowed, k_slots).topk(min(top_k, s), dim=-1).values
         # summed, not written: the places of keys not allowed all point at slot 0
         chosen = torch.zeros(mask.shape, device=q.device).scatter_add_(-1, keys & 0xFFFFFFFF,
                                                                         (keys != NOT_ALLOWED).float())
         mask = mask & (chosen > 0)
-    groups = q.shape[1] // k.shape[1]
+    b, h, _, d = q.shape
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = q.to(acc) @ k.to(acc).repeat_interleave(groups, 1).transpose(-1, -2) / math.sqrt(q.shape[-1])
-    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-    y = (probs @ v.to(acc).repeat_interleave(groups, 1)).to(q.dtype)
+    qg = q.to(acc).view(b, k.shape[1], h // k.shape[1], t, d)  # GQA: (B, K, G, T, D) against (B, K, 1, S, D)
+    scores = qg @ k.to(acc)[:, :, None].transpose(-1, -2) / math.sqrt(d)
+    probs = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
+    y = (probs @ v.to(acc)[:, :, None]).view(b, h, t, d).to(q.dtype)
     if not with_kl:
         return y, 0.0
-    p = probs.detach().mean(1)
-    return y, kl_sum(p, index_scores(iq, iw, ik), mask) / (q.shape[0] * t)
+    return y, kl_sum(probs.detach().mean((1, 2)), index, mask) / (b * t)
 
 
 def dsa_chunked(q, k, v, iq, iw, ik, top_k: int, block: int, valid=None, with_kl: bool = False):
@@ -237,6 +239,7 @@ class DSA(nn.Module):
         self.indexer = Indexer(cfg)
         d = cfg.dsa
         self.top_k, self.mode, self.kl_weight, self.block = d.top_k, d.mode, d.kl_weight, d.block
+        self.dense_steps = d.dense_steps if d.mode == "sparse" else 0  # the in-run warm-up (``at_step``)
         self.reference = False  # True: dsa_reference (tests)
         self.aux_loss: torch.Tensor | float = 0.0  # the indexer's weighted KL of the last training-mode forward
 
@@ -271,7 +274,8 @@ class DSA(nn.Module):
         q, k, v, iq, iw, ik, valid = self.project(x, cache)
         with_kl = self.training and self.kl_weight > 0 and torch.is_grad_enabled()
         dense = self.mode == "dense"
-        if self.reference:
+        if self.reference or (k.shape[2] <= self.block and (with_kl or not dense)):
+            # up to one block of keys the masked (T, S) form is the cheaper one: no gathers, one pass
             y, kl = dsa_reference(q, k, v, iq, iw, ik, self.top_k, dense, valid, with_kl)
         elif dense:
             y = dense_attention(q, k, v, valid)
@@ -301,6 +305,14 @@ class DSA(nn.Module):
     def state_bytes(cfg: ModelConfig, tokens: int, nbytes: int) -> int:
         """Bytes of ``init_cache`` for one sequence: attention's keys and values, and the indexer keys (T, E)."""
         return Attention.state_bytes(cfg, tokens, nbytes) + tokens * cfg.dsa.index_dim * nbytes
+
+
+def at_step(model: nn.Module, step: int) -> None:
+    """The training loop's DSA hook, before each optimizer step: a layer with ``dsa.dense_steps`` runs dense (the
+    warm-up) while ``step`` < dense_steps, then sparse. The mode follows from the step alone, so resume is exact."""
+    for layer in model.modules():
+        if isinstance(layer, DSA) and layer.dense_steps:
+            layer.mode = "dense" if step < layer.dense_steps else "sparse"
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

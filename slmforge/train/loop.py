@@ -25,6 +25,7 @@ from slmforge.config import RunConfig, TrainConfig
 from slmforge.log import log
 from slmforge.metrics import bits_per_byte, tokens_per_step
 from slmforge.model.lm import LM
+from slmforge.model.dsa import at_step as dsa_at_step
 from slmforge.model.moe import after_step as moe_after_step
 from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
@@ -270,6 +271,7 @@ def train_step(tr: Trainer, batches, loss_fn: Callable) -> StepOutput | None:
     lr = lr_at(tr.step, t)
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
+    dsa_at_step(tr.model, tr.step)  # DSA layers with an in-run warm-up: dense before dsa.dense_steps, then sparse
     loss_sum, extra = 0.0, {}
     for micro in range(t.grad_accum):
         try:

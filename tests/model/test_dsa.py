@@ -175,3 +175,25 @@ def test_hf_export_refuses_dsa_with_one_line():
 def test_odd_index_dim_is_a_config_error():
     with pytest.raises(ValueError, match="model.dsa.index_dim=7"):
         dataclasses.replace(CFG, dsa=DSAConfig(index_dim=7)).validate()
+
+
+def test_dense_steps_with_dense_mode_is_a_config_error():
+    with pytest.raises(ValueError, match="model.dsa.dense_steps=10: .*dsa.mode=dense"):
+        dataclasses.replace(CFG, dsa=DSAConfig(mode="dense", dense_steps=10)).validate()
+    dataclasses.replace(CFG, dsa=DSAConfig(mode="sparse", dense_steps=10)).validate()
+
+
+def test_one_block_of_keys_takes_the_masked_form_and_equals_the_chunked_one():
+    """Up to ``block`` keys the layer uses the masked (T, S) form; its output, KL and gradients equal the chunked
+    form's on the same inputs (a block of 16 forces the masked form, a block of 4 the chunked one)."""
+    x = torch.randn(2, 13, CFG.d_model, dtype=torch.float64)
+    results = []
+    for block in (16, 4):
+        layer = _layer("sparse", block=block).train()
+        results.append(_run(layer, x, reference=False))
+    (y, kl, gx, grads), (y4, kl4, gx4, grads4) = results
+    torch.testing.assert_close(y, y4, rtol=0, atol=1e-10)
+    torch.testing.assert_close(kl, kl4, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gx, gx4, rtol=0, atol=1e-10)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads4[name], rtol=0, atol=1e-10, msg=name)

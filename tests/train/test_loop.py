@@ -177,3 +177,52 @@ def test_compile_and_activation_checkpointing_match_eager(tmp_path, shards_dir, 
     train(eager, progress=False)
     train(other, progress=False)
     assert _losses(other.run_dir) == pytest.approx(_losses(eager.run_dir), rel=1e-4)
+
+
+def test_dsa_dense_steps_warm_up_in_the_run_and_resume_exactly(tmp_path, shards_dir):
+    """``model.dsa.dense_steps=5``: the first five optimizer steps run dense (the indexer's warm-up), the rest sparse,
+    decided by the step alone, so a run that crashes after the switch resumes bit-identically."""
+    import dataclasses
+
+    from slmforge.model.dsa import DSA
+
+    def dsa_cfg(name):
+        cfg = _cfg(tmp_path, shards_dir, name)
+        dsa = dataclasses.replace(cfg.model.dsa, mode="sparse", top_k=4, dense_steps=5, index_dim=8, index_heads=2)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, layers="dsa", dsa=dsa))
+
+    modes: list[str] = []
+
+    def record(model, batch):
+        layers = [m for m in model.modules() if isinstance(m, DSA)]
+        assert len(layers) == 2 and len({m.mode for m in layers}) == 1
+        modes.append(layers[0].mode)
+        x, y = batch
+        return model(x, targets=y)[1]
+
+    straight = dsa_cfg("dsa_straight")
+    train(straight, loss_fn=record, progress=False)
+    assert modes == ["dense"] * 5 + ["sparse"] * 3
+
+    calls = {"n": 0}
+
+    def crash_on_step_7(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the step-4 checkpoint, and after the switch to sparse at step 5
+            raise Crash
+        x, y = batch
+        return model(x, targets=y)[1]
+
+    resumed = dsa_cfg("dsa_resumed")
+    with pytest.raises(Crash):
+        train(resumed, loss_fn=crash_on_step_7, progress=False)
+    train(resumed, resume=True, progress=False)
+    a, b = _losses(straight.run_dir), _losses(resumed.run_dir)
+    assert len(a) == len(b) == 8 and a == b
+    # the sparse steps differ from dense ones: the same run without the switch logs other losses after step 5
+    dense = dataclasses.replace(straight, name="dsa_dense",
+                                model=dataclasses.replace(straight.model, dsa=dataclasses.replace(
+                                    straight.model.dsa, mode="dense", dense_steps=0)))
+    train(dense, progress=False)
+    c = _losses(dense.run_dir)
+    assert c[:5] == a[:5] and c[5:] != a[5:]
