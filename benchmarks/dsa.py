@@ -6,10 +6,10 @@
    (``memory.measure``). Sparse attention reads T * k keys and keeps (T, k) indices; its indexer still scores all
    T^2 / 2 pairs, at index_heads * index_dim per pair instead of the attention's heads * head_dim.
 2. Quality at equal tokens, on ``recipes/families_cpu.yaml``'s data and schedule: dense attention for ``--steps`` steps,
-   against DSA trained ``--warmup`` steps in dense mode (the indexer learns the attention's distribution by KL), then
-   ``--steps - --warmup`` steps in sparse mode from those weights (``train.init_from``; ``recipes/dsa_cpu.yaml`` is the
-   same two runs). Reported: validation loss of each, its gap to dense, and the indexer's recall of the full
-   attention's top-k keys on held-out (validation) text after the warm-up and at the end, per layer and averaged.
+   against one DSA run (``recipes/dsa_cpu.yaml``) whose first ``--warmup`` steps are dense (``dsa.dense_steps``: the
+   indexer learns the attention's distribution by KL), the rest sparse. Reported: validation loss of each, its gap to
+   dense, and the indexer's recall of the full attention's top-k keys on held-out (validation) text after the warm-up
+   and at the end, per layer, by count and by attention mass. Finished runs are reused (``--retrain``).
 Writes dsa.json to ``--out``. Never run in CI. Example: ``python benchmarks/dsa.py`` (``--quick``: a smoke run).
 """
 
@@ -49,21 +49,33 @@ def _cost_line(r: dict) -> str:
     return f"| {r['model']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:,.0f} MiB |"
 
 
-def train_run(base, name: str, model, steps: int, init_from: str = "") -> dict:
+def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
     from slmforge.train.loop import train
 
     data = dataclasses.replace(base.data, shards_dir=str(base.run_dir / "shards"),
                                tokenizer=str(base.run_dir / "tokenizer.json"))
-    t = dataclasses.replace(base.train, max_steps=steps, eval_every=steps, ckpt_every=steps, init_from=init_from,
+    t = dataclasses.replace(base.train, max_steps=steps, eval_every=steps, ckpt_every=ckpt_every or steps,
                             warmup_steps=max(1, steps // 10))
     cfg = dataclasses.replace(base, name=name, model=model, data=data, train=t)
-    result = train(cfg, force=True)
-    return {"run": name, "steps": steps, "tokens": result.tokens, "val_loss": result.val_loss,
-            "tokens_per_second": result.tokens_per_second, "run_dir": str(cfg.run_dir)}
+    done = cfg.run_dir / "train_result.json"
+    if done.exists() and not _RETRAIN:  # a finished run of this benchmark is reused (--retrain trains it again)
+        import json
+
+        result = json.loads(done.read_text())
+        tokens, val_loss, tps = result["tokens"], result["val_loss"], result["tokens_per_second"]
+    else:
+        result = train(cfg, force=True)
+        tokens, val_loss, tps = result.tokens, result.val_loss, result.tokens_per_second
+    return {"run": name, "steps": steps, "tokens": tokens, "val_loss": val_loss, "tokens_per_second": tps,
+            "run_dir": str(cfg.run_dir)}
 
 
-def held_out_recall(run_dir: str, shard_dir: Path, seq_len: int, k: int, num_rows: int = 16) -> list[float]:
-    """Per DSA layer: the indexer's recall of the attention's top-k keys on ``num_rows`` validation rows."""
+_RETRAIN = False
+
+
+def held_out_recall(checkpoint: str, shard_dir: Path, seq_len: int, k: int, num_rows: int = 16) -> dict:
+    """Per DSA layer: the indexer's recall of the attention's top-k keys on ``num_rows`` validation rows, by count
+    and by attention mass (``indexer_recall``)."""
     import numpy as np
     import torch
 
@@ -71,7 +83,7 @@ def held_out_recall(run_dir: str, shard_dir: Path, seq_len: int, k: int, num_row
     from slmforge.model.dsa import DSA, indexer_recall
     from slmforge.tokens.shards import load_shards
 
-    model, _, _ = load_for_inference(run_dir, "cpu")
+    model, _, _ = load_for_inference(checkpoint, "cpu")
     stream = np.asarray(load_shards(shard_dir).tokens)
     rows = min(num_rows, len(stream) // seq_len)
     tokens = torch.as_tensor(stream[: rows * seq_len].astype(np.int64)).view(rows, seq_len)
@@ -82,7 +94,8 @@ def held_out_recall(run_dir: str, shard_dir: Path, seq_len: int, k: int, num_row
         model(tokens)
     for h in hooks:
         h.remove()
-    return [indexer_recall(m, inputs[i], k) for i, m in layers]
+    return {"count": [indexer_recall(m, inputs[i], k) for i, m in layers],
+            "mass": [indexer_recall(m, inputs[i], k, mass=True) for i, m in layers]}
 
 
 def quality(out: Path, steps: int, warmup: int, quick: bool) -> dict:
@@ -91,18 +104,18 @@ def quality(out: Path, steps: int, warmup: int, quick: bool) -> dict:
 
     base = base_config(out, steps, quick)
     prepare(base)  # the corpus, tokenizer and shards every run trains on
-    warm_model = load_config(RECIPES / "dsa_cpu.yaml", ["model.dsa.top_k=16"] if quick else []).model  # dense mode
-    sparse_model = dataclasses.replace(warm_model, dsa=dataclasses.replace(warm_model.dsa, mode="sparse"))
-    dense_model = dataclasses.replace(warm_model, layers="attn")
-    runs = {"dense": train_run(base, "dense", dense_model, steps)}
-    runs["dsa_warmup"] = train_run(base, "dsa_warmup", warm_model, warmup)
-    runs["dsa_sparse"] = train_run(base, "dsa_sparse", sparse_model, steps - warmup, runs["dsa_warmup"]["run_dir"])
+    dsa_model = load_config(RECIPES / "dsa_cpu.yaml", [f"model.dsa.dense_steps={warmup}"]
+                            + (["model.dsa.top_k=16"] if quick else [])).model
+    dense_model = dataclasses.replace(dsa_model, layers="attn")
+    runs = {"dense": train_run(base, "dense", dense_model, steps),
+            "dsa": train_run(base, "dsa", dsa_model, steps, ckpt_every=warmup)}
     val = base.run_dir / "shards" / "validation"
-    k, t = sparse_model.dsa.top_k, base.data.seq_len
-    for name in ("dsa_warmup", "dsa_sparse"):
-        runs[name]["recall"] = held_out_recall(runs[name]["run_dir"], val, t, k)
-    gap = runs["dsa_sparse"]["val_loss"] / runs["dense"]["val_loss"] - 1
-    return {"top_k": k, "seq_len": t, "runs": runs, "val_loss_gap": gap}
+    k, t = dsa_model.dsa.top_k, base.data.seq_len
+    dsa_dir = Path(runs["dsa"]["run_dir"])
+    recall = {"after warm-up": held_out_recall(str(dsa_dir / "checkpoints" / f"step_{warmup:06d}"), val, t, k),
+              "at the end": held_out_recall(str(dsa_dir), val, t, k)}
+    gap = runs["dsa"]["val_loss"] / runs["dense"]["val_loss"] - 1
+    return {"top_k": k, "seq_len": t, "warmup": warmup, "runs": runs, "recall": recall, "val_loss_gap": gap}
 
 
 def main() -> None:
@@ -113,24 +126,36 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--out", default="runs/bench_dsa")
     ap.add_argument("--quick", action="store_true", help="512/1024 tokens, k 16/32, a tiny corpus, 6 steps")
+    ap.add_argument("--skip-cost", action="store_true", help="only the quality runs")
+    ap.add_argument("--retrain", action="store_true", help="train the quality runs again even if they finished")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.ks, args.steps, args.warmup = [512, 1024], [16, 32], 6, 3
+    global _RETRAIN
+    _RETRAIN = args.retrain or args.quick
 
     from slmforge.runs import write_json
 
     out = Path(args.out)
-    print("| model | tokens | step s (fwd+bwd) | peak memory |\n|---|---:|---:|---:|", flush=True)
-    costs = cost_rows(args.lengths, args.ks)
+    costs = []
+    if not args.skip_cost:
+        print("| model | tokens | step s (fwd+bwd) | peak memory |\n|---|---:|---:|---:|", flush=True)
+        costs = cost_rows(args.lengths, args.ks)
     q = quality(out, args.steps, args.warmup, args.quick)
     write_json(out / "dsa.json", {"cost": costs, "quality": q})
     r = q["runs"]
-    print(f"\nequal tokens ({r['dense']['tokens']:,}), top_k {q['top_k']} of {q['seq_len']}-token rows:\n"
-          f"| run | steps | val loss | indexer recall@{q['top_k']} (held-out, per layer) |\n|---|---:|---:|---|")
+    print(f"\nequal tokens ({r['dense']['tokens']:,}), top_k {q['top_k']} of {q['seq_len']}-token rows; DSA: "
+          f"{q['warmup']} dense warm-up steps, then sparse, in one run:\n| run | steps | val loss | tokens/s |\n"
+          "|---|---:|---:|---:|")
     for name, row in r.items():
-        recall = ", ".join(f"{x:.3f}" for x in row.get("recall", [])) or "-"
-        print(f"| {name} | {row['steps']} | {row['val_loss']:.4f} | {recall} |")
-    print(f"\nDSA (warm-up + sparse) vs dense validation loss: {100 * q['val_loss_gap']:+.2f}%")
+        print(f"| {name} | {row['steps']} | {row['val_loss']:.4f} | {row['tokens_per_second']:,.0f} |")
+    print(f"\nDSA vs dense validation loss: {100 * q['val_loss_gap']:+.2f}%\n\nindexer recall of the attention's "
+          f"top-{q['top_k']} keys on held-out rows, per layer (by count; by attention mass):\n| when | by count | "
+          "mean | by mass | mean |\n|---|---|---:|---|---:|")
+    for when, rec in q["recall"].items():
+        c, m = rec["count"], rec["mass"]
+        print(f"| {when} | {', '.join(f'{x:.3f}' for x in c)} | {sum(c) / len(c):.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in m)} | {sum(m) / len(m):.3f} |")
     print(f"wrote {out / 'dsa.json'}")
 
 

@@ -11,6 +11,7 @@ import torch
 
 from slmforge.config import AttnConfig, DSAConfig, ModelConfig
 from slmforge.model.attention import attention_ref, causal_mask
+from slmforge.model import dsa as dsa_module
 from slmforge.model.dsa import DSA, NOT_ALLOWED, indexer_recall, select_block
 from slmforge.model.lm import LM
 from slmforge.serve.hf import _check_exportable
@@ -41,7 +42,9 @@ def _run(layer: DSA, x: torch.Tensor, reference: bool):
 
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 @pytest.mark.parametrize("t", [1, 13])
-def test_chunked_equals_reference(mode, t):
+@pytest.mark.parametrize("select_keys", [4, 2048])  # the selection's running top-k over 4 key chunks, or over one
+def test_chunked_equals_reference(mode, t, select_keys, monkeypatch):
+    monkeypatch.setattr(dsa_module, "SELECT_KEYS", select_keys)
     layer = _layer(mode).train()
     x = torch.randn(2, t, CFG.d_model, dtype=torch.float64)
     y, kl, gx, grads = _run(layer, x, reference=False)
@@ -141,6 +144,7 @@ def test_kl_warmup_teaches_the_indexer_the_attention_top_keys():
     held_out = batch(4)
     opt = torch.optim.Adam(layer.indexer.parameters(), lr=2e-2)
     recall_before, losses = indexer_recall(layer, held_out, 4), []
+    mass_before = indexer_recall(layer, held_out, 4, mass=True)
     for _ in range(60):
         layer(batch(8))
         opt.zero_grad()
@@ -150,6 +154,9 @@ def test_kl_warmup_teaches_the_indexer_the_attention_top_keys():
     recall_after = indexer_recall(layer, held_out, 4)
     assert sum(losses[-10:]) < 0.6 * sum(losses[:10])
     assert recall_after > recall_before + 0.05, (recall_before, recall_after)
+    # by attention mass: at most 1 (no k keys hold more than the attention's own top k), and it rises too
+    mass_after = indexer_recall(layer, held_out, 4, mass=True)
+    assert mass_before < mass_after <= 1 + 1e-12, (mass_before, mass_after)
 
 
 def test_lm_adds_the_indexer_kl_in_training_mode_only():
