@@ -55,7 +55,7 @@ def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
     data = dataclasses.replace(base.data, shards_dir=str(base.run_dir / "shards"),
                                tokenizer=str(base.run_dir / "tokenizer.json"))
     t = dataclasses.replace(base.train, max_steps=steps, eval_every=steps, ckpt_every=ckpt_every or steps,
-                            warmup_steps=max(1, steps // 10))
+                            warmup_steps=max(1, steps // 10), keep_checkpoints=0)
     cfg = dataclasses.replace(base, name=name, model=model, data=data, train=t)
     done = cfg.run_dir / "train_result.json"
     if done.exists() and not _RETRAIN:  # a finished run of this benchmark is reused (--retrain trains it again)

@@ -236,6 +236,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
+    keep_checkpoints: int = 2  # the newest checkpoints kept in <run>/checkpoints; 0 = every one
     log_every: int = 10
     seed: int = 0
     num_threads: int = 0  # torch intra-op threads; 0 = leave torch's default
@@ -252,6 +253,7 @@ class TrainConfig:
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(choice_error(f"{prefix}device", self.device, ("auto", "cpu", "cuda", "cuda:<index>")))
         check_min(self, prefix, 1, "batch_size grad_accum eval_every eval_batches ckpt_every log_every")
+        check_min(self, prefix, 0, "keep_checkpoints")
         check_min(self, prefix, 0, "max_steps warmup_steps lr_peak weight_decay grad_clip num_threads")
         for key in ("lr_min_ratio", "decay_fraction"):
             if not 0 <= getattr(self, key) <= 1:

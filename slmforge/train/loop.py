@@ -336,7 +336,7 @@ def _evaluate(tr: Trainer) -> float:
 
 def _save(tr: Trainer) -> None:
     save_checkpoint(tr.run.checkpoints, tr.step, tr.model, tr.optimizer, {"loader": tr.loader.state_dict()},
-                    info=tr.info)
+                    keep=tr.t.keep_checkpoints, info=tr.info)
 
 
 def _finish(tr: Trainer, start_step: int, seconds: float, train_loss: float, val_loss: float) -> RunResult:

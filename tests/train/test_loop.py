@@ -226,3 +226,12 @@ def test_dsa_dense_steps_warm_up_in_the_run_and_resume_exactly(tmp_path, shards_
     train(dense, progress=False)
     c = _losses(dense.run_dir)
     assert c[:5] == a[:5] and c[5:] != a[5:]
+
+
+@pytest.mark.parametrize("keep", [0, 2])
+def test_keep_checkpoints_zero_keeps_every_one(tmp_path, shards_dir, keep):
+    cfg = _cfg(tmp_path, shards_dir, f"keep{keep}", ckpt_every=2, keep_checkpoints=keep)
+    train(cfg, progress=False)
+    kept = sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step_*"))
+    assert kept == (["step_000002", "step_000004", "step_000006", "step_000008"] if keep == 0
+                    else ["step_000006", "step_000008"])
