@@ -93,6 +93,9 @@ class DSAConfig:
     # dense: the warm-up (full attention; the indexer learns the attention's distribution by KL); sparse: top-k
     mode: Literal["dense", "sparse"] = "sparse"
     kl_weight: float = 1.0  # weight of the indexer's KL loss (trains only the indexer; 0 = off)
+    # > 1: the KL's target is the attention's distribution flattened to p^(1/T), renormalised: the same ranking, so
+    # the same top-k, but the far tail's keys (where the top-k boundary lies) weigh more; 1 = the paper's KL
+    kl_temperature: float = 1.0
     block: int = 256  # query and key block length of the chunked implementation
     # mode=sparse: the run's first dense_steps optimizer steps are the dense warm-up, so warm-up and sparse training
     # share one run, one optimizer state and one learning-rate schedule (0 = sparse from the first step)
@@ -193,6 +196,7 @@ class ModelConfig:
                                    "moe.bias_update_rate moe.seq_aux_loss")
         check_min(self, prefix, 1, "moe.num_experts moe.top_k dsa.index_heads dsa.index_dim dsa.top_k dsa.block")
         check_min(self, prefix, 0, "dsa.kl_weight dsa.dense_steps attn.rope_original_len")
+        check_min(self, prefix, 1, "dsa.kl_temperature")
         check_min(self, prefix, 1, "attn.rope_factor")
         check_min(self, prefix, 0, "vision.feature_dim")
         check_min(self, prefix, 1, "vision.num_tokens")

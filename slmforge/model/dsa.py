@@ -124,16 +124,21 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> tor
     return scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1).mean((1, 2))
 
 
-def kl_sum(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum over queries of KL(p || softmax(logits)) over the keys in ``mask``; p is 0 outside it."""
+def kl_sum(p: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """sum over queries of KL(p || softmax(logits)) over the keys in ``mask``; p is 0 outside it. ``tau`` > 1 first
+    flattens the target to p^(1/tau), renormalised (``dsa.kl_temperature``): the same ranking of keys, so the same
+    top-k, with the far tail's keys weighing more in the loss."""
+    if tau != 1.0:
+        p = torch.where(mask, p.log() / tau, float("-inf")).softmax(-1)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logq = logits.masked_fill(~mask, float("-inf")).log_softmax(-1).masked_fill(~mask, 0.0)
     return (torch.xlogy(p, p) - p * logq.to(p.dtype)).sum()
 
 
-def dsa_reference(q, k, v, iq, iw, ik, top_k: int, dense: bool, valid=None, with_kl: bool = False):
+def dsa_reference(q, k, v, iq, iw, ik, top_k: int, dense: bool, valid=None, with_kl: bool = False, tau: float = 1.0):
     """Plain DSA: the (T, S) scores, masked. q (B, H, T, D); k, v (B, K, S, D), the last T keys the queries';
-    iq (B, T, J, E), iw (B, T, J), ik (B, S, E); valid (B, S) or None -> (B, H, T, D), mean KL per query (or 0)."""
+    iq (B, T, J, E), iw (B, T, J), ik (B, S, E); valid (B, S) or None -> (B, H, T, D), mean KL per query (or 0)
+    (``tau``: ``kl_sum``'s)."""
     t, s = q.shape[2], k.shape[2]
     k_slots = torch.arange(s, device=q.device)
     allowed = allowed_mask(k_slots[s - t :], k_slots, valid)
@@ -153,10 +158,10 @@ def dsa_reference(q, k, v, iq, iw, ik, top_k: int, dense: bool, valid=None, with
     y = (probs @ v.to(acc)[:, :, None]).view(b, h, t, d).to(q.dtype)
     if not with_kl:
         return y, 0.0
-    return y, kl_sum(probs.detach().mean((1, 2)), index, mask) / (b * t)
+    return y, kl_sum(probs.detach().mean((1, 2)), index, mask, tau) / (b * t)
 
 
-def dsa_chunked(q, k, v, iq, iw, ik, top_k: int, block: int, valid=None, with_kl: bool = False):
+def dsa_chunked(q, k, v, iq, iw, ik, top_k: int, block: int, valid=None, with_kl: bool = False, tau: float = 1.0):
     """Sparse DSA over blocks of ``block`` queries, never a (T, S) matrix; the arguments and results of
     ``dsa_reference`` in sparse mode."""
     b, h, t, d = q.shape
@@ -173,7 +178,7 @@ def dsa_chunked(q, k, v, iq, iw, ik, top_k: int, block: int, valid=None, with_kl
             keys = select_block(iq[:, a:e], iw[:, a:e], ik[:, :hi], k_slots[s - t + a : hi], valid, top_k, block)
         rows = (keys & 0xFFFFFFFF) + s * torch.arange(b, device=q.device)[:, None, None]  # (B, Tq, N) rows of ik
         args = (q[:, :, a:e], kt, vt, rows, rows[:, :, None] * kvh + heads[:, None], keys != NOT_ALLOWED, iq[:, a:e],
-                iw[:, a:e], ik.reshape(b * s, -1), with_kl)
+                iw[:, a:e], ik.reshape(b * s, -1), with_kl, tau)
         y, part = checkpoint(sparse_block, *args, use_reentrant=False) if torch.is_grad_enabled() \
             else sparse_block(*args)
         ys.append(y)
@@ -193,7 +198,7 @@ def select_block(iq, iw, ik, q_slots, valid, top_k: int, block: int) -> torch.Te
     return best
 
 
-def sparse_block(q, kt, vt, rows, kv_rows, chosen, iq, iw, ikt, with_kl: bool):
+def sparse_block(q, kt, vt, rows, kv_rows, chosen, iq, iw, ikt, with_kl: bool, tau: float = 1.0):
     """Attention of a block of queries over their selected keys and, with ``with_kl``, the indexer's summed KL
     towards it. q (B, H, Tq, D); kt, vt (B * S * K, D): keys and values as rows, key slot-major; ikt (B * S, E);
     rows, chosen (B, Tq, N): the selected slots' rows of ikt and which are real; kv_rows (B, Tq, K, N) their rows of
@@ -212,10 +217,10 @@ def sparse_block(q, kt, vt, rows, kv_rows, chosen, iq, iw, ikt, with_kl: bool):
         return y, q.new_zeros((), dtype=acc)
     ig = ikt.index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
     logits = torch.einsum("btjn,btj->btn", torch.einsum("btje,btne->btjn", iq, ig).relu(), iw)
-    return y, kl_sum(probs.detach().mean((2, 3)), logits, chosen)
+    return y, kl_sum(probs.detach().mean((2, 3)), logits, chosen, tau)
 
 
-def dense_kl_chunked(q, k, iq, iw, ik, block: int, valid=None) -> torch.Tensor:
+def dense_kl_chunked(q, k, iq, iw, ik, block: int, valid=None, tau: float = 1.0) -> torch.Tensor:
     """The warm-up's mean KL per query over all allowed keys, a block of queries at a time (checkpointed)."""
     t, s = q.shape[2], k.shape[2]
     k_slots = torch.arange(s, device=q.device)
@@ -224,16 +229,16 @@ def dense_kl_chunked(q, k, iq, iw, ik, block: int, valid=None) -> torch.Tensor:
         e = min(t, a + block)
         hi = s - t + e
         allowed = allowed_mask(k_slots[s - t + a : hi], k_slots[:hi], valid)
-        args = (q[:, :, a:e].detach(), k[:, :, :hi].detach(), iq[:, a:e], iw[:, a:e], ik[:, :hi], allowed)
+        args = (q[:, :, a:e].detach(), k[:, :, :hi].detach(), iq[:, a:e], iw[:, a:e], ik[:, :hi], allowed, tau)
         kl = kl + (checkpoint(_dense_kl_block, *args, use_reentrant=False) if torch.is_grad_enabled()
                    else _dense_kl_block(*args))
     return kl / (q.shape[0] * t)
 
 
-def _dense_kl_block(q, k, iq, iw, ik, allowed) -> torch.Tensor:
+def _dense_kl_block(q, k, iq, iw, ik, allowed, tau: float) -> torch.Tensor:
     with torch.no_grad():
         p = head_mean_probs(q, k, allowed)
-    return kl_sum(p, index_scores(iq, iw, ik), allowed.expand_as(p))
+    return kl_sum(p, index_scores(iq, iw, ik), allowed.expand_as(p), tau)
 
 
 class DSA(nn.Module):
@@ -246,6 +251,7 @@ class DSA(nn.Module):
         d = cfg.dsa
         self.top_k, self.mode, self.kl_weight, self.block = d.top_k, d.mode, d.kl_weight, d.block
         self.dense_steps = d.dense_steps if d.mode == "sparse" else 0  # the in-run warm-up (``at_step``)
+        self.tau = d.kl_temperature
         self.reference = False  # True: dsa_reference (tests)
         self.aux_loss: torch.Tensor | float = 0.0  # the indexer's weighted KL of the last training-mode forward
 
@@ -282,12 +288,12 @@ class DSA(nn.Module):
         dense = self.mode == "dense"
         if self.reference or (k.shape[2] <= self.block and (with_kl or not dense)):
             # up to one block of keys the masked (T, S) form is the cheaper one: no gathers, one pass
-            y, kl = dsa_reference(q, k, v, iq, iw, ik, self.top_k, dense, valid, with_kl)
+            y, kl = dsa_reference(q, k, v, iq, iw, ik, self.top_k, dense, valid, with_kl, self.tau)
         elif dense:
             y = dense_attention(q, k, v, valid)
-            kl = dense_kl_chunked(q, k, iq, iw, ik, self.block, valid) if with_kl else 0.0
+            kl = dense_kl_chunked(q, k, iq, iw, ik, self.block, valid, self.tau) if with_kl else 0.0
         else:
-            y, kl = dsa_chunked(q, k, v, iq, iw, ik, self.top_k, self.block, valid, with_kl)
+            y, kl = dsa_chunked(q, k, v, iq, iw, ik, self.top_k, self.block, valid, with_kl, self.tau)
         self.aux_loss = self.kl_weight * kl if with_kl else 0.0
         return linear(y.transpose(1, 2).reshape(b, t, -1), self.attn.wo.weight)
 

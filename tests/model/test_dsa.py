@@ -43,9 +43,11 @@ def _run(layer: DSA, x: torch.Tensor, reference: bool):
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 @pytest.mark.parametrize("t", [1, 13])
 @pytest.mark.parametrize("select_keys", [4, 2048])  # the selection's running top-k over 4 key chunks, or over one
-def test_chunked_equals_reference(mode, t, select_keys, monkeypatch):
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_chunked_equals_reference(mode, t, select_keys, tau, monkeypatch):
     monkeypatch.setattr(dsa_module, "SELECT_KEYS", select_keys)
     layer = _layer(mode).train()
+    layer.tau = tau
     x = torch.randn(2, t, CFG.d_model, dtype=torch.float64)
     y, kl, gx, grads = _run(layer, x, reference=False)
     y_ref, kl_ref, gx_ref, grads_ref = _run(layer, x, reference=True)
@@ -204,3 +206,15 @@ def test_one_block_of_keys_takes_the_masked_form_and_equals_the_chunked_one():
     torch.testing.assert_close(gx, gx4, rtol=0, atol=1e-10)
     for name in grads:
         torch.testing.assert_close(grads[name], grads4[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_kl_temperature_flattens_the_target_and_keeps_its_ranking():
+    """With tau, the KL is zero exactly for logits log(p) / tau (+ a constant per query): indexer scores that rank
+    the keys as the attention does, on a flatter scale; the plain KL of those same logits is not zero."""
+    torch.manual_seed(0)
+    mask = torch.ones(3, 5, 7, dtype=torch.bool).tril(2)
+    p = torch.rand(3, 5, 7, dtype=torch.float64).masked_fill(~mask, 0.0)
+    p = p / p.sum(-1, keepdim=True)
+    logits = torch.where(mask, p.log() / 4.0 + 3.0, torch.tensor(-7.0, dtype=torch.float64))
+    assert dsa_module.kl_sum(p, logits, mask, 4.0).abs() < 1e-12
+    assert dsa_module.kl_sum(p, logits, mask, 1.0) > 0.1
