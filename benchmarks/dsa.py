@@ -10,7 +10,8 @@
    indexer learns the attention's distribution by KL), the rest sparse. Reported: validation loss of each, its gap to
    dense, and the indexer's recall of the full attention's top-k keys on held-out (validation) text after the warm-up
    and at the end, per layer, by count and by attention mass. Finished runs are reused (``--retrain``).
-Writes dsa.json to ``--out``. Never run in CI. Example: ``python benchmarks/dsa.py`` (``--quick``: a smoke run).
+Writes ``--name``.json (dsa.json) to ``--out``. Never run in CI. Example: ``python benchmarks/dsa.py`` (``--quick``:
+a smoke run; ``--skip-cost --name dsa_tau1 --set model.dsa.kl_temperature=1``: the recipe with the paper's KL).
 """
 
 from __future__ import annotations
@@ -98,23 +99,23 @@ def held_out_recall(checkpoint: str, shard_dir: Path, seq_len: int, k: int, num_
             "mass": [indexer_recall(m, inputs[i], k, mass=True) for i, m in layers]}
 
 
-def quality(out: Path, steps: int, warmup: int, quick: bool) -> dict:
+def quality(out: Path, steps: int, warmup: int, quick: bool, name: str = "dsa", overrides: list[str] = ()) -> dict:
     from slmforge.config import load_config
     from slmforge.pipeline import prepare
 
     base = base_config(out, steps, quick)
     prepare(base)  # the corpus, tokenizer and shards every run trains on
-    dsa_model = load_config(RECIPES / "dsa_cpu.yaml", [f"model.dsa.dense_steps={warmup}"]
+    dsa_model = load_config(RECIPES / "dsa_cpu.yaml", [f"model.dsa.dense_steps={warmup}", *overrides]
                             + (["model.dsa.top_k=16"] if quick else [])).model
     dense_model = dataclasses.replace(dsa_model, layers="attn")
     runs = {"dense": train_run(base, "dense", dense_model, steps),
-            "dsa": train_run(base, "dsa", dsa_model, steps, ckpt_every=warmup)}
+            name: train_run(base, name, dsa_model, steps, ckpt_every=warmup)}
     val = base.run_dir / "shards" / "validation"
     k, t = dsa_model.dsa.top_k, base.data.seq_len
-    dsa_dir = Path(runs["dsa"]["run_dir"])
+    dsa_dir = Path(runs[name]["run_dir"])
     recall = {"after warm-up": held_out_recall(str(dsa_dir / "checkpoints" / f"step_{warmup:06d}"), val, t, k),
               "at the end": held_out_recall(str(dsa_dir), val, t, k)}
-    gap = runs["dsa"]["val_loss"] / runs["dense"]["val_loss"] - 1
+    gap = runs[name]["val_loss"] / runs["dense"]["val_loss"] - 1
     return {"top_k": k, "seq_len": t, "warmup": warmup, "runs": runs, "recall": recall, "val_loss_gap": gap}
 
 
@@ -128,6 +129,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="512/1024 tokens, k 16/32, a tiny corpus, 6 steps")
     ap.add_argument("--skip-cost", action="store_true", help="only the quality runs")
     ap.add_argument("--retrain", action="store_true", help="train the quality runs again even if they finished")
+    ap.add_argument("--name", default="dsa", help="the DSA quality run's folder under --out")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides of recipes/dsa_cpu.yaml for the DSA run, e.g. model.dsa.kl_temperature=1")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.ks, args.steps, args.warmup = [512, 1024], [16, 32], 6, 3
@@ -141,8 +145,8 @@ def main() -> None:
     if not args.skip_cost:
         print("| model | tokens | step s (fwd+bwd) | peak memory |\n|---|---:|---:|---:|", flush=True)
         costs = cost_rows(args.lengths, args.ks)
-    q = quality(out, args.steps, args.warmup, args.quick)
-    write_json(out / "dsa.json", {"cost": costs, "quality": q})
+    q = quality(out, args.steps, args.warmup, args.quick, args.name, args.set)
+    write_json(out / f"{args.name}.json", {"cost": costs, "quality": q})
     r = q["runs"]
     print(f"\nequal tokens ({r['dense']['tokens']:,}), top_k {q['top_k']} of {q['seq_len']}-token rows; DSA: "
           f"{q['warmup']} dense warm-up steps, then sparse, in one run:\n| run | steps | val loss | tokens/s |\n"
@@ -156,7 +160,7 @@ def main() -> None:
         c, m = rec["count"], rec["mass"]
         print(f"| {when} | {', '.join(f'{x:.3f}' for x in c)} | {sum(c) / len(c):.3f} | "
               f"{', '.join(f'{x:.3f}' for x in m)} | {sum(m) / len(m):.3f} |")
-    print(f"wrote {out / 'dsa.json'}")
+    print(f"wrote {out / (args.name + '.json')}")
 
 
 if __name__ == "__main__":
