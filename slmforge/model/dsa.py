@@ -17,10 +17,10 @@ model. ``dsa.mode=dense`` is the warm-up: full causal attention, KL over all ear
 KL over the selected keys; ``dsa.dense_steps`` makes a sparse run's first steps the warm-up (``at_step``). (The paper
 freezes the main model during the warm-up; here it keeps learning from the LM loss, which the indexer does not see.)
 
-Two implementations. ``dsa_reference`` builds the (T, S) scores and masks (the layer uses it while S fits one block:
-then it is the cheaper one); the tests compare it with ``dsa_chunked``,
-which goes over blocks of ``block`` queries: per block it scores the earlier keys a key block at a time keeping a
-running top-k, then gathers the selected K/V and attends under activation checkpointing. A training step keeps (T, N)
+Two implementations. ``dsa_reference`` builds the (T, S) scores and masks; the layer takes it while S fits one block,
+where it is the cheaper one. The tests compare it with ``dsa_chunked``, which goes over blocks of ``block`` queries:
+per block it scores the earlier keys ``SELECT_KEYS`` at a time keeping a running top-k, then copies the selected K/V
+rows and attends under activation checkpointing. A training step keeps (T, N)
 indices and per-block inputs, never a (T, S) matrix: memory grows with T * N. (The indexer's compute still grows
 with T * S, as in the paper, at J * E per pair instead of the attention's H * D.) The dense warm-up's KL is chunked
 the same way. Cached decoding keeps the indexer keys beside K and V (``IndexedKVCache``).

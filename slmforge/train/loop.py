@@ -24,8 +24,8 @@ from slmforge.checkpoint import checkpoint_folders, newest_valid_checkpoint
 from slmforge.config import RunConfig, TrainConfig
 from slmforge.log import log
 from slmforge.metrics import bits_per_byte, tokens_per_step
-from slmforge.model.lm import LM
 from slmforge.model.dsa import at_step as dsa_at_step
+from slmforge.model.lm import LM
 from slmforge.model.moe import after_step as moe_after_step
 from slmforge.plan import flops_per_token
 from slmforge.progress import progress_bar
