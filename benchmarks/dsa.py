@@ -59,7 +59,7 @@ def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
                             warmup_steps=max(1, steps // 10), keep_checkpoints=0)
     cfg = dataclasses.replace(base, name=name, model=model, data=data, train=t)
     done = cfg.run_dir / "train_result.json"
-    if done.exists() and not _RETRAIN:  # a finished run of this benchmark is reused (--retrain trains it again)
+    if done.exists() and not _RETRAIN and _same_model(cfg):  # a finished run is reused (--retrain: trained again)
         import json
 
         result = json.loads(done.read_text())
@@ -72,6 +72,16 @@ def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
 
 
 _RETRAIN = False
+
+
+def _same_model(cfg) -> bool:
+    """The finished run in cfg.run_dir trained this model config (a changed recipe trains it again)."""
+    from slmforge.config import load_config
+
+    saved = load_config(cfg.run_dir / "config.yaml").model
+    if "dsa" not in str(cfg.model.layers):  # the dsa keys do not shape an attention-only model
+        saved = dataclasses.replace(saved, dsa=cfg.model.dsa)
+    return saved == cfg.model
 
 
 def held_out_recall(checkpoint: str, shard_dir: Path, seq_len: int, k: int, num_rows: int = 16) -> dict:
@@ -124,7 +134,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--ks", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=400, help="DSA's dense warm-up steps (dsa.dense_steps)")
     ap.add_argument("--out", default="runs/bench_dsa")
     ap.add_argument("--quick", action="store_true", help="512/1024 tokens, k 16/32, a tiny corpus, 6 steps")
     ap.add_argument("--skip-cost", action="store_true", help="only the quality runs")
