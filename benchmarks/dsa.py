@@ -50,7 +50,7 @@ def _cost_line(r: dict) -> str:
     return f"| {r['model']} | {r['tokens']:,} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:,.0f} MiB |"
 
 
-def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
+def train_run(base, name: str, model, steps: int, ckpt_every: int = 0, retrain: bool = False) -> dict:
     from slmforge.train.loop import train
 
     data = dataclasses.replace(base.data, shards_dir=str(base.run_dir / "shards"),
@@ -59,7 +59,7 @@ def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
                             warmup_steps=max(1, steps // 10), keep_checkpoints=0)
     cfg = dataclasses.replace(base, name=name, model=model, data=data, train=t)
     done = cfg.run_dir / "train_result.json"
-    if done.exists() and not _RETRAIN and _same_model(cfg):  # a finished run is reused (--retrain: trained again)
+    if done.exists() and not retrain and _same_model(cfg):  # a finished run is reused (--retrain: trained again)
         import json
 
         result = json.loads(done.read_text())
@@ -70,8 +70,6 @@ def train_run(base, name: str, model, steps: int, ckpt_every: int = 0) -> dict:
     return {"run": name, "steps": steps, "tokens": tokens, "val_loss": val_loss, "tokens_per_second": tps,
             "run_dir": str(cfg.run_dir)}
 
-
-_RETRAIN = False
 
 
 def _same_model(cfg) -> bool:
@@ -109,7 +107,8 @@ def held_out_recall(checkpoint: str, shard_dir: Path, seq_len: int, k: int, num_
             "mass": [indexer_recall(m, inputs[i], k, mass=True) for i, m in layers]}
 
 
-def quality(out: Path, steps: int, warmup: int, quick: bool, name: str = "dsa", overrides: list[str] = ()) -> dict:
+def quality(out: Path, steps: int, warmup: int, quick: bool, name: str = "dsa", overrides: list[str] = (),
+            retrain: bool = False) -> dict:
     from slmforge.config import load_config
     from slmforge.pipeline import prepare
 
@@ -118,8 +117,8 @@ def quality(out: Path, steps: int, warmup: int, quick: bool, name: str = "dsa", 
     dsa_model = load_config(RECIPES / "dsa_cpu.yaml", [f"model.dsa.dense_steps={warmup}", *overrides]
                             + (["model.dsa.top_k=16"] if quick else [])).model
     dense_model = dataclasses.replace(dsa_model, layers="attn")
-    runs = {"dense": train_run(base, "dense", dense_model, steps),
-            name: train_run(base, name, dsa_model, steps, ckpt_every=warmup)}
+    runs = {"dense": train_run(base, "dense", dense_model, steps, retrain=retrain),
+            name: train_run(base, name, dsa_model, steps, ckpt_every=warmup, retrain=retrain)}
     val = base.run_dir / "shards" / "validation"
     k, t = dsa_model.dsa.top_k, base.data.seq_len
     dsa_dir = Path(runs[name]["run_dir"])
@@ -145,8 +144,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.ks, args.steps, args.warmup = [512, 1024], [16, 32], 6, 3
-    global _RETRAIN
-    _RETRAIN = args.retrain or args.quick
 
     from slmforge.runs import write_json
 
@@ -155,7 +152,7 @@ def main() -> None:
     if not args.skip_cost:
         print("| model | tokens | step s (fwd+bwd) | peak memory |\n|---|---:|---:|---:|", flush=True)
         costs = cost_rows(args.lengths, args.ks)
-    q = quality(out, args.steps, args.warmup, args.quick, args.name, args.set)
+    q = quality(out, args.steps, args.warmup, args.quick, args.name, args.set, args.retrain or args.quick)
     write_json(out / f"{args.name}.json", {"cost": costs, "quality": q})
     r = q["runs"]
     print(f"\nequal tokens ({r['dense']['tokens']:,}), top_k {q['top_k']} of {q['seq_len']}-token rows; DSA: "
